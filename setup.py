@@ -1,0 +1,30 @@
+"""Install sparta-tf: `pip install -e .[test]` (add `and-cuda` for GPUs)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="sparta-tf",
+    version="0.1.0",
+    description="Sparta (spatially attentive and adversarially robust activation) "
+                "and adversarial training for Keras/TensorFlow",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["sparta_tf", "sparta_tf.*", "trainers", "flags"]),
+    package_data={"sparta_tf": ["bundled/*.tar.gz"]},
+    install_requires=[
+        "tensorflow>=2.16",
+        "keras>=3.3",
+        "tensorflow-datasets",
+        "cleverhans",
+        "absl-py",
+        "numpy",
+        "adversarial-robustness-toolbox",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-xdist"],
+        "and-cuda": ["tensorflow[and-cuda]>=2.16"],
+    },
+    entry_points={"console_scripts": []},
+)

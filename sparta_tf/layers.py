@@ -1,0 +1,177 @@
+"""The Sparta activation (and FReLU, the spatial activation it is compared with).
+
+The definition is `docs/SPARTA.md` of the project: for a feature map `X` in NHWC,
+
+    Z = DW_k(X) + b          # depthwise k x k convolution, stride 1, SAME zero padding
+    Sparta(X) = X * sigmoid(Z)
+
+This module imports nothing else of `sparta_tf`.
+"""
+
+import keras
+import tensorflow as tf
+
+_STRIDES = [1, 1, 1, 1]
+
+
+def sparta_forward(x, kernel, bias):
+    """The plain forward, `x * sigmoid(DW_k(x) + b)`, differentiated by autodiff."""
+    z = tf.nn.depthwise_conv2d(x, kernel, _STRIDES, "SAME") + bias
+    return x * tf.sigmoid(z)
+
+
+@tf.custom_gradient
+def sparta_exact(x, kernel, bias):
+    """The same forward with its exact gradient written out (SPARTA.md, "Gradients").
+
+    With S = sigmoid(Z), upstream G and D = G * X * S * (1 - S) = dL/dZ:
+
+        dL/dX = G * S + DW_k^T(D)
+        dL/dK = depthwise_conv2d_backprop_filter(X, K.shape, D)
+        dL/db = sum of D over N, H, W
+
+    The backward keeps only X, S and K alive, where autodiff would keep every
+    intermediate; nothing is approximated, so attacks see the true gradient.
+    """
+    s = tf.sigmoid(tf.nn.depthwise_conv2d(x, kernel, _STRIDES, "SAME") + bias)
+
+    def grad(g):
+        d = g * x * s * (1 - s)
+        dx = g * s + tf.nn.depthwise_conv2d_backprop_input(
+            tf.shape(x), kernel, d, _STRIDES, "SAME")
+        dk = tf.nn.depthwise_conv2d_backprop_filter(
+            x, tf.shape(kernel), d, _STRIDES, "SAME")
+        db = tf.reduce_sum(d, axis=[0, 1, 2])
+        return dx, dk, db
+
+    return x * s, grad
+
+
+def _check_nhwc(layer, shape):
+    if len(shape) != 4:
+        raise ValueError(
+            f"{type(layer).__name__} layer '{layer.name}' expects 4-D NHWC input "
+            f"(batch, height, width, channels); got shape {tuple(shape)}.")
+    if shape[-1] is None:
+        raise ValueError(
+            f"{type(layer).__name__} layer '{layer.name}' needs a known channel "
+            f"count; got shape {tuple(shape)}.")
+
+
+@keras.saving.register_keras_serializable(package="sparta_tf")
+class Sparta(keras.layers.Layer):
+    """Spatially attentive activation: `x * sigmoid(DW_k(x) + b)`.
+
+    The gate `sigmoid(DW_k(x) + b)` is one value in (0, 1) per position and
+    channel, computed from the k x k neighbourhood of that position in the same
+    channel. The kernel starts as `beta0` at its centre and 0 elsewhere, and the
+    bias at 0, so the layer starts out as Swish `x * sigmoid(beta0 * x)`
+    (`beta0 = 1` is SiLU). With `kernel_size=1` it stays in the Swish family.
+
+    Args:
+        kernel_size: odd int, the size k of the depthwise gate kernel.
+        beta0: the initial centre weight of the kernel.
+        use_custom_gradient: if True, differentiate through `sparta_exact`
+            (the hand-written exact gradient, less activation memory); if
+            False, through autodiff of `sparta_forward`. Both give the same
+            numbers.
+        kernel_regularizer: optional regularizer for the gate kernel.
+        bias_regularizer: optional regularizer for the gate bias.
+        **kwargs: the usual Keras layer arguments (`name`, `dtype`,
+            `trainable`, ...).
+
+    Input shape: 4-D `(batch, height, width, channels)`, any height and width
+    of 1 or more. Output shape: the same as the input.
+    """
+
+    def __init__(self, kernel_size=3, beta0=1.0, use_custom_gradient=True,
+                 kernel_regularizer=None, bias_regularizer=None, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd int; got {kernel_size!r}.")
+        self.kernel_size = kernel_size
+        self.beta0 = float(beta0)
+        self.use_custom_gradient = bool(use_custom_gradient)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+
+    def build(self, input_shape):
+        _check_nhwc(self, input_shape)
+        channels = input_shape[-1]
+        k = self.kernel_size
+        centre = [[[[1.0 if (i, j) == (k // 2, k // 2) else 0.0]] * channels
+                   for j in range(k)] for i in range(k)]
+        init = tf.constant(centre) * self.beta0
+        self.kernel = self.add_weight(
+            name="kernel", shape=(k, k, channels, 1),
+            initializer=lambda shape, dtype=None: tf.cast(init, dtype or "float32"),
+            regularizer=self.kernel_regularizer)
+        self.bias = self.add_weight(
+            name="bias", shape=(channels,), initializer="zeros",
+            regularizer=self.bias_regularizer)
+        self.input_spec = keras.layers.InputSpec(ndim=4, axes={-1: channels})
+
+    def call(self, inputs):
+        kernel = tf.cast(self.kernel, inputs.dtype)
+        bias = tf.cast(self.bias, inputs.dtype)
+        fn = sparta_exact if self.use_custom_gradient else sparta_forward
+        return fn(inputs, kernel, bias)
+
+    def gate(self, inputs):
+        """The attention map `sigmoid(DW_k(x) + b)`, for plots and analysis."""
+        inputs = tf.convert_to_tensor(inputs, self.compute_dtype)
+        z = tf.nn.depthwise_conv2d(inputs, tf.cast(self.kernel, inputs.dtype),
+                                   _STRIDES, "SAME")
+        return tf.sigmoid(z + tf.cast(self.bias, inputs.dtype))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "kernel_size": self.kernel_size,
+            "beta0": self.beta0,
+            "use_custom_gradient": self.use_custom_gradient,
+            "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
+            "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
+        })
+        return config
+
+
+@keras.saving.register_keras_serializable(package="sparta_tf")
+class FReLU(keras.layers.Layer):
+    """Funnel activation (Ma et al., 2020): `max(x, BN(DW_3x3(x)))`.
+
+    A spatial activation made without adversarial training, compared with
+    Sparta. The depthwise convolution has no bias (the batch norm has one).
+
+    Args:
+        kernel_size: odd int, the size of the depthwise kernel (3 in the paper).
+        **kwargs: the usual Keras layer arguments.
+    """
+
+    def __init__(self, kernel_size=3, **kwargs):
+        super().__init__(**kwargs)
+        self.kernel_size = kernel_size
+        self.conv = keras.layers.DepthwiseConv2D(
+            kernel_size, padding="same", use_bias=False, dtype=self.dtype_policy,
+            name="dw")
+        self.bn = keras.layers.BatchNormalization(dtype=self.dtype_policy, name="bn")
+
+    def build(self, input_shape):
+        _check_nhwc(self, input_shape)
+        self.conv.build(input_shape)
+        self.bn.build(input_shape)
+        self.input_spec = keras.layers.InputSpec(ndim=4, axes={-1: input_shape[-1]})
+
+    def call(self, inputs, training=None):
+        return tf.maximum(inputs, self.bn(self.conv(inputs), training=training))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config["kernel_size"] = self.kernel_size
+        return config
