@@ -9,6 +9,7 @@ This module imports nothing else of `sparta_tf`.
 """
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 _STRIDES = [1, 1, 1, 1]
@@ -99,12 +100,11 @@ class Sparta(keras.layers.Layer):
         _check_nhwc(self, input_shape)
         channels = input_shape[-1]
         k = self.kernel_size
-        centre = [[[[1.0 if (i, j) == (k // 2, k // 2) else 0.0]] * channels
-                   for j in range(k)] for i in range(k)]
-        init = tf.constant(centre) * self.beta0
+        init = np.zeros((k, k, channels, 1))
+        init[k // 2, k // 2] = self.beta0  # Swish with beta0 at the start
         self.kernel = self.add_weight(
-            name="kernel", shape=(k, k, channels, 1),
-            initializer=lambda shape, dtype=None: tf.cast(init, dtype or "float32"),
+            name="kernel", shape=init.shape,
+            initializer=lambda shape, dtype=None: tf.constant(init, dtype or "float32"),
             regularizer=self.kernel_regularizer)
         self.bias = self.add_weight(
             name="bias", shape=(channels,), initializer="zeros",

@@ -1,0 +1,165 @@
+"""Tests of sparta_tf.layers: Sparta's math, its exact custom gradient, Keras plumbing."""
+
+import numpy as np
+import pytest
+import keras
+import tensorflow as tf
+
+from sparta_tf import layers
+
+# Shapes with odd H and W, H = W = 1, and batch 1.
+SHAPES = [(1, 1, 1, 3), (1, 5, 7, 4), (2, 9, 9, 2), (3, 4, 6, 5)]
+
+
+def _params(shape, kernel_size, dtype, seed):
+    rng = np.random.default_rng(seed)
+    x = tf.constant(rng.normal(size=shape), dtype)
+    k = tf.constant(rng.normal(size=(kernel_size, kernel_size, shape[-1], 1)), dtype)
+    b = tf.constant(rng.normal(size=shape[-1:]), dtype)
+    return x, k, b
+
+
+def _grads(fn, x, k, b, upstream):
+    with tf.GradientTape() as tape:
+        tape.watch([x, k, b])
+        y = fn(x, k, b)
+        loss = tf.reduce_sum(y * upstream)
+    return tape.gradient(loss, [x, k, b])
+
+
+@pytest.mark.parametrize("dtype,tol", [(tf.float32, 1e-5), (tf.float64, 1e-12)])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kernel_size", [1, 3, 5])
+def test_custom_gradient_matches_autodiff(shape, kernel_size, dtype, tol):
+    x, k, b = _params(shape, kernel_size, dtype, seed=sum(shape) + kernel_size)
+    upstream = tf.constant(np.random.default_rng(1).normal(size=shape), dtype)
+    np.testing.assert_allclose(layers.sparta_exact(x, k, b), layers.sparta_forward(x, k, b),
+                               atol=tol)
+    exact = _grads(layers.sparta_exact, x, k, b, upstream)
+    auto = _grads(layers.sparta_forward, x, k, b, upstream)
+    for name, g1, g2 in zip(("dX", "dK", "db"), exact, auto):
+        err = float(tf.reduce_max(tf.abs(g1 - g2)))
+        assert err <= tol, f"{name}: max abs difference {err:.3g} > {tol:g} at shape {shape}"
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 5, 2), (2, 1, 1, 3), (1, 5, 3, 1)])
+def test_custom_gradient_matches_finite_differences(shape):
+    x, k, b = _params(shape, 3, tf.float64, seed=7)
+    theoretical, numerical = tf.test.compute_gradient(layers.sparta_exact, [x, k, b])
+    for name, t, n in zip(("dX", "dK", "db"), theoretical, numerical):
+        err = np.max(np.abs(t - n))
+        assert err < 1e-6, f"{name}: custom gradient vs finite differences differ by {err:.3g}"
+
+
+def test_starts_as_swish():
+    x = tf.random.normal([2, 6, 5, 3])
+    for kernel_size, beta0 in [(1, 1.0), (3, 1.0), (5, 4.0)]:
+        layer = layers.Sparta(kernel_size=kernel_size, beta0=beta0)
+        np.testing.assert_allclose(layer(x), x * tf.sigmoid(beta0 * x), rtol=1e-6, atol=1e-6)
+    assert layer.kernel.shape == (5, 5, 3, 1) and layer.bias.shape == (3,)
+    assert layer.count_params() == 5 * 5 * 3 + 3
+
+
+def test_gate_is_spatial_and_in_unit_interval():
+    layer = layers.Sparta(kernel_size=3)
+    x = tf.random.normal([1, 5, 5, 2])
+    layer(x)
+    layer.kernel.assign(tf.random.normal(layer.kernel.shape))
+    gate = layer.gate(x).numpy()
+    assert gate.shape == (1, 5, 5, 2) and (gate > 0).all() and (gate < 1).all()
+    # Changing one neighbour changes the gate at the centre: the gate sees the neighbourhood.
+    x2 = x.numpy()
+    x2[0, 2, 3, 0] += 1.0
+    assert abs(layer.gate(x2)[0, 2, 2, 0] - gate[0, 2, 2, 0]) > 1e-4
+    np.testing.assert_allclose(layer(x), x * gate, rtol=1e-6)
+
+
+def test_bad_input_raises():
+    with pytest.raises(ValueError, match="4-D NHWC"):
+        layers.Sparta()(tf.zeros([2, 3, 3]))
+    with pytest.raises(ValueError, match="odd"):
+        layers.Sparta(kernel_size=2)
+    layer = layers.Sparta()
+    layer(tf.zeros([1, 3, 3, 4]))
+    with pytest.raises(ValueError, match="expected axis -1 of input shape to have value 4"):
+        layer(tf.zeros([1, 3, 3, 5]))
+
+
+def _sequential():
+    return keras.Sequential([keras.Input((7, 7, 3)), keras.layers.Conv2D(4, 3, padding="same"),
+                             layers.Sparta(), layers.FReLU(), keras.layers.Flatten(),
+                             keras.layers.Dense(2)])
+
+
+def _functional():
+    inputs = keras.Input((7, 7, 3))
+    h = keras.layers.Conv2D(4, 3)(inputs)
+    shared = layers.Sparta(kernel_size=5, beta0=2.0)
+    h = shared(keras.layers.Conv2D(4, 3, padding="same")(shared(h)))
+    return keras.Model(inputs, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(h)))
+
+
+@keras.saving.register_keras_serializable(package="sparta_tf_tests")
+class SubclassedNet(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = keras.layers.Conv2D(4, 3)
+        self.act = layers.Sparta(use_custom_gradient=False)
+        self.head = keras.layers.Dense(2)
+
+    def call(self, x):
+        return self.head(keras.ops.mean(self.act(self.conv(x)), axis=(1, 2)))
+
+
+@pytest.mark.parametrize("make", [_sequential, _functional, SubclassedNet])
+def test_keras_save_load_round_trip(make, tmp_path):
+    model = make()
+    x = np.random.default_rng(0).uniform(size=(1, 7, 7, 3)).astype("float32")
+    model(x)
+    for layer in model.layers:  # move away from the init so the test sees the weights
+        if isinstance(layer, layers.Sparta):
+            layer.kernel.assign(tf.random.normal(layer.kernel.shape))
+            layer.bias.assign(tf.random.normal(layer.bias.shape))
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(np.repeat(x, 4, 0), np.array([0, 1, 0, 1]), epochs=1, verbose=0)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_array_equal(loaded(x), model(x))
+
+
+def test_get_config_round_trip():
+    layer = layers.Sparta(kernel_size=5, beta0=3.0, use_custom_gradient=False,
+                          kernel_regularizer="l2", name="s")
+    clone = layers.Sparta.from_config(layer.get_config())
+    assert (clone.kernel_size, clone.beta0, clone.use_custom_gradient, clone.name) == (
+        5, 3.0, False, "s")
+    assert isinstance(clone.kernel_regularizer, keras.regularizers.L2)
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision(policy):
+    keras.config.set_dtype_policy(policy)
+    try:
+        layer = layers.Sparta()
+        x = tf.random.uniform([2, 4, 4, 3])
+        with tf.GradientTape() as tape:
+            y = layer(x)
+            loss = tf.reduce_sum(tf.cast(y, "float32"))
+        grads = tape.gradient(loss, layer.trainable_variables)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert y.dtype == keras.mixed_precision.Policy(policy).compute_dtype
+    assert layer.kernel.dtype == "float32"
+    assert all(g is not None and np.isfinite(g.numpy()).all() for g in grads)
+    tol = 1e-6 if policy == "float32" else 2e-2
+    np.testing.assert_allclose(tf.cast(y, "float32"), x * tf.sigmoid(x), atol=tol)
+
+
+def test_frelu_is_max_of_x_and_bn_dw():
+    layer = layers.FReLU()
+    x = tf.random.normal([2, 5, 5, 3])
+    y = layer(x, training=False)
+    z = layer.bn(layer.conv(x), training=False)
+    np.testing.assert_allclose(y, tf.maximum(x, z), rtol=1e-6)
+    assert layer.count_params() == 3 * 3 * 3 + 4 * 3  # depthwise kernel + BN
