@@ -15,7 +15,9 @@ setup(
     install_requires=[
         "tensorflow>=2.16",
         "keras>=3.3",
+        "tensorboard",
         "tensorflow-datasets",
+        "importlib_resources",  # tfds 4.9.10 imports it without declaring it
         "cleverhans",
         "absl-py",
         "numpy",
@@ -26,5 +28,7 @@ setup(
         "test": ["pytest", "pytest-xdist"],
         "and-cuda": ["tensorflow[and-cuda]>=2.16"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "sparta-train = trainers.train:run",
+    ]},
 )

@@ -1,0 +1,172 @@
+"""Every absl flag of the trainers, defined once, and the --config presets.
+
+A trainer calls the `define_*` functions it needs before `app.run`, then turns
+the parsed flags into a library object (`train_config()`). Defaults come from
+`sparta_tf.training.TrainConfig`, which is the `quick` preset; `--config=paper`
+changes the flags that were not given on the command line.
+"""
+
+import os
+
+from absl import flags
+
+from sparta_tf import activations, data, models, training
+
+FLAGS = flags.FLAGS
+_D = training.TrainConfig  # the defaults
+
+PRESETS = {
+    # The default: a small Sparta ResNet-18 on the bundled sample, minutes on 2 CPU cores.
+    "quick": {},
+    # The paper's recipe: ResNet-18 on CIFAR-10, PGD-10 AT for 110 epochs.
+    "paper": dict(dataset="cifar10", width_multiplier=1.0, epochs=110, batch_size=128,
+                  lr=0.1, lr_schedule="piecewise", lr_decay_epochs=["100", "105"],
+                  momentum=0.9, weight_decay=5e-4, eps=8 / 255, pgd_steps=10,
+                  pgd_step_size=2 / 255, checkpoint_every=500),
+}
+
+
+class PixelParser(flags.FloatParser):
+    """A pixel budget in [0, 1]: a float, or a fraction such as `8/255`."""
+
+    def __init__(self):
+        super().__init__(lower_bound=0.0, upper_bound=1.0)
+
+    def convert(self, argument):
+        if isinstance(argument, str) and "/" in argument:
+            num, den = argument.split("/", 1)
+            try:
+                return float(num) / float(den)
+            except (ValueError, ZeroDivisionError):
+                raise ValueError(f"expected a float or a fraction like 8/255, got {argument!r}")
+        return super().convert(argument)
+
+
+def _pixels(name, default, help):
+    flags.DEFINE(PixelParser(), name, default, help + " (a float or a fraction like 8/255)")
+
+
+def _valid_dataset(value):
+    return value == "bundled" or value in data.TFDS_NAMES or os.path.exists(value)
+
+
+def define_data():
+    flags.DEFINE_string(
+        "dataset", _D.dataset,
+        f"'bundled' (the CIFAR-10 sample in the package), a tfds name {data.TFDS_NAMES}, "
+        "or the path of an image folder (split/class/image) or of a .tar.gz of one.")
+    flags.register_validator(
+        "dataset", _valid_dataset,
+        message=f"must be 'bundled', one of {data.TFDS_NAMES}, or an existing path")
+    flags.DEFINE_string("data_dir", _D.data_dir, "tfds data_dir, or cache for a .tar.gz.")
+    flags.DEFINE_integer("max_train", _D.max_train, "Class-balanced training subset size.",
+                         lower_bound=1)
+    flags.DEFINE_integer("max_test", _D.max_test, "Class-balanced test subset size.",
+                         lower_bound=1)
+    flags.DEFINE_integer("seed", _D.seed, "Seed of data order, augmentation and attacks.")
+
+
+def define_model():
+    flags.DEFINE_enum("model", _D.model, models.NAMES, "Network.")
+    flags.DEFINE_enum("activation", _D.activation, activations.NAMES + ("swish",),
+                      "Activation of every layer.")
+    flags.DEFINE_float("width_multiplier", _D.width_multiplier, "Scales every width.",
+                       lower_bound=1e-3)
+    flags.DEFINE_enum("sparta_sharing", _D.sparta_sharing, models.SHARING,
+                      "One Sparta per activation ('layer') or per stage ('stage').")
+    flags.DEFINE_integer("sparta_kernel_size", _D.sparta_kernel_size,
+                         "k of Sparta's k x k gate.", lower_bound=1)
+    flags.DEFINE_float("sparta_beta0", _D.sparta_beta0, "Sparta's initial centre weight.")
+    flags.DEFINE_bool("sparta_custom_gradient", _D.sparta_custom_gradient,
+                      "Use Sparta's hand-written exact gradient (else autodiff).")
+
+
+def define_attack():
+    _pixels("eps", _D.eps, "L-inf budget in pixels")
+    flags.DEFINE_integer("pgd_steps", _D.pgd_steps, "PGD steps in training.", lower_bound=1)
+    _pixels("pgd_step_size", _D.pgd_step_size, "PGD step size; default 2.5 * eps / steps")
+
+
+def define_training():
+    define_data()
+    define_model()
+    define_attack()
+    flags.DEFINE_enum("config", "quick", list(PRESETS),
+                      "Preset; flags given on the command line override it.")
+    flags.DEFINE_string("model_dir", _D.model_dir, "Checkpoints, logs, metrics, model.")
+    flags.DEFINE_bool("overwrite", False, "Delete model_dir first instead of resuming.")
+    flags.DEFINE_integer("epochs", _D.epochs, "Epochs.", lower_bound=1)
+    flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size.", lower_bound=1)
+    flags.DEFINE_float("lr", _D.lr, "Initial learning rate (SGD).", lower_bound=0.0)
+    flags.DEFINE_enum("lr_schedule", _D.lr_schedule, training.LR_SCHEDULES, "LR schedule.")
+    flags.DEFINE_list("lr_decay_epochs", list(map(str, _D.lr_decay_epochs)),
+                      "Piecewise schedule: divide the lr by 10 at these epochs.")
+    flags.DEFINE_float("momentum", _D.momentum, "SGD momentum.", lower_bound=0.0)
+    flags.DEFINE_float("weight_decay", _D.weight_decay, "L2 weight decay.", lower_bound=0.0)
+    flags.DEFINE_bool("sparta_weight_decay", _D.sparta_weight_decay,
+                      "Apply weight decay to the Sparta parameters too.")
+    flags.DEFINE_enum("objective", _D.objective, training.OBJECTIVES, "Training objective.")
+    flags.DEFINE_float("trades_beta", _D.trades_beta, "TRADES' KL weight.", lower_bound=0.0)
+    flags.DEFINE_enum("mixed_precision", _D.mixed_precision,
+                      ["float32", "mixed_float16", "mixed_bfloat16"], "Keras dtype policy.")
+    flags.DEFINE_bool("jit_compile", _D.jit_compile,
+                      "Compile the train step with XLA (slower on CPU for Sparta).")
+    flags.DEFINE_integer("checkpoint_every", _D.checkpoint_every,
+                         "Also checkpoint every N steps (0: only at epoch ends).",
+                         lower_bound=0)
+    flags.DEFINE_integer("eval_pgd_steps", _D.eval_pgd_steps,
+                         "PGD steps of the evaluation after training.", lower_bound=1)
+    flags.register_validator("lr_decay_epochs", _numbers,
+                             message="must be a comma-separated list of numbers")
+
+
+def _numbers(values):
+    try:
+        [float(v) for v in values]
+    except ValueError:
+        return False
+    return True
+
+
+def apply_preset():
+    """Sets the --config preset's values on the flags not given on the command line."""
+    for name, value in PRESETS[FLAGS.config].items():
+        if not FLAGS[name].present:
+            FLAGS[name].value = value
+
+
+def train_config():
+    """The `training.TrainConfig` that the parsed flags describe."""
+    apply_preset()
+    values = {name: FLAGS[name].value for name in training.TrainConfig.__dataclass_fields__}
+    values["lr_decay_epochs"] = tuple(float(e) for e in values["lr_decay_epochs"])
+    values["activation"] = activations.canonical_name(values["activation"])
+    return training.TrainConfig(**values)
+
+
+def define_evaluation():
+    """The flags of trainers/evaluate.py: data, --eps, the model and the attack sizes.
+
+    --eps, --dataset, --data_dir, --max_test (the examples: a class-balanced sample) and
+    --seed default to the model_dir's config.json where the model has one.
+    """
+    define_data()
+    define_attack()
+    flags.register_validator("eps", lambda eps: eps > 0, message="must be > 0 to evaluate")
+    flags.DEFINE_string("model_path", None,
+                        "The model: a model_dir (with model.keras), a .keras file, or an "
+                        "exported SavedModel (its folder or the numbered version in it).")
+    flags.DEFINE_string("output_dir", None, "Where to write eval.json and eval.md "
+                        "(default: the model_dir, else the folder that holds the model).")
+    flags.DEFINE_integer("eval_batch_size", 256, "Examples per batch.", lower_bound=1)
+    flags.DEFINE_list("eval_steps", ["20", "100"], "PGD step counts, each with the CE and the "
+                      "CW loss; the first is also used for the eps sweep.")
+    flags.register_validator("eval_steps", lambda v: bool(v) and all(
+        s.isdigit() and int(s) >= 1 for s in v), message="must be a list of ints >= 1")
+    flags.DEFINE_integer("pgd_restarts", 3, "Random restarts of each PGD.", lower_bound=1)
+    flags.DEFINE_bool("autoattack", True,
+                      "Run AutoAttack (APGD-CE, APGD-T, Square; Square runs anyway).")
+    flags.DEFINE_integer("autoattack_iterations", 100, "APGD iterations (100 is standard).",
+                         lower_bound=1)
+    flags.DEFINE_integer("square_queries", 5000, "Square queries (5000 is standard).",
+                         lower_bound=1)

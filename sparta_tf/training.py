@@ -1,0 +1,356 @@
+"""Adversarial training: the AT train step, the strategy, checkpoints and resume.
+
+`AdversarialModel` wraps a classifier (pixels in [0, 1] -> logits) and trains it
+with one of three objectives:
+
+- `standard`: cross-entropy on clean images;
+- `pgd`: cross-entropy on PGD examples (Madry et al., 2018);
+- `trades`: CE(clean) + beta * KL(p(clean) || p(adv)), with the adversarial
+  example maximising that KL (Zhang et al., 2019).
+
+`run(config)` is the whole experiment behind `trainers/train.py`: it builds the
+data, the model and the optimizer under `tf.distribute.MirroredStrategy`, resumes
+from `config.model_dir` when it can, and checkpoints every epoch and every
+`checkpoint_every` steps. All randomness (data order, augmentation, PGD's random
+start) is stateless and keyed on (seed, epoch, step), so the checkpointed
+counters are the whole RNG state: a killed run resumes with the same batches and
+the same noise it would have seen.
+"""
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from sparta_tf import attacks, data, evaluation, layers, models
+
+OBJECTIVES = ("standard", "pgd", "trades")
+LR_SCHEDULES = ("piecewise", "cosine")
+
+
+class ConfigMismatchError(ValueError):
+    """model_dir holds a run of another configuration."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or Inf."""
+
+
+def _soft_ce(logits, target):
+    """Cross-entropy to soft targets: KL(target || softmax(logits)) up to a constant."""
+    return tf.nn.softmax_cross_entropy_with_logits(labels=target, logits=logits)
+
+
+def _kl(p_logits, q_logits):
+    """Per-example KL(softmax(p) || softmax(q))."""
+    p_log = tf.nn.log_softmax(p_logits)
+    return tf.reduce_sum(tf.exp(p_log) * (p_log - tf.nn.log_softmax(q_logits)), axis=-1)
+
+
+class AdversarialModel(keras.Model):
+    """A classifier whose `train_step` runs adversarial training.
+
+    Args:
+        model: a Keras model from pixels in [0, 1] to logits.
+        objective: one of `OBJECTIVES`.
+        attack: an `attacks.PGD`, used by `pgd` and `trades` (for `trades` its
+            loss is replaced by the KL to the clean prediction).
+        trades_beta: the weight of the KL term of `trades`.
+        weight_decay: L2 coefficient, added to the loss as
+            `weight_decay / 2 * sum(w ** 2)` (PyTorch's coupled SGD weight decay).
+        decay_sparta: whether the Sparta parameters get weight decay too.
+        seed: the seed of PGD's random start, folded with the step and replica.
+    """
+
+    def __init__(self, model, objective="pgd", attack=None, trades_beta=6.0,
+                 weight_decay=0.0, decay_sparta=True, seed=0, **kwargs):
+        super().__init__(**kwargs)
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}; got {objective!r}.")
+        if objective != "standard" and attack is None:
+            raise ValueError(f"objective {objective!r} needs an attack.")
+        self.model = model
+        self.objective = objective
+        self.attack = attack
+        if objective == "trades":  # the same PGD, maximising the KL to the clean prediction
+            self.attack = copy.copy(attack)
+            self.attack.loss = _soft_ce
+        self.trades_beta = trades_beta
+        self.weight_decay = weight_decay
+        sparta_ids = {id(v) for l in model._flatten_layers() if isinstance(l, layers.Sparta)
+                      for v in l.trainable_variables}
+        self.decayed = [v for v in model.trainable_variables
+                        if decay_sparta or id(v) not in sparta_ids]
+        self.seed = seed
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.clean_acc = keras.metrics.SparseCategoricalAccuracy(name="clean_acc")
+        self.adv_acc = keras.metrics.SparseCategoricalAccuracy(name="adv_acc")
+
+    @property
+    def metrics(self):
+        if self.objective == "standard":
+            return [self.loss_tracker, self.clean_acc]
+        return [self.loss_tracker, self.clean_acc, self.adv_acc]
+
+    def call(self, x, training=False):
+        return self.model(x, training=training)
+
+    def train_step(self, batch):
+        x, y = batch
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        seed = tf.random.experimental.stateless_fold_in(
+            tf.stack([tf.cast(self.seed, tf.int64),
+                      tf.cast(self.optimizer.iterations, tf.int64)]), replica)
+        if self.objective == "pgd":
+            x_adv = self.attack(self.model, x, y, seed=seed)
+        elif self.objective == "trades":
+            target = tf.nn.softmax(tf.cast(self.model(x, training=False), tf.float32))
+            x_adv = self.attack(self.model, x, target, seed=seed)
+        with tf.GradientTape() as tape:
+            if self.objective == "standard":
+                logits = tf.cast(self.model(x, training=True), tf.float32)
+                loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
+            else:
+                adv_logits = tf.cast(self.model(x_adv, training=True), tf.float32)
+                loss = tf.reduce_mean(
+                    tf.nn.sparse_softmax_cross_entropy_with_logits(y, adv_logits))
+                if self.objective == "trades":
+                    logits = tf.cast(self.model(x, training=True), tf.float32)
+                    loss = tf.reduce_mean(
+                        tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)
+                        + self.trades_beta * _kl(logits, adv_logits))
+            if self.weight_decay:
+                loss += self.weight_decay / 2 * tf.add_n(
+                    [tf.reduce_sum(tf.square(v)) for v in self.decayed])
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            scaled = self.optimizer.scale_loss(loss / replicas)
+        variables = self.model.trainable_variables
+        self.optimizer.apply(tape.gradient(scaled, variables), variables)
+        self.loss_tracker.update_state(loss)
+        if self.objective == "standard":
+            self.clean_acc.update_state(y, logits)
+        else:
+            self.clean_acc.update_state(y, self.model(x, training=False))
+            self.adv_acc.update_state(y, adv_logits)
+        return {m.name: m.result() for m in self.metrics}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything one training run depends on; saved to model_dir/config.json."""
+
+    model_dir: str = "runs/default"
+    dataset: str = "bundled"
+    data_dir: str | None = None
+    max_train: int | None = None
+    max_test: int | None = None
+    model: str = "resnet18"
+    activation: str = "sparta"
+    width_multiplier: float = 0.25
+    sparta_sharing: str = "layer"
+    sparta_kernel_size: int = 3
+    sparta_beta0: float = 1.0
+    sparta_custom_gradient: bool = True
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 0.1
+    lr_schedule: str = "piecewise"
+    lr_decay_epochs: tuple = ()
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    sparta_weight_decay: bool = True
+    objective: str = "pgd"
+    eps: float = 8 / 255
+    pgd_steps: int = 3
+    pgd_step_size: float | None = None  # None: 2.5 * eps / pgd_steps
+    trades_beta: float = 6.0
+    seed: int = 0
+    mixed_precision: str = "float32"
+    jit_compile: bool = False
+    checkpoint_every: int = 100
+    eval_pgd_steps: int = 20
+
+    # A model_dir whose config differs in one of these holds another experiment.
+    IDENTITY = ("dataset", "max_train", "model", "activation", "width_multiplier",
+                "sparta_sharing", "sparta_kernel_size", "sparta_beta0", "objective", "eps",
+                "pgd_steps", "pgd_step_size", "trades_beta", "batch_size", "seed")
+
+    def activation_kwargs(self):
+        if self.activation != "sparta":
+            return {}
+        return {"kernel_size": self.sparta_kernel_size, "beta0": self.sparta_beta0,
+                "use_custom_gradient": self.sparta_custom_gradient}
+
+    def to_json(self):
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _prepare_model_dir(config, overwrite):
+    """Refuse a model_dir of another configuration; returns True if it can resume."""
+    path = os.path.join(config.model_dir, "config.json")
+    if overwrite and os.path.exists(config.model_dir):
+        shutil.rmtree(config.model_dir)
+    os.makedirs(config.model_dir, exist_ok=True)
+    resume = os.path.exists(path)
+    if resume:
+        with open(path) as f:
+            old = json.load(f)
+        new = json.loads(json.dumps(config.to_json()))  # tuples -> lists, as on disk
+        diff = {k: (old.get(k), new[k]) for k in TrainConfig.IDENTITY if old.get(k) != new[k]}
+        if diff:
+            lines = "\n".join(f"  {k}: {a!r} in model_dir, {b!r} now" for k, (a, b) in diff.items())
+            raise ConfigMismatchError(
+                f"{config.model_dir} holds a run of another configuration:\n{lines}\n"
+                "Use another --model_dir, or --overwrite to delete it and start again.")
+    with open(path, "w") as f:
+        json.dump(config.to_json(), f, indent=2)
+    return resume
+
+
+def learning_rate(config, steps_per_epoch):
+    """Per-step schedule: piecewise (/10 at each of lr_decay_epochs) or cosine."""
+    total = config.epochs * steps_per_epoch
+    if config.lr_schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(config.lr, max(total, 1))
+    if config.lr_schedule != "piecewise":
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}; got {config.lr_schedule!r}.")
+    if not config.lr_decay_epochs:
+        return config.lr
+    boundaries = [int(e * steps_per_epoch) for e in config.lr_decay_epochs]
+    values = [config.lr * 0.1 ** i for i in range(len(boundaries) + 1)]
+    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+
+
+def build(config, num_classes, input_shape, steps_per_epoch):
+    """The wrapped model, compiled with SGD; call under the strategy's scope."""
+    net = models.build(config.model, num_classes, activation=config.activation,
+                       width_multiplier=config.width_multiplier,
+                       sparta_sharing=config.sparta_sharing, input_shape=input_shape,
+                       activation_kwargs=config.activation_kwargs())
+    attack = None
+    if config.objective != "standard":
+        attack = attacks.PGD(config.eps, config.pgd_steps, config.pgd_step_size)
+    model = AdversarialModel(net, config.objective, attack, config.trades_beta,
+                             config.weight_decay, config.sparta_weight_decay, config.seed)
+    optimizer = keras.optimizers.SGD(learning_rate(config, steps_per_epoch),
+                                     momentum=config.momentum)
+    model.compile(optimizer=optimizer, jit_compile=config.jit_compile)
+    model.optimizer.build(net.trainable_variables)  # so that a checkpoint can restore into it
+    return model
+
+
+class _Checkpointer(keras.callbacks.Callback):
+    """Saves every `every` steps, stops on a non-finite loss, adds img/s to the logs."""
+
+    def __init__(self, manager, position, epoch, skipped, every, batch_size):
+        super().__init__()
+        self.manager, self.position, self.epoch = manager, position, epoch
+        self.skipped, self.every, self.batch_size = skipped, every, batch_size
+        self.bad_step = None
+
+    def on_train_begin(self, logs=None):
+        self.start, self.seen = time.perf_counter(), 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self.skipped + batch + 1
+        self.seen += self.batch_size
+        if logs is not None:
+            logs["img/s"] = self.seen / (time.perf_counter() - self.start)
+        if logs and not math.isfinite(float(logs["loss"])):
+            self.bad_step = step
+            self.model.stop_training = True
+        elif self.every and step % self.every == 0:
+            self.position.assign([self.epoch, step])
+            self.manager.save()
+
+
+def run(config, overwrite=False, verbose="auto"):
+    """Trains (or resumes) `config`, then evaluates and saves the model.
+
+    Returns a dict of results, also written to model_dir/results.json.
+    """
+    resume = _prepare_model_dir(config, overwrite)
+    keras.utils.set_random_seed(config.seed)
+    keras.config.set_dtype_policy(config.mixed_precision)
+    ds = data.load(config.dataset, config.data_dir, config.max_train, config.max_test,
+                   seed=config.seed)
+    steps = data.steps_per_epoch(len(ds.x_train), config.batch_size)
+    strategy = tf.distribute.MirroredStrategy()
+    with strategy.scope():
+        model = build(config, ds.num_classes, ds.x_train.shape[1:], steps)
+        position = tf.Variable([0, 0], dtype=tf.int64, trainable=False)  # (epoch, step)
+        ckpt = tf.train.Checkpoint(model=model.model, optimizer=model.optimizer,
+                                   position=position)
+    manager = tf.train.CheckpointManager(ckpt, os.path.join(config.model_dir, "checkpoints"),
+                                         max_to_keep=2)
+    if resume and manager.latest_checkpoint:
+        ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    epoch, skip = (int(v) for v in position.numpy())
+    if epoch or skip:
+        print(f"Resuming {config.model_dir} at epoch {epoch + 1}, step {skip} of {steps}.")
+    history_path = os.path.join(config.model_dir, "metrics.jsonl")
+    callbacks = [keras.callbacks.TensorBoard(os.path.join(config.model_dir, "logs"))]
+    for epoch in range(epoch, config.epochs):
+        checkpointer = _Checkpointer(manager, position, epoch, skip, config.checkpoint_every,
+                                     config.batch_size)
+        train = data.train_dataset(ds.x_train, ds.y_train, config.batch_size, config.seed,
+                                   epoch, skip_batches=skip)
+        history = model.fit(train, initial_epoch=epoch, epochs=epoch + 1, verbose=verbose,
+                            callbacks=[checkpointer] + callbacks)
+        if checkpointer.bad_step is not None:
+            raise NonFiniteLossError(
+                f"The loss became {history.history['loss'][-1]} at epoch {epoch + 1}, step "
+                f"{checkpointer.bad_step}. Training stopped; the last good checkpoint "
+                f"({manager.latest_checkpoint}) is kept. Try a lower --lr.")
+        skip = 0
+        position.assign([epoch + 1, 0])
+        manager.save()
+        row = {"epoch": epoch + 1, "lr": float(keras.ops.convert_to_numpy(
+            model.optimizer.learning_rate)),
+               **{k: float(v[-1]) for k, v in history.history.items()}}
+        with open(history_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return finish(config, model.model, ds)
+
+
+def finish(config, net, ds):
+    """Saves `net` as model_dir/model.keras and evaluates clean and PGD accuracy."""
+    net.save(os.path.join(config.model_dir, "model.keras"))
+    x, y = ds.x_test, ds.y_test
+    eps = config.eps if config.objective != "standard" else 8 / 255
+    pgd = attacks.PGD(eps, config.eval_pgd_steps, 2.5 * eps / config.eval_pgd_steps)
+    results = {"clean_acc": evaluation.accuracy(net, x, y),
+               f"pgd{config.eval_pgd_steps}_acc": evaluation.accuracy(net, x, y, attack=pgd),
+               "eval_examples": int(len(y)), "train_examples": int(len(ds.x_train)), "eps": eps}
+    with open(os.path.join(config.model_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+def summary(config, results, minutes, export_dir):
+    """A one-screen text summary of a finished run."""
+    accs = "  ".join(f"{k.removesuffix('_acc')} {100 * v:.1f}%"
+                     for k, v in results.items() if k.endswith("_acc"))
+    return "\n".join([
+        "=" * 64,
+        f"model      {config.model} x{config.width_multiplier}, activation {config.activation}"
+        + (f" (k={config.sparta_kernel_size}, beta0={config.sparta_beta0}, "
+           f"sharing={config.sparta_sharing})" if config.activation == "sparta" else ""),
+        f"data       {config.dataset}, {results['train_examples']} train / "
+        f"{results['eval_examples']} test images",
+        f"training   {config.objective}, {config.epochs} epochs, eps {config.eps * 255:.3g}/255, "
+        f"PGD-{config.pgd_steps}" if config.objective != "standard" else
+        f"training   standard, {config.epochs} epochs",
+        f"test       {accs}  (PGD at eps {results['eps'] * 255:.3g}/255)",
+        f"time       {minutes:.1f} min",
+        f"model_dir  {config.model_dir}",
+        f"exported   {export_dir}",
+        "=" * 64,
+    ])

@@ -1,0 +1,207 @@
+"""Tests of sparta_tf.data: the bundled sample, TFDS, image folders and archives, pipelines."""
+
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from sparta_tf import data
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck"]
+FOLDER_CLASSES = ["ant", "cat", "dog"]  # written unsorted below; labels follow sorted order
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _shade(label):
+    """The grey level of every pixel of a test image of class `label`."""
+    return 60 * label + 30
+
+
+def _write_folder(root, per_split=(("train", 4), ("test", 2))):
+    """A split/class/image folder of 8x8 images, PNG and JPEG, each a flat `_shade(label)`."""
+    for split, count in per_split:
+        for label, name in reversed(list(enumerate(FOLDER_CLASSES))):
+            os.makedirs(root / split / name)
+            image = tf.fill([8, 8, 3], tf.constant(_shade(label), tf.uint8))
+            for i in range(count):
+                encoded = tf.io.encode_png(image) if i % 2 else tf.io.encode_jpeg(image)
+                ext = "png" if i % 2 else "jpg"
+                tf.io.write_file(str(root / split / name / f"{i}.{ext}"), encoded)
+    return root
+
+
+def _check_shades(x, y):
+    """Each image is flat and has its label's shade (JPEG may be off by a little)."""
+    assert np.abs(x.astype(int) - _shade(y)[:, None, None, None]).max() <= 2
+
+
+def test_bundled_sample_is_balanced_cifar10():
+    assert os.path.getsize(data.BUNDLED_ARCHIVE) <= 10 * 2**20
+    d = data.load()
+    assert d.name == "bundled" and d.class_names == CIFAR10_CLASSES and d.num_classes == 10
+    assert d.x_train.shape == (5000, 32, 32, 3) and d.x_test.shape == (1000, 32, 32, 3)
+    assert d.x_train.dtype == np.uint8 and d.y_train.dtype == np.int32
+    assert d.y_test.dtype == np.int32
+    np.testing.assert_array_equal(np.bincount(d.y_train), [500] * 10)
+    np.testing.assert_array_equal(np.bincount(d.y_test), [100] * 10)
+    assert d.x_train.std() > 30  # real pictures, not blanks
+
+
+def test_max_examples_are_class_balanced_and_seeded():
+    a = data.load(max_train=95, max_test=20, seed=1)
+    b = data.load(max_train=95, max_test=20, seed=1)
+    c = data.load(max_train=95, max_test=20, seed=2)
+    assert len(a.y_train) == 95 and set(np.bincount(a.y_train)) == {9, 10}
+    np.testing.assert_array_equal(np.bincount(a.y_test), [2] * 10)
+    np.testing.assert_array_equal(a.x_train, b.x_train)
+    assert not np.array_equal(a.x_train, c.x_train)
+
+
+def test_image_folder(tmp_path):
+    d = data.load(str(_write_folder(tmp_path / "images")))
+    assert d.class_names == FOLDER_CLASSES
+    assert d.x_train.shape == (12, 8, 8, 3) and d.x_train.dtype == np.uint8
+    assert d.y_train.dtype == np.int32 and d.x_test.shape == (6, 8, 8, 3)
+    np.testing.assert_array_equal(np.bincount(d.y_train), [4, 4, 4])
+    _check_shades(d.x_train, d.y_train)
+    _check_shades(d.x_test, d.y_test)
+
+
+def test_corrupt_image_is_named(tmp_path):
+    root = _write_folder(tmp_path / "images")
+    (root / "train" / "cat" / "broken.png").write_bytes(b"not a png at all")
+    with pytest.raises(ValueError, match="broken.png"):
+        data.load(str(root))
+
+
+def test_archive_is_extracted_once_per_version(tmp_path):
+    archive = str(tmp_path / "images.tar.gz")
+    with tarfile.open(archive, "w:gz") as tar:  # one top folder, as `tar czf` makes it
+        tar.add(_write_folder(tmp_path / "images"), arcname="images")
+    cache = tmp_path / "cache"
+    assert len(data.load(archive, data_dir=str(cache)).y_train) == 12
+    (extracted,) = (cache / "sparta_tf_extracted").iterdir()
+    os.remove(extracted / "images" / "train" / "ant" / "0.jpg")
+    assert len(data.load(archive, data_dir=str(cache)).y_train) == 11  # the cache was read
+    os.utime(archive, ns=(0, 0))  # a "new" archive is extracted anew
+    assert len(data.load(archive, data_dir=str(cache)).y_train) == 12
+    assert len(list((cache / "sparta_tf_extracted").iterdir())) == 2
+
+
+def test_unknown_dataset():
+    with pytest.raises(ValueError, match="bundled.*cifar10.*tar.gz"):
+        data.load("no_such_dataset")
+
+
+def test_tfds_unavailable_offline(tmp_path, monkeypatch):
+    def no_download(self, *args, **kwargs):  # never fetch for real, even where online
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_download)
+    with pytest.raises(data.DatasetUnavailableError) as info:
+        data.load("cifar10", data_dir=str(tmp_path))
+    message = str(info.value)
+    for part in ["'cifar10'", str(tmp_path), "tfds.load", "--dataset=bundled",
+                 "--dataset=/path/to/folder_or.tar.gz"]:
+        assert part in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+@pytest.mark.parametrize("name,num_classes", [("cifar10", 10), ("cifar100", 100),
+                                              ("svhn_cropped", 10)])
+def test_tfds_reading(name, num_classes, tmp_path, monkeypatch):
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
+    with tfds.testing.mock_data(num_examples=6):
+        d = data.load(name, data_dir=str(tmp_path), max_test=4)
+    assert d.x_train.shape == (6, 32, 32, 3) and d.x_train.dtype == np.uint8
+    assert d.x_test.shape == (4, 32, 32, 3) and d.num_classes == num_classes
+    assert d.y_train.dtype == np.int32 and 0 <= d.y_train.min() <= d.y_train.max() < num_classes
+
+
+# Pipelines: image i is flat with grey level i + 1, and its label is i % 7.
+N, BATCH = 70, 16
+X = np.repeat(np.arange(1, N + 1, dtype=np.uint8), 32 * 32 * 3).reshape(N, 32, 32, 3)
+Y = np.arange(N, dtype=np.int32) % 7
+TEXTURES = np.random.default_rng(0).integers(0, 256, (N, 32, 32, 3), dtype=np.uint8)
+
+
+def _epoch(x=X, **kwargs):
+    """A train_dataset epoch as lists of numpy image and label batches."""
+    kwargs = {"batch_size": BATCH, "seed": 3, "epoch": 0, **kwargs}
+    batches = list(tfds.as_numpy(data.train_dataset(x, Y, **kwargs)))
+    return [b[0] for b in batches], [b[1] for b in batches]
+
+
+def _indices(images):
+    """The index of each (possibly augmented) flat image: its brightest pixel, less one."""
+    return np.round(images.max(axis=(1, 2, 3)) * 255).astype(int) - 1
+
+
+def test_train_epoch_is_a_reproducible_permutation_with_aligned_labels():
+    images, labels = _epoch()
+    assert len(images) == data.steps_per_epoch(N, BATCH) == 4
+    assert all(b.shape == (BATCH, 32, 32, 3) and b.dtype == np.float32 for b in images)
+    assert all(b.dtype == np.int32 for b in labels)
+    index = _indices(np.concatenate(images))
+    assert len(set(index)) == 4 * BATCH  # no repeats; the last 6 examples are dropped
+    np.testing.assert_array_equal(np.concatenate(labels), Y[index])
+    again_images, again_labels = _epoch()
+    np.testing.assert_array_equal(np.concatenate(images), np.concatenate(again_images))
+    np.testing.assert_array_equal(np.concatenate(labels), np.concatenate(again_labels))
+    assert not np.array_equal(index, _indices(np.concatenate(_epoch(epoch=1)[0])))
+    assert not np.array_equal(index, _indices(np.concatenate(_epoch(seed=4)[0])))
+
+
+def test_skip_batches_resumes_the_same_epoch():
+    images, labels = _epoch(x=TEXTURES, epoch=2)
+    for k in (1, 3, 4):
+        rest_images, rest_labels = _epoch(x=TEXTURES, epoch=2, skip_batches=k)
+        assert len(rest_images) == 4 - k
+        for got, want in zip(rest_images + rest_labels, images[k:] + labels[k:]):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_augmentation_changes_images_within_range():
+    augmented = np.concatenate(_epoch(x=TEXTURES)[0])
+    plain = np.concatenate(_epoch(x=TEXTURES, augment=False)[0])
+    assert augmented.min() >= 0.0 and augmented.max() <= 1.0
+    changed = (augmented != plain).any(axis=(1, 2, 3))
+    assert changed.mean() > 0.8  # the unchanged are no shift and no flip: 1 in 162
+    assert (augmented == 0).all(axis=(2, 3)).any()  # some rows of zero padding
+    sources = {t.tobytes() for t in TEXTURES}  # unaugmented: the images themselves
+    assert all(np.round(p * 255).astype(np.uint8).tobytes() in sources for p in plain)
+
+
+def test_eval_dataset_in_order_with_partial_batch():
+    batches = list(tfds.as_numpy(data.eval_dataset(TEXTURES, Y, BATCH)))
+    assert [len(b[1]) for b in batches] == [16, 16, 16, 16, 6]
+    expected = TEXTURES.astype(np.float32) / np.float32(255)
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in batches]), expected)
+    np.testing.assert_array_equal(np.concatenate([b[1] for b in batches]), Y)
+    assert batches[0][0].dtype == np.float32 and batches[0][1].dtype == np.int32
+
+
+def test_make_bundled_subset_tool(tmp_path):
+    source = str(tmp_path / "source.tar.gz")
+    with tarfile.open(source, "w:gz") as tar:
+        tar.add(_write_folder(tmp_path / "images", (("train", 4), ("test", 3))), arcname=".")
+    tool = os.path.join(REPO, "tools", "make_bundled_subset.py")
+    outputs = [str(tmp_path / name) for name in ("a.tar.gz", "b.tar.gz")]
+    for out in outputs:
+        subprocess.run([sys.executable, tool, source, out, "--train_per_class", "2",
+                        "--test_per_class", "1", "--seed", "5"], check=True)
+    with open(outputs[0], "rb") as a, open(outputs[1], "rb") as b:
+        assert a.read() == b.read()  # reproducible to the byte
+    with tarfile.open(source) as src, tarfile.open(outputs[0]) as out:
+        names = out.getnames()
+        assert len(names) == 3 * 2 + 3 * 1
+        for name in names:
+            assert out.extractfile(name).read() == src.extractfile(name).read()
+    d = data.load(outputs[0])
+    np.testing.assert_array_equal(np.bincount(d.y_train), [2, 2, 2])

@@ -1,0 +1,172 @@
+"""Tests of sparta_tf.training: the AT train step, MirroredStrategy, checkpoints and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from sparta_tf import attacks, models, training
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny_config(model_dir, **overrides):
+    values = dict(model_dir=str(model_dir), max_train=160, max_test=20, width_multiplier=0.0625,
+                  epochs=1, batch_size=32, pgd_steps=1, eval_pgd_steps=2, checkpoint_every=2)
+    values.update(overrides)
+    return training.TrainConfig(**values)
+
+
+@pytest.mark.parametrize("objective", training.OBJECTIVES)
+def test_objectives_train_and_report_metrics(objective):
+    net = models.build("resnet18", 10, "sparta", width_multiplier=0.0625)
+    attack = None if objective == "standard" else attacks.PGD(8 / 255, 2)
+    model = training.AdversarialModel(net, objective, attack, weight_decay=5e-4)
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9))
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(16, 32, 32, 3)).astype("float32")
+    y = rng.integers(0, 10, 16).astype("int32")
+    before = [w.copy() for w in net.get_weights()]
+    history = model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    expected = {"loss", "clean_acc"} | ({"adv_acc"} if objective != "standard" else set())
+    assert set(history.history) == expected
+    assert np.isfinite(history.history["loss"][0])
+    assert any(not np.array_equal(a, b) for a, b in zip(before, net.get_weights()))
+
+
+def test_sparta_weight_decay_switch():
+    net = models.build("resnet18", 10, "sparta", width_multiplier=0.0625)
+    with_decay = training.AdversarialModel(net, "standard", weight_decay=1e-3)
+    without = training.AdversarialModel(net, "standard", weight_decay=1e-3, decay_sparta=False)
+    sparta_vars = [v for v in net.trainable_variables if "sparta" in v.path]
+    assert sparta_vars and len(with_decay.decayed) - len(without.decayed) == len(sparta_vars)
+
+
+_MIRRORED = textwrap.dedent("""
+    import json, sys
+    import numpy as np, tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    from sparta_tf import attacks, models, training
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(32, 16, 16, 3)).astype("float32")
+    y = rng.integers(0, 10, 32).astype("int32")
+    init = None
+
+    def train(strategy):
+        global init
+        with strategy.scope():
+            net = models.build("resnet18", 10, "sparta", width_multiplier=0.0625,
+                               input_shape=(16, 16, 3))
+            if init is None:
+                init = net.get_weights()
+            net.set_weights(init)
+            # No random start: the replicas would draw other noise than one device.
+            model = training.AdversarialModel(
+                net, "pgd", attacks.PGD(8 / 255, 2, random_start=False), weight_decay=5e-4)
+            model.compile(keras.optimizers.SGD(0.05, momentum=0.9))
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+        model.fit(ds, epochs=1, verbose=0)
+        return net.get_weights(), strategy.num_replicas_in_sync
+
+    one, n1 = train(tf.distribute.OneDeviceStrategy("/cpu:0"))
+    two, n2 = train(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+    change = max(float(np.abs(a - b).max()) for a, b in zip(one, init))
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(one, two))
+    print(json.dumps({"replicas": [n1, n2], "diff": diff, "change": change}))
+""")
+
+
+def test_mirrored_strategy_matches_one_device():
+    out = subprocess.run([sys.executable, "-c", _MIRRORED], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["replicas"] == [1, 2]
+    assert result["change"] > 1e-3, "training did not move the weights"
+    assert result["diff"] < 1e-4, f"2 replicas vs 1 device: max weight difference {result}"
+
+
+def test_config_mismatch_is_refused_unless_overwrite(tmp_path):
+    config = _tiny_config(tmp_path / "run")
+    training._prepare_model_dir(config, overwrite=False)
+    other = _tiny_config(tmp_path / "run", activation="relu", eps=4 / 255)
+    with pytest.raises(training.ConfigMismatchError, match="activation: 'sparta' in model_dir"):
+        training._prepare_model_dir(other, overwrite=False)
+    # More epochs is the same experiment, continued.
+    assert training._prepare_model_dir(_tiny_config(tmp_path / "run", epochs=3), False)
+    assert not training._prepare_model_dir(other, overwrite=True)
+
+
+def test_run_resumes_with_more_epochs(tmp_path):
+    first = training.run(_tiny_config(tmp_path / "run", epochs=1), verbose=0)
+    assert set(first) >= {"clean_acc", "pgd2_acc"}
+    rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["epoch"] for r in rows] == [1]
+    training.run(_tiny_config(tmp_path / "run", epochs=2), verbose=0)
+    rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for name in ("config.json", "results.json", "model.keras", "logs", "checkpoints"):
+        assert os.path.exists(tmp_path / "run" / name), name
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    config = _tiny_config(tmp_path / "run", lr=1e30, weight_decay=0.0, checkpoint_every=1,
+                          objective="standard")
+    with pytest.raises(training.NonFiniteLossError, match="last good checkpoint"):
+        training.run(config, verbose=0)
+    manager_dir = tmp_path / "run" / "checkpoints"
+    latest = tf.train.latest_checkpoint(str(manager_dir))
+    reader = tf.train.load_checkpoint(latest) if latest else None
+    if reader is not None:  # whatever was saved holds finite weights only
+        for name in reader.get_variable_to_shape_map():
+            value = reader.get_tensor(name)
+            if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+                assert np.isfinite(value).all(), name
+    assert not os.path.exists(tmp_path / "run" / "results.json")
+
+
+def _train_cmd(model_dir):
+    return [sys.executable, "-m", "trainers.train", f"--model_dir={model_dir}",
+            "--max_train=320", "--max_test=20", "--width_multiplier=0.0625", "--epochs=3",
+            "--batch_size=16", "--pgd_steps=1", "--eval_pgd_steps=1", "--checkpoint_every=3"]
+
+
+def _final_weights(model_dir):
+    return keras.models.load_model(os.path.join(model_dir, "model.keras")).get_weights()
+
+
+def test_kill_9_mid_epoch_resumes_to_the_same_weights(tmp_path):
+    """A run killed with SIGKILL and rerun ends with the weights of an uninterrupted run."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    straight = subprocess.run(_train_cmd(tmp_path / "a"), cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    killed_dir = tmp_path / "b"
+    proc = subprocess.Popen(_train_cmd(killed_dir), cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    index = killed_dir / "checkpoints" / "checkpoint"
+    deadline = time.time() + 300
+    while not index.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed_dir / "results.json").exists(), "the run ended before it was killed"
+
+    resumed = subprocess.run(_train_cmd(killed_dir), cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming" in resumed.stdout
+    for a, b in zip(_final_weights(tmp_path / "a"), _final_weights(killed_dir)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)

@@ -1,0 +1,69 @@
+"""Evaluate the robustness of a trained model and check it for gradient masking.
+
+    sparta-evaluate --model_path=runs/default          # a model_dir of sparta-train
+    sparta-evaluate --model_path=model.keras --dataset=cifar10 --eps=8/255 --max_test=1000
+
+Clean, FGSM, PGD (CE and CW losses, with restarts), Square and AutoAttack accuracy at
+--eps, and the sanity checks of Carlini et al. (2019). Writes eval.json and eval.md to
+--output_dir and prints the Markdown. For a model_dir, the data flags and --eps not given
+on the command line come from its config.json.
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+from flags import core
+from sparta_tf import data, evaluation
+
+FLAGS = core.FLAGS
+core.define_evaluation()
+flags.mark_flag_as_required("model_path")
+# Taken from a model_dir's config.json where not given on the command line.
+FROM_CONFIG = ("dataset", "data_dir", "max_test", "seed", "eps")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    path = FLAGS.model_path
+    config = os.path.join(path, "config.json")
+    if os.path.isfile(config):
+        with open(config) as f:
+            trained = json.load(f)
+        for name in FROM_CONFIG:
+            if not FLAGS[name].present and name in trained:
+                FLAGS[name].value = trained[name]
+    try:
+        model = evaluation.load_model(path)
+        ds = data.load(FLAGS.dataset, FLAGS.data_dir, max_train=1,  # only the test split is used
+                       max_test=FLAGS.max_test, seed=FLAGS.seed)
+    except (FileNotFoundError, ValueError, data.DatasetUnavailableError) as e:
+        sys.exit(f"error: {e}")
+    report = evaluation.robustness_report(
+        model, ds.x_test, ds.y_test, FLAGS.eps, steps=[int(s) for s in FLAGS.eval_steps],
+        restarts=FLAGS.pgd_restarts, run_autoattack=FLAGS.autoattack,
+        autoattack_iterations=FLAGS.autoattack_iterations, square_queries=FLAGS.square_queries,
+        batch_size=FLAGS.eval_batch_size, seed=FLAGS.seed)
+    report.update(model=path, dataset=FLAGS.dataset)
+    markdown = evaluation.to_markdown(report)
+    output_dir = FLAGS.output_dir or (
+        path if os.path.isfile(os.path.join(path, "model.keras"))
+        else os.path.dirname(os.path.abspath(path)))
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "eval.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(output_dir, "eval.md"), "w") as f:
+        f.write(markdown)
+    print(markdown)
+    print(f"Wrote eval.json and eval.md to {output_dir}")
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,42 @@
+"""Adversarially train a network, evaluate it and export it.
+
+    sparta-train                                   # quick: bundled data, minutes on a CPU
+    sparta-train --config=paper --model_dir=runs/paper   # the paper's recipe (GPU)
+
+Rerunning the same command resumes from --model_dir.
+"""
+
+import os
+import sys
+import time
+
+from absl import app
+
+from flags import core
+from sparta_tf import data, export, training
+
+core.define_training()
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    config = core.train_config()
+    start = time.perf_counter()
+    try:
+        results = training.run(config, overwrite=core.FLAGS.overwrite)
+    except (training.ConfigMismatchError, training.NonFiniteLossError,
+            data.DatasetUnavailableError, data.BadDataError) as e:
+        sys.exit(f"error: {e}")
+    export_dir = export.export(os.path.join(config.model_dir, "model.keras"),
+                               os.path.join(config.model_dir, "export"))
+    minutes = (time.perf_counter() - start) / 60
+    print(training.summary(config, results, minutes, export_dir))
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
