@@ -57,9 +57,9 @@ def accuracy(model, x, y, attack=None, batch_size=256, progress=None):
     hits = 0
     with tqdm(total=len(x), desc=progress, unit="img", disable=progress is None) as bar:
         for i in range(0, len(x), batch_size):
-            hits += int(correct(tf.constant(x[i:i + batch_size]),
-                                tf.constant(y[i:i + batch_size])))
-            bar.update(len(x[i:i + batch_size]))
+            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            hits += int(correct(tf.constant(xb), tf.constant(yb)))
+            bar.update(len(xb))
     return hits / len(x)
 
 

@@ -126,11 +126,12 @@ class AdversarialModel(keras.Model):
                     loss = tf.reduce_mean(
                         tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)
                         + self.trades_beta * _kl(logits, adv_logits))
+            total = loss
             if self.weight_decay:
-                loss += self.weight_decay / 2 * tf.add_n(
+                total += self.weight_decay / 2 * tf.add_n(
                     [tf.reduce_sum(tf.square(v)) for v in self.decayed])
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
-            scaled = self.optimizer.scale_loss(loss / replicas)
+            scaled = self.optimizer.scale_loss(total / replicas)
         variables = self.model.trainable_variables
         self.optimizer.apply(tape.gradient(scaled, variables), variables)
         self.loss_tracker.update_state(loss)
@@ -258,17 +259,31 @@ class _Checkpointer(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self.start, self.seen = time.perf_counter(), 0
 
+    def throughput(self):
+        return self.seen / max(time.perf_counter() - self.start, 1e-9)
+
     def on_train_batch_end(self, batch, logs=None):
         step = self.skipped + batch + 1
         self.seen += self.batch_size
         if logs is not None:
-            logs["img/s"] = self.seen / (time.perf_counter() - self.start)
+            logs["img/s"] = self.throughput()  # shown by the progress bar
         if logs and not math.isfinite(float(logs["loss"])):
             self.bad_step = step
             self.model.stop_training = True
         elif self.every and step % self.every == 0:
             self.position.assign([self.epoch, step])
             self.manager.save()
+
+
+def _log_epoch(model_dir, writer, row):
+    """Appends `row` to model_dir/metrics.jsonl and writes it to TensorBoard."""
+    with open(os.path.join(model_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+    with writer.as_default(step=row["epoch"]):
+        for name, value in row.items():
+            if name != "epoch":
+                tf.summary.scalar(name, value)
+    writer.flush()
 
 
 def run(config, overwrite=False, verbose="auto"):
@@ -295,15 +310,15 @@ def run(config, overwrite=False, verbose="auto"):
     epoch, skip = (int(v) for v in position.numpy())
     if epoch or skip:
         print(f"Resuming {config.model_dir} at epoch {epoch + 1}, step {skip} of {steps}.")
-    history_path = os.path.join(config.model_dir, "metrics.jsonl")
-    callbacks = [keras.callbacks.TensorBoard(os.path.join(config.model_dir, "logs"))]
+    writer = tf.summary.create_file_writer(os.path.join(config.model_dir, "logs"))
     for epoch in range(epoch, config.epochs):
+        print(f"Epoch {epoch + 1}/{config.epochs}")
         checkpointer = _Checkpointer(manager, position, epoch, skip, config.checkpoint_every,
                                      config.batch_size)
         train = data.train_dataset(ds.x_train, ds.y_train, config.batch_size, config.seed,
                                    epoch, skip_batches=skip)
-        history = model.fit(train, initial_epoch=epoch, epochs=epoch + 1, verbose=verbose,
-                            callbacks=[checkpointer] + callbacks)
+        history = model.fit(train, epochs=1, verbose=verbose, callbacks=[checkpointer],
+                            shuffle=False)
         if checkpointer.bad_step is not None:
             raise NonFiniteLossError(
                 f"The loss became {history.history['loss'][-1]} at epoch {epoch + 1}, step "
@@ -312,11 +327,10 @@ def run(config, overwrite=False, verbose="auto"):
         skip = 0
         position.assign([epoch + 1, 0])
         manager.save()
-        row = {"epoch": epoch + 1, "lr": float(keras.ops.convert_to_numpy(
-            model.optimizer.learning_rate)),
+        lr = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+        row = {"epoch": epoch + 1, "lr": lr, "img/s": checkpointer.throughput(),
                **{k: float(v[-1]) for k, v in history.history.items()}}
-        with open(history_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        _log_epoch(config.model_dir, writer, row)
     return finish(config, model.model, ds)
 
 

@@ -143,6 +143,8 @@ def test_masking_checks_pass_on_a_normal_model_and_catch_a_masked_one():
     # ... but the black-box Square breaks it, and so AutoAttack does too ...
     assert fake["accuracy"]["square"] < fake["accuracy"]["pgd20_ce"] - 0.15
     assert fake["accuracy"]["autoattack"] <= fake["accuracy"]["square"]
+    # (Square sees only predictions, which the mask leaves as they are.)
+    assert fake["accuracy"]["square"] == good["accuracy"]["square"]
     # ... and PGD at eps 0.5 leaves much standing: two checks catch it.
     assert dict(map(tuple, fake["eps_sweep"]))[0.5] > 0.3
     assert not checks["masked"]["black_box_weaker"]

@@ -1,0 +1,85 @@
+"""End-to-end tests of trainers/evaluate.py, run as `python -m trainers.evaluate`.
+
+A tiny Sparta CNN for the bundled CIFAR-10 sample (32x32x3), saved into a model_dir
+with a config.json as training writes one, and a few small attacks keep it fast.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import pytest
+
+from sparta_tf import layers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--eval_steps=2,4", "--pgd_restarts=2", "--autoattack_iterations=2",
+         "--square_queries=10", "--eval_batch_size=16"]
+
+
+def _evaluate(*args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable, "-m", "trainers.evaluate", *args], cwd=ROOT,
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("run")
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3))
+    h = layers.Sparta()(keras.layers.Conv2D(8, 3, strides=2, padding="same")(inputs))
+    h = layers.Sparta()(keras.layers.Conv2D(8, 3, strides=2, padding="same")(h))
+    logits = keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(h))
+    keras.Model(inputs, logits).save(path / "model.keras")
+    # As training writes it; evaluate takes the data flags and eps from it.
+    (path / "config.json").write_text(json.dumps(
+        {"dataset": "bundled", "max_test": 20, "seed": 1, "eps": 4 / 255, "model": "resnet18"}))
+    return path
+
+
+def test_evaluates_a_model_dir(model_dir):
+    out = _evaluate(f"--model_path={model_dir}", *SMALL)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((model_dir / "eval.json").read_text())
+    markdown = (model_dir / "eval.md").read_text()
+    assert markdown in out.stdout
+    assert report["model"] == str(model_dir) and report["dataset"] == "bundled"
+    assert report["examples"] == 20 and report["eps"] == pytest.approx(4 / 255)
+    assert report["settings"]["steps"] == [2, 4] and report["settings"]["restarts"] == 2
+    acc = report["accuracy"]
+    assert list(acc) == ["clean", "fgsm", "pgd2_ce", "pgd2_cw", "pgd4_ce", "pgd4_cw",
+                         "square", "autoattack"]
+    assert all(0 <= v <= acc["clean"] for v in acc.values())
+    assert acc["clean"] > 0
+    assert report["eps_sweep"][-1] == [0.5, 0.0]   # PGD at eps 0.5 breaks every example
+    assert [e for e, _ in report["eps_sweep"]] == pytest.approx(
+        [1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255, 0.5])
+    assert {c["name"] for c in report["checks"]} == {
+        "eps_monotone", "steps_monotone_ce", "steps_monotone_cw", "large_eps",
+        "black_box_weaker", "restarts"}
+    assert "| clean |" in markdown and "Gradient-masking checks" in markdown
+
+
+def test_flags_override_the_config_and_output_dir(model_dir, tmp_path):
+    out = _evaluate(f"--model_path={model_dir / 'model.keras'}", f"--output_dir={tmp_path}",
+                    "--max_test=10", "--eps=2/255", "--noautoattack", *SMALL)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["examples"] == 10 and report["eps"] == pytest.approx(2 / 255)
+    assert "autoattack" not in report["accuracy"] and "square" in report["accuracy"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model_path=/no/such/model"], "error: No model at '/no/such/model'"),
+    (["--model_path=x.keras", "--eps=-1"], "flag --eps=-1"),
+    (["--model_path=x.keras", "--eps=0"], "must be > 0"),
+    ([], "--model_path must have a value"),
+])
+def test_bad_input_is_an_error_without_traceback(args, message):
+    out = _evaluate(*args)
+    assert out.returncode != 0
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
