@@ -1,0 +1,51 @@
+"""Tests of trainers/train.py and flags/core.py, run as a user runs them."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--max_train=256", "--max_test=20", "--width_multiplier=0.0625", "--epochs=1"]
+
+
+def _train(*args):
+    return subprocess.run([sys.executable, "-m", "trainers.train", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("flag,needle", [
+    ("--eps=-1", "--eps"), ("--eps=8/0", "--eps"), ("--activation=tanhh", "--activation"),
+    ("--model=vgg", "--model"), ("--dataset=no_such_data", "--dataset"),
+    ("--pgd_steps=-2", "--pgd_steps"), ("--objective=fgsm", "--objective")])
+def test_bad_flag_is_a_usage_error_without_traceback(flag, needle):
+    out = _train(flag, "--model_dir=/nonexistent/never_written")
+    assert out.returncode != 0
+    assert needle in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+def test_paper_preset_on_tiny_data_and_overrides(tmp_path):
+    out = _train("--config=paper", "--dataset=bundled", *TINY, "--eval_pgd_steps=1",
+                 f"--model_dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    config = json.load(open(tmp_path / "config.json"))
+    # From the preset:
+    assert config["pgd_steps"] == 10 and config["lr_decay_epochs"] == [100.0, 105.0]
+    assert abs(config["pgd_step_size"] - 2 / 255) < 1e-12 and config["batch_size"] == 128
+    assert abs(config["eps"] - 8 / 255) < 1e-12 and config["weight_decay"] == 5e-4
+    # From the command line, over the preset:
+    assert config["dataset"] == "bundled" and config["epochs"] == 1
+    assert config["width_multiplier"] == 0.0625
+    assert os.path.exists(tmp_path / "export" / "1" / "saved_model.pb")
+    assert "pgd1" in out.stdout and "exported" in out.stdout
+
+
+def test_other_configuration_in_model_dir_is_refused(tmp_path):
+    first = _train(*TINY, "--objective=standard", "--eval_pgd_steps=1", f"--model_dir={tmp_path}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = _train(*TINY, "--objective=pgd", f"--model_dir={tmp_path}")
+    assert second.returncode != 0
+    assert "objective: 'standard' in model_dir, 'pgd' now" in second.stderr
+    assert "Traceback" not in second.stderr
