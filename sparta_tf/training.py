@@ -291,11 +291,11 @@ def run(config, overwrite=False, verbose="auto"):
 
     Returns a dict of results, also written to model_dir/results.json.
     """
+    ds = data.load(config.dataset, config.data_dir, config.max_train, config.max_test,
+                   seed=config.seed)
     resume = _prepare_model_dir(config, overwrite)
     keras.utils.set_random_seed(config.seed)
     keras.config.set_dtype_policy(config.mixed_precision)
-    ds = data.load(config.dataset, config.data_dir, config.max_train, config.max_test,
-                   seed=config.seed)
     steps = data.steps_per_epoch(len(ds.x_train), config.batch_size)
     strategy = tf.distribute.MirroredStrategy()
     with strategy.scope():

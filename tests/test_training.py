@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from sparta_tf import attacks, models, training
+from sparta_tf import attacks, layers, models, training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,7 +56,7 @@ _MIRRORED = textwrap.dedent("""
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras
-    from sparta_tf import attacks, models, training
+    from sparta_tf import attacks, layers, models, training
 
     rng = np.random.default_rng(0)
     x = rng.uniform(size=(32, 16, 16, 3)).astype("float32")
@@ -170,3 +170,16 @@ def test_kill_9_mid_epoch_resumes_to_the_same_weights(tmp_path):
     assert "Resuming" in resumed.stdout
     for a, b in zip(_final_weights(tmp_path / "a"), _final_weights(killed_dir)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_jit_compiled_train_step():
+    inputs = keras.Input((8, 8, 3))
+    h = keras.layers.Conv2D(4, 3, padding="same")(inputs)
+    h = keras.layers.BatchNormalization(synchronized=True)(h)
+    h = keras.layers.GlobalAveragePooling2D()(layers.Sparta()(h))
+    net = keras.Model(inputs, keras.layers.Dense(3)(h))
+    model = training.AdversarialModel(net, "pgd", attacks.PGD(8 / 255, 2))
+    model.compile(keras.optimizers.SGD(0.1), jit_compile=True)
+    x = np.random.default_rng(0).uniform(size=(8, 8, 8, 3)).astype("float32")
+    history = model.fit(x, np.arange(8) % 3, batch_size=4, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
