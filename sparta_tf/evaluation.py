@@ -74,9 +74,7 @@ def load_model(path):
 
     Returns: a Keras model, or for a SavedModel a `keras.layers.TFSMLayer` of
         its `serve` endpoint: both are called as `model(x, training=False)`
-        and are differentiable with respect to `x`. Differentiate a SavedModel
-        inside a `tf.function`, as `accuracy` and the attacks do: run eagerly,
-        its backward pass can crash TF 2.21 on the CPU (see `_compiled`).
+        and are differentiable with respect to `x`.
 
     Raises:
         FileNotFoundError: if `path` holds none of these.
@@ -101,10 +99,11 @@ def load_model(path):
 def _compiled(model):
     """`model` as one graph call whose input gradient is computed in a graph too.
 
-    ART differentiates the model eagerly. Compiled, the forward and backward passes
-    are faster, and they avoid a crash (heap corruption) of TF 2.21's oneDNN CPU
-    kernels when the backward pass of a loaded SavedModel runs eagerly at a new
-    batch size.
+    ART differentiates the model eagerly, on ever smaller subsets of the examples.
+    Compiled, the forward and backward passes are faster, and they avoid a crash:
+    run eagerly at a new batch size, the backward pass of a ResNet (a Keras model
+    or a loaded SavedModel) corrupts the heap of TF 2.21's oneDNN CPU kernels in
+    about half the runs (not with TF_ENABLE_ONEDNN_OPTS=0).
     """
     forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
 
