@@ -1,0 +1,84 @@
+"""The flags of trainers/compare.py: every training flag of `core`, and the grid.
+
+The training flags (including `--config` presets) describe the recipe that every
+cell of the comparison shares. `--model_dir` is the comparison's root (default
+`runs/compare`): it holds one model_dir per cell, `{objective}/{activation}/seed{seed}`,
+and the reports. `--activation`, `--seed` and `--objective` are set per cell, so
+giving them is an error that points to `--activations`, `--seeds` and `--objectives`.
+`--eval_pgd_steps` is the PGD of the table (PGD-20 by default).
+"""
+
+from absl import flags
+
+from flags import core
+from sparta_tf import activations, compare, training
+
+FLAGS = flags.FLAGS
+_ACTIVATIONS = activations.NAMES + ("swish",)
+_PER_CELL = {"activation": "activations", "seed": "seeds", "objective": "objectives"}
+
+
+def _distinct_in(valid):
+    """A validator: a non-empty list of distinct values out of `valid`."""
+    return lambda values: bool(values) and len(set(values)) == len(values) and all(
+        v in valid for v in values)
+
+
+def _seeds(values):
+    return bool(values) and len(set(values)) == len(values) and all(
+        v.isdigit() for v in values)
+
+
+def _pixel_list(values):
+    try:
+        [core.PixelParser().parse(v) for v in values]
+    except ValueError:
+        return False
+    return True
+
+
+def define_compare():
+    """Defines the training flags of `core` and the flags of the comparison."""
+    core.define_training()
+    FLAGS.set_default("model_dir", "runs/compare")
+    for name, plural in _PER_CELL.items():
+        flags.register_validator(
+            name, lambda _, name=name: not FLAGS[name].present,
+            message=f"is set per cell in a comparison; use --{plural}")
+    flags.register_validator("eps", lambda eps: eps > 0, message="must be > 0 to evaluate")
+    flags.DEFINE_list("activations", list(activations.NAMES), "Activations to compare.")
+    flags.register_validator(
+        "activations", _distinct_in(_ACTIVATIONS),
+        message=f"must be a comma-separated list of distinct activations out of: "
+                f"{', '.join(_ACTIVATIONS)}")
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds of every activation.")
+    flags.register_validator("seeds", _seeds,
+                             message="must be a comma-separated list of distinct ints >= 0")
+    flags.DEFINE_list("objectives", ["pgd", "standard"], "Training objectives to compare.")
+    flags.register_validator(
+        "objectives", _distinct_in(training.OBJECTIVES),
+        message=f"must be a comma-separated list of distinct objectives out of: "
+                f"{', '.join(training.OBJECTIVES)}")
+    flags.DEFINE_bool("autoattack", True,
+                      "Also evaluate every cell with AutoAttack (APGD-CE, APGD-T, Square).")
+    flags.DEFINE_bool("plots", True,
+                      "Write the PNGs: robust accuracy against eps, Sparta's attention "
+                      "maps, the activation change of ReLU against Sparta.")
+    flags.DEFINE_list("eps_curve", ["0", "2/255", "4/255", "8/255", "16/255"],
+                      "Pixel budgets of the robust accuracy against eps curve (empty: none).")
+    flags.register_validator(
+        "eps_curve", _pixel_list,
+        message="must be a comma-separated list of pixel budgets in [0, 1] "
+                "(floats or fractions like 8/255)")
+
+
+def grid():
+    """The keyword arguments of `compare.run_grid` that the parsed flags give, but `base`."""
+    return dict(
+        activations=list(dict.fromkeys(activations.canonical_name(a)
+                                       for a in FLAGS.activations)),
+        seeds=[int(s) for s in FLAGS.seeds], objectives=FLAGS.objectives,
+        root=FLAGS.model_dir, make_plots=FLAGS.plots, overwrite=FLAGS.overwrite,
+        settings=compare.EvalSettings(
+            eps=FLAGS.eps, pgd_steps=FLAGS.eval_pgd_steps, autoattack=FLAGS.autoattack,
+            eps_curve=tuple(core.PixelParser().parse(e) for e in FLAGS.eps_curve)))

@@ -1,0 +1,287 @@
+"""The comparison of activations: one training run per objective, activation and seed.
+
+`run_grid(base, activations, seeds)` trains every cell of the grid with
+`training.run` into `root/{objective}/{activation}/seed{seed}` (a `TrainConfig`
+that differs from `base` only there), evaluates it on the same test images
+(clean, PGD and optionally AutoAttack accuracy, and a robust accuracy against
+eps curve), and writes `comparison.json`, `comparison.md` (`table`) and, with
+`make_plots=True`, the pictures of `sparta_tf.plots` into `root`.
+
+Every cell resumes: `training.run` continues a killed run from its checkpoints,
+and a cell's evaluation is kept in its model_dir (`compare_eval.json`), so a
+rerun of the same grid skips finished cells without loading their models. The
+grid runs seed by seed, so the first seed's table of every activation is done
+first.
+
+This module imports no absl.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from sparta_tf import attacks, data, evaluation, plots, training
+
+EVAL_FILE = "compare_eval.json"
+METRICS = ("clean", "pgd", "autoattack")
+PLOT_EXAMPLES = 256  # test images for the activation-change plot
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """How every cell is evaluated.
+
+    Args:
+        eps: the L-inf budget of PGD and AutoAttack, in pixels.
+        pgd_steps: the steps of the PGD (step size 2.5 * eps / steps, one
+            random start).
+        autoattack: also run `evaluation.autoattack` (APGD-CE, APGD-T, Square).
+        autoattack_iterations, square_queries: its sizes (100 and 5000 are
+            standard AutoAttack's).
+        eps_curve: the budgets of the robust accuracy against eps curve (PGD
+            with `pgd_steps` steps at each); empty for none.
+        batch_size: examples per batch.
+        seed: the seed of the class-balanced test sample and of PGD's noise.
+    """
+
+    eps: float = 8 / 255
+    pgd_steps: int = 20
+    autoattack: bool = True
+    autoattack_iterations: int = 100
+    square_queries: int = 5000
+    eps_curve: tuple = ()
+    batch_size: int = 256
+    seed: int = 0
+
+
+def _pgd(eps, settings):
+    """PGD at `eps` seeded by `settings.seed`: a callable `attack(model, x, y) -> x_adv`."""
+    return functools.partial(attacks.PGD(eps, settings.pgd_steps),
+                             seed=tf.constant([settings.seed, 0], tf.int64))
+
+
+def evaluate(model, x, y, settings, verbose=False):
+    """Accuracies of `model` on (x, y): clean, PGD, AutoAttack (or None), eps curve."""
+    def acc(attack=None, label=None):
+        return evaluation.accuracy(model, x, y, attack, settings.batch_size,
+                                   label if verbose else None)
+
+    results = {"clean": acc(label="clean"),
+               "pgd": acc(_pgd(settings.eps, settings), f"PGD-{settings.pgd_steps}"),
+               "autoattack": None}
+    if settings.autoattack:
+        results["autoattack"] = evaluation.autoattack(
+            model, x, y, settings.eps, settings.batch_size,
+            iterations=settings.autoattack_iterations, queries=settings.square_queries,
+            verbose=verbose)["accuracy"]
+    results["eps_curve"] = [[eps, acc(_pgd(eps, settings), f"PGD at eps {eps:.4g}")]
+                            for eps in settings.eps_curve]
+    return results
+
+
+def cell_config(base, root, objective, activation, seed):
+    """The `TrainConfig` of one cell: `base` with its model_dir, activation, seed, objective.
+
+    Activations other than sparta get `sparta_sharing="layer"` (the only kind
+    `models.build` allows them).
+    """
+    sharing = base.sparta_sharing if activation == "sparta" else "layer"
+    return dataclasses.replace(
+        base, model_dir=os.path.join(root, objective, activation, f"seed{seed}"),
+        activation=activation, seed=seed, objective=objective, sparta_sharing=sharing)
+
+
+def _key(config, settings):
+    """What a cell's stored evaluation must match to be reused (JSON-normalised)."""
+    train = {k: v for k, v in config.to_json().items() if k != "model_dir"}
+    return json.loads(json.dumps({"config": train, "settings": dataclasses.asdict(settings)}))
+
+
+def run_cell(config, x, y, settings, overwrite=False, verbose="auto"):
+    """Trains (or resumes) one cell and evaluates it, unless its evaluation is stored.
+
+    Returns the evaluation (see `evaluate`), also kept in model_dir/compare_eval.json
+    with the config and settings it belongs to.
+    """
+    path = os.path.join(config.model_dir, EVAL_FILE)
+    key = _key(config, settings)
+    if not overwrite and os.path.isfile(path):
+        with open(path) as f:
+            stored = json.load(f)
+        if {k: stored.get(k) for k in key} == key:
+            return stored["results"]
+    training.run(config, overwrite=overwrite, verbose=verbose)
+    model = evaluation.load_model(config.model_dir)
+    results = evaluate(model, x, y, settings, verbose=verbose != 0)
+    with open(path, "w") as f:
+        json.dump({**key, "results": results}, f, indent=2)
+    return results
+
+
+def _stats(values):
+    """Mean, sample std (None for one value) and n; all None for no values."""
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    return {"mean": float(np.mean(values)), "std": std, "n": len(values)}
+
+
+def summarize(cells):
+    """Per objective and activation (in grid order): the stats of each metric over seeds.
+
+    The eps curve is averaged over seeds, eps by eps.
+    """
+    groups = {}
+    for cell in cells:
+        groups.setdefault((cell["objective"], cell["activation"]), []).append(cell)
+    rows = []
+    for (objective, activation), group in groups.items():
+        row = {"objective": objective, "activation": activation,
+               "seeds": [c["seed"] for c in group]}
+        for metric in METRICS:
+            row[metric] = _stats([c[metric] for c in group if c[metric] is not None])
+        curves = np.array([c["eps_curve"] for c in group], np.float64)  # [seed, eps, 2]
+        row["eps_curve"] = curves.mean(axis=0).tolist() if curves.size else []
+        rows.append(row)
+    return rows
+
+
+def _percent(stats):
+    if stats["mean"] is None:
+        return "-"
+    if stats["std"] is None:
+        return f"{100 * stats['mean']:.1f}"
+    return f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f}"
+
+
+def _eps_text(eps):
+    n = eps * 255
+    return f"{round(n)}/255" if abs(n - round(n)) < 1e-6 else f"{eps:.4g}"
+
+
+def table(results):
+    """The comparison as Markdown: one table per objective, a row per activation.
+
+    Columns: clean, PGD and AutoAttack test accuracy in %, as mean ± sample std
+    over the seeds (just the mean for one seed; "-" where not run), and n, the
+    number of seeds.
+    """
+    s = results["settings"]
+    train = results["train"]
+    lines = [f"# Activations compared: {train['model']} x{train['width_multiplier']} on "
+             f"{train['dataset']}, {train['epochs']} epoch{'s' * (train['epochs'] != 1)}", "",
+             f"Test accuracy (%) on {results['test_examples']} test images at L-inf eps "
+             f"{_eps_text(s['eps'])}: PGD-{s['pgd_steps']} (step 2.5 eps / {s['pgd_steps']}, "
+             "1 random start)"
+             + (" and AutoAttack (APGD-CE, APGD-T, Square; `sparta_tf.evaluation.autoattack`)."
+                if s["autoattack"] else "; AutoAttack not run.")
+             + " Mean ± sample std over n seeds.", ""]
+    for objective in dict.fromkeys(r["objective"] for r in results["summary"]):
+        title = {"standard": "Standard training",
+                 "pgd": f"PGD-{train['pgd_steps']} adversarial training",
+                 "trades": f"TRADES (beta {train['trades_beta']}, PGD-{train['pgd_steps']})",
+                 }[objective]
+        lines += [f"## {title}", "",
+                  f"| activation | clean | PGD-{s['pgd_steps']} | AutoAttack | n |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {r['activation']} | {_percent(r['clean'])} | {_percent(r['pgd'])} | "
+                  f"{_percent(r['autoattack'])} | {len(r['seeds'])} |"
+                  for r in results["summary"] if r["objective"] == objective]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _pictures(results, x, y, root, settings):
+    """The plots of `sparta_tf.plots`.
+
+    The eps curves are per objective (mean over seeds). The attention maps
+    (sparta) and the activation change (relu against sparta) use the models of
+    the first seed, adversarially trained where the grid has `pgd`, each
+    attacked by its own PGD at eps.
+
+    Returns: the paths written, and the values of the activation change plot
+        (`{activation: {place: relative change}}`, or None without it).
+    """
+    paths = []
+    for objective in dict.fromkeys(r["objective"] for r in results["summary"]):
+        curves = {r["activation"]: r["eps_curve"] for r in results["summary"]
+                  if r["objective"] == objective and r["eps_curve"]}
+        if curves:
+            paths.append(plots.robust_accuracy_vs_eps(
+                curves, os.path.join(root, f"eps_curve_{objective}.png"),
+                title=f"{objective} training: PGD-{settings.pgd_steps} accuracy"))
+    objectives = [c["objective"] for c in results["cells"]]
+    objective = "pgd" if "pgd" in objectives else objectives[0]
+    first = {c["activation"]: c for c in results["cells"]
+             if c["objective"] == objective and c["seed"] == results["cells"][0]["seed"]}
+    if "sparta" not in first:
+        return paths, None
+    x = x[:PLOT_EXAMPLES] / np.float32(255)
+    pgd = _pgd(settings.eps, settings)
+    wanted = [a for a in ("relu", "sparta") if a in first]
+    loaded = {a: evaluation.load_model(first[a]["model_dir"]) for a in wanted}
+    x_adv = {a: pgd(m, tf.constant(x), tf.constant(y[:PLOT_EXAMPLES])).numpy()
+             for a, m in loaded.items()}
+    paths.append(plots.attention_maps(loaded["sparta"], x[:1], x_adv["sparta"][:1],
+                                      os.path.join(root, "attention_maps.png")))
+    change = None
+    if "relu" in loaded:
+        paths.append(os.path.join(root, "activation_change.png"))
+        change = plots.activation_change(loaded, x, x_adv, paths[-1])
+    return paths, change
+
+
+def run_grid(base, activations, seeds, objectives=("pgd", "standard"), root="runs/compare",
+             settings=EvalSettings(), make_plots=True, overwrite=False, verbose="auto"):
+    """Trains and evaluates every cell; writes comparison.json, comparison.md and plots.
+
+    Args:
+        base: the `training.TrainConfig` that every cell starts from (its data,
+            model, recipe; its model_dir, activation, seed and objective are
+            replaced, see `cell_config`).
+        activations: canonical activation names (`activations.NAMES`).
+        seeds: training seeds.
+        objectives: names out of `training.OBJECTIVES`.
+        root: the folder of the cells and of the reports.
+        settings: an `EvalSettings`; the test images are a class-balanced
+            sample of `base.max_test` drawn with `settings.seed`, the same for
+            every cell.
+        make_plots: also write the PNGs of `_pictures`.
+        overwrite: retrain every cell from scratch (its model_dir is deleted).
+        verbose: Keras' verbosity for training; 0 also hides the evaluation's
+            progress bars.
+
+    Returns: a JSON-able dict: `train` (the base config), `settings`,
+        `test_examples`, `cells` (one per run: objective, activation, seed,
+        model_dir and the results of `evaluate`), `summary` (see `summarize`)
+        `plots` (the PNG paths) and `activation_change` (see `_pictures`).
+
+    Raises:
+        what `training.run` and `data.load` raise, e.g.
+        `training.ConfigMismatchError` for a root of another configuration.
+    """
+    ds = data.load(base.dataset, base.data_dir, max_train=1, max_test=base.max_test,
+                   seed=settings.seed)  # only the test split is used
+    cells = []
+    for seed in seeds:
+        for objective in objectives:
+            for activation in activations:
+                config = cell_config(base, root, objective, activation, seed)
+                results = run_cell(config, ds.x_test, ds.y_test, settings, overwrite, verbose)
+                cells.append({"objective": objective, "activation": activation, "seed": seed,
+                              "model_dir": config.model_dir, **results})
+    results = {"train": base.to_json(), "settings": dataclasses.asdict(settings),
+               "test_examples": len(ds.y_test), "cells": cells, "summary": summarize(cells),
+               "plots": [], "activation_change": None}
+    if make_plots:
+        results["plots"], results["activation_change"] = _pictures(
+            results, ds.x_test, ds.y_test, root, settings)
+    with open(os.path.join(root, "comparison.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.join(root, "comparison.md"), "w") as f:
+        f.write(table(results))
+    return results

@@ -1,0 +1,174 @@
+"""Tests of sparta_tf.compare, sparta_tf.plots, flags/compare.py and trainers/compare.py.
+
+One tiny grid (ResNet-18 at width 1/16, 64 training images, 1 epoch of PGD-1 AT
+and of standard training, relu and sparta, one seed, 20 test images) is trained
+once for the module; the rerun and the trainer reuse it, so both must skip it.
+"""
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+from matplotlib import image as mpimg
+
+from sparta_tf import compare, models, plots, training
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(dataset="bundled", max_train=64, max_test=20, width_multiplier=0.0625, epochs=1,
+            batch_size=32, pgd_steps=1, eval_pgd_steps=1, checkpoint_every=0)
+SETTINGS = compare.EvalSettings(pgd_steps=1, autoattack=False, eps_curve=(0.0, 8 / 255))
+GRID = dict(activations=["relu", "sparta"], seeds=[0], objectives=["pgd", "standard"])
+# The same grid as trainer flags.
+FLAGS = [f"--{k}={v}" for k, v in TINY.items()] + [
+    "--activations=relu,sparta", "--seeds=0", "--objectives=pgd,standard",
+    "--eps_curve=0,8/255", "--noautoattack"]
+
+
+def _compare(*args):
+    return subprocess.run([sys.executable, "-m", "trainers.compare", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _mtimes(root):
+    """mtime of every cell's model.keras and compare_eval.json."""
+    return {os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
+            for d, _, files in os.walk(root) for f in files
+            if f in ("model.keras", compare.EVAL_FILE)}
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("compare"))
+    results = compare.run_grid(training.TrainConfig(**TINY), **GRID, root=root,
+                               settings=SETTINGS, verbose=0)
+    return root, results, _mtimes(root)
+
+
+def _tables(markdown):
+    """{objective title: (header cells, {activation: row cells})} of the Markdown."""
+    tables, title = {}, None
+    for line in markdown.splitlines():
+        if line.startswith("## "):
+            title = line[3:]
+        elif line.startswith("|") and "---" not in line:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if cells[0] == "activation":
+                tables[title] = (cells, {})
+            else:
+                tables[title][1][cells[0]] = cells[1:]
+    return tables
+
+
+def _check_png(path):
+    pixels = mpimg.imread(path)
+    assert pixels.shape[0] > 200 and pixels.shape[1] > 300, (path, pixels.shape)
+    assert pixels[..., :3].std() > 0.01, f"{path} is blank"
+
+
+def test_grid_writes_the_table_per_objective(grid):
+    root, results, _ = grid
+    assert len(results["cells"]) == 4
+    assert os.path.isdir(os.path.join(root, "pgd", "sparta", "seed0"))
+    markdown = compare.table(results)
+    assert open(os.path.join(root, "comparison.md")).read() == markdown
+    tables = _tables(markdown)
+    assert list(tables) == ["PGD-1 adversarial training", "Standard training"]
+    for header, rows in tables.values():
+        assert header == ["activation", "clean", "PGD-1", "AutoAttack", "n"]
+        assert list(rows) == ["relu", "sparta"]
+        for clean, pgd, autoattack, n in rows.values():
+            assert 0 <= float(clean) <= 100 and 0 <= float(pgd) <= 100
+            assert autoattack == "-" and n == "1"
+    summary = results["summary"][0]
+    assert summary["eps_curve"][0][1] == summary["clean"]["mean"]  # eps 0 is clean
+
+
+def test_rerun_skips_finished_cells(grid):
+    root, results, mtimes = grid
+    start = time.perf_counter()
+    again = compare.run_grid(training.TrainConfig(**TINY), **GRID, root=root,
+                             settings=SETTINGS, make_plots=False, verbose=0)
+    assert time.perf_counter() - start < 10  # a training run takes longer
+    assert _mtimes(root) == mtimes
+    assert again["summary"] == results["summary"]
+
+
+def test_plots_are_written(grid):
+    root, results, _ = grid
+    names = ["eps_curve_pgd.png", "eps_curve_standard.png", "attention_maps.png",
+             "activation_change.png"]
+    assert [os.path.basename(p) for p in results["plots"]] == names
+    for name in names:
+        _check_png(os.path.join(root, name))
+    change = results["activation_change"]
+    assert list(change) == ["relu", "sparta"]
+    assert list(change["relu"]) == list(change["sparta"])  # the same places
+    assert list(change["relu"])[:2] == ["stem", "s1b0_1"] and len(change["relu"]) == 17
+    assert all(v >= 0 for places in change.values() for v in places.values())
+
+
+def test_plots_of_a_stage_shared_sparta(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = models.build("resnet18", 10, "sparta", 0.0625, sparta_sharing="stage",
+                         input_shape=(16, 16, 3))
+    x = np.random.default_rng(0).uniform(size=(3, 16, 16, 3)).astype(np.float32)
+    x_adv = np.clip(x + 0.03, 0, 1)
+    _check_png(plots.attention_maps(model, x[:1], x_adv[:1], tmp_path / "maps.png"))
+    change = plots.relative_change(model, x, x_adv)
+    assert list(change) == ["s1", "s2", "s3", "s4"]  # one point per shared layer
+
+
+def test_evaluate_with_autoattack():
+    keras.utils.set_random_seed(0)
+    model = models.build("resnet18", 10, "sparta", 0.0625, input_shape=(16, 16, 3))
+    x = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3)).astype(np.uint8)
+    y = np.argmax(model(x / 255.0), axis=1)  # all correct when clean
+    settings = compare.EvalSettings(pgd_steps=2, autoattack_iterations=2, square_queries=5,
+                                    eps_curve=(0.0,))
+    results = compare.evaluate(model, x, y, settings)
+    assert results["clean"] == 1.0 and results["eps_curve"] == [[0.0, 1.0]]
+    assert 0 <= results["autoattack"] <= results["pgd"] + 0.25
+
+
+def test_summary_and_cell_config():
+    cells = [{"objective": "pgd", "activation": "relu", "seed": s, "clean": c, "pgd": p,
+              "autoattack": None, "eps_curve": [[0.0, c]]}
+             for s, c, p in [(0, 0.5, 0.2), (1, 0.7, 0.4)]]
+    (row,) = compare.summarize(cells)
+    assert row["clean"]["mean"] == pytest.approx(0.6) and row["clean"]["n"] == 2
+    assert row["pgd"]["std"] == pytest.approx(np.std([0.2, 0.4], ddof=1))
+    assert row["autoattack"]["mean"] is None and row["eps_curve"] == [[0.0, 0.6]]
+    base = training.TrainConfig(sparta_sharing="stage")
+    relu = compare.cell_config(base, "root", "pgd", "relu", 1)
+    assert relu.model_dir == os.path.join("root", "pgd", "relu", "seed1")
+    assert relu.sparta_sharing == "layer" and relu.seed == 1 and relu.objective == "pgd"
+    assert compare.cell_config(base, "root", "pgd", "sparta", 1).sparta_sharing == "stage"
+
+
+def test_trainer_reuses_the_grid_and_writes_the_reports(grid):
+    root, _, mtimes = grid
+    for name in ["comparison.md", "comparison.json", "attention_maps.png"]:
+        os.remove(os.path.join(root, name))
+    out = _compare(*FLAGS, f"--model_dir={root}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert _mtimes(root) == mtimes  # the flags give the same cells: nothing retrained
+    assert "| sparta |" in out.stdout and "## Standard training" in out.stdout
+    for name in ["comparison.md", "comparison.json"]:
+        assert os.path.getsize(os.path.join(root, name)) > 0
+    _check_png(os.path.join(root, "attention_maps.png"))
+
+
+@pytest.mark.parametrize("flag,needles", [
+    ("--activations=relu,tanh", ["--activations", "tanh", "relu, silu", "sparta"]),
+    ("--seed=1", ["--seed=1", "--seeds"])])
+def test_bad_flag_is_a_usage_error_without_traceback(flag, needles):
+    out = _compare(flag, "--model_dir=/nonexistent/never_written")
+    assert out.returncode != 0
+    assert all(n in out.stderr for n in needles), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert not re.search(r"\bEpoch\b", out.stdout)

@@ -1,0 +1,46 @@
+"""Compare activations: train and evaluate every objective x activation x seed.
+
+    python -m trainers.compare                       # quick preset, whole zoo, 3 seeds
+    python -m trainers.compare --config=paper --model_dir=runs/compare_paper   # GPU
+    python -m trainers.compare --activations=relu,sparta --seeds=0 --objectives=pgd
+
+Every cell is a training run of the same recipe (the flags of sparta-train) in
+--model_dir/{objective}/{activation}/seed{seed}, evaluated on the same test images:
+clean, PGD-{--eval_pgd_steps} and AutoAttack accuracy at --eps. Writes comparison.md
+(the table, also printed), comparison.json and the PNGs to --model_dir. Rerunning the
+same command resumes: finished cells are skipped, a killed one continues.
+"""
+
+import os
+import sys
+
+from absl import app, logging
+
+from flags import compare as compare_flags
+from flags import core
+from sparta_tf import compare, data, training
+
+compare_flags.define_compare()
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # keep TF's INFO lines off the progress output
+    try:
+        results = compare.run_grid(core.train_config(), **compare_flags.grid())
+    except (training.ConfigMismatchError, training.NonFiniteLossError,
+            data.DatasetUnavailableError, data.BadDataError) as e:
+        sys.exit(f"error: {e}")
+    print(compare.table(results))
+    written = ["comparison.md", "comparison.json"]
+    written += [os.path.basename(path) for path in results["plots"]]
+    print(f"Wrote {', '.join(written)} to {core.FLAGS.model_dir}")
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
