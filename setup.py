@@ -23,6 +23,7 @@ setup(
         "numpy",
         "adversarial-robustness-toolbox",
         "matplotlib",
+        "tqdm",
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist"],
@@ -30,5 +31,7 @@ setup(
     },
     entry_points={"console_scripts": [
         "sparta-train = trainers.train:run",
+        "sparta-evaluate = trainers.evaluate:run",
+        "sparta-compare = trainers.compare:run",
     ]},
 )

@@ -59,8 +59,7 @@ def define_compare():
         "objectives", _distinct_in(training.OBJECTIVES),
         message=f"must be a comma-separated list of distinct objectives out of: "
                 f"{', '.join(training.OBJECTIVES)}")
-    flags.DEFINE_bool("autoattack", True,
-                      "Also evaluate every cell with AutoAttack (APGD-CE, APGD-T, Square).")
+    core.define_autoattack()
     flags.DEFINE_bool("plots", True,
                       "Write the PNGs: robust accuracy against eps, Sparta's attention "
                       "maps, the activation change of ReLU against Sparta.")

@@ -144,6 +144,11 @@ def train_config():
     return training.TrainConfig(**values)
 
 
+def define_autoattack():
+    flags.DEFINE_bool("autoattack", True,
+                      "Run AutoAttack (APGD-CE, APGD-T and Square, through ART).")
+
+
 def define_evaluation():
     """The flags of trainers/evaluate.py: data, --eps, the model and the attack sizes.
 
@@ -164,8 +169,7 @@ def define_evaluation():
     flags.register_validator("eval_steps", lambda v: bool(v) and all(
         s.isdigit() and int(s) >= 1 for s in v), message="must be a list of ints >= 1")
     flags.DEFINE_integer("pgd_restarts", 3, "Random restarts of each PGD.", lower_bound=1)
-    flags.DEFINE_bool("autoattack", True,
-                      "Run AutoAttack (APGD-CE, APGD-T, Square; Square runs anyway).")
+    define_autoattack()
     flags.DEFINE_integer("autoattack_iterations", 100, "APGD iterations (100 is standard).",
                          lower_bound=1)
     flags.DEFINE_integer("square_queries", 5000, "Square queries (5000 is standard).",

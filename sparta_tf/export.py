@@ -4,6 +4,8 @@ import os
 
 import keras
 
+from sparta_tf import layers  # noqa: F401  (registers Sparta and FReLU for loading)
+
 
 def export(model, export_dir, version=1):
     """Writes `export_dir/<version>`, a SavedModel with a `serve` signature.
