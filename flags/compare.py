@@ -46,6 +46,8 @@ def define_compare():
             name, lambda _, name=name: not FLAGS[name].present,
             message=f"is set per cell in a comparison; use --{plural}")
     flags.register_validator("eps", lambda eps: eps > 0, message="must be > 0 to evaluate")
+    flags.register_validator("eval_pgd_steps", lambda steps: steps >= 1,
+                             message="must be >= 1: it is the PGD of the table")
     flags.DEFINE_list("activations", list(activations.NAMES), "Activations to compare.")
     flags.register_validator(
         "activations", _distinct_in(_ACTIVATIONS),

@@ -115,7 +115,8 @@ def define_training():
                          "Also checkpoint every N steps (0: only at epoch ends).",
                          lower_bound=0)
     flags.DEFINE_integer("eval_pgd_steps", _D.eval_pgd_steps,
-                         "PGD steps of the evaluation after training.", lower_bound=1)
+                         "PGD steps of the evaluation after training (0: none).",
+                         lower_bound=0)
     flags.register_validator("lr_decay_epochs", _numbers,
                              message="must be a comma-separated list of numbers")
 

@@ -90,9 +90,11 @@ def cell_config(base, root, objective, activation, seed):
     `models.build` allows them).
     """
     sharing = base.sparta_sharing if activation == "sparta" else "layer"
+    # eval_pgd_steps=0: training.run evaluates clean accuracy only; `evaluate` does the rest.
     return dataclasses.replace(
         base, model_dir=os.path.join(root, objective, activation, f"seed{seed}"),
-        activation=activation, seed=seed, objective=objective, sparta_sharing=sharing)
+        activation=activation, seed=seed, objective=objective, sparta_sharing=sharing,
+        eval_pgd_steps=0)
 
 
 def _key(config, settings):

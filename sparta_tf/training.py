@@ -176,7 +176,7 @@ class TrainConfig:
     mixed_precision: str = "float32"
     jit_compile: bool = False
     checkpoint_every: int = 100
-    eval_pgd_steps: int = 20
+    eval_pgd_steps: int = 20  # 0: no PGD evaluation after training
 
     # A model_dir whose config differs in one of these holds another experiment.
     IDENTITY = ("dataset", "max_train", "model", "activation", "width_multiplier",
@@ -339,10 +339,11 @@ def finish(config, net, ds):
     net.save(os.path.join(config.model_dir, "model.keras"))
     x, y = ds.x_test, ds.y_test
     eps = config.eps if config.objective != "standard" else 8 / 255
-    pgd = attacks.PGD(eps, config.eval_pgd_steps, 2.5 * eps / config.eval_pgd_steps)
-    results = {"clean_acc": evaluation.accuracy(net, x, y),
-               f"pgd{config.eval_pgd_steps}_acc": evaluation.accuracy(net, x, y, attack=pgd),
-               "eval_examples": int(len(y)), "train_examples": int(len(ds.x_train)), "eps": eps}
+    results = {"clean_acc": evaluation.accuracy(net, x, y)}
+    if config.eval_pgd_steps:
+        pgd = attacks.PGD(eps, config.eval_pgd_steps)
+        results[f"pgd{config.eval_pgd_steps}_acc"] = evaluation.accuracy(net, x, y, attack=pgd)
+    results.update(eval_examples=int(len(y)), train_examples=int(len(ds.x_train)), eps=eps)
     with open(os.path.join(config.model_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     return results
