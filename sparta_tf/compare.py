@@ -160,11 +160,6 @@ def _percent(stats):
     return f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f}"
 
 
-def _eps_text(eps):
-    n = eps * 255
-    return f"{round(n)}/255" if abs(n - round(n)) < 1e-6 else f"{eps:.4g}"
-
-
 def table(results):
     """The comparison as Markdown: one table per objective, a row per activation.
 
@@ -177,8 +172,8 @@ def table(results):
     lines = [f"# Activations compared: {train['model']} x{train['width_multiplier']} on "
              f"{train['dataset']}, {train['epochs']} epoch{'s' * (train['epochs'] != 1)}", "",
              f"Test accuracy (%) on {results['test_examples']} test images at L-inf eps "
-             f"{_eps_text(s['eps'])}: PGD-{s['pgd_steps']} (step 2.5 eps / {s['pgd_steps']}, "
-             "1 random start)"
+             f"{evaluation.eps_text(s['eps'])}: PGD-{s['pgd_steps']} "
+             f"(step 2.5 eps / {s['pgd_steps']}, 1 random start)"
              + (" and AutoAttack (APGD-CE, APGD-T, Square; `sparta_tf.evaluation.autoattack`)."
                 if s["autoattack"] else "; AutoAttack not run.")
              + " Mean ± sample std over n seeds.", ""]

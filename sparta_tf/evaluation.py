@@ -213,7 +213,7 @@ def _seeded(attack, seed):
     return lambda model, x, y: attack(model, x, y, seed=seed)
 
 
-def _eps_text(eps):
+def eps_text(eps):
     """`8/255` for whole numbers of 1/255, else the float."""
     n = eps * 255
     return f"{round(n)}/255" if abs(n - round(n)) < 1e-6 else f"{eps:.4g}"
@@ -334,14 +334,14 @@ def to_markdown(report):
         for loss in s["losses"]:
             names[f"pgd{n}_{loss}"] = (f"PGD-{n}, {loss.upper()} loss, {s['restarts']} "
                                       f"restart{'s' * (s['restarts'] > 1)}")
-    lines = [f"## Robustness at eps = {_eps_text(report['eps'])} "
+    lines = [f"## Robustness at eps = {eps_text(report['eps'])} "
              f"({report['examples']} examples)", "",
              "| attack | accuracy |", "| --- | ---: |"]
     lines += [f"| {names[k]} | {100 * v:.2f}% |" for k, v in report["accuracy"].items()]
     lines += ["", f"### Accuracy against eps (PGD-{s['steps'][0]}, "
               f"{s['losses'][0].upper()} loss, 1 restart)", "",
               "| eps | accuracy |", "| --- | ---: |"]
-    lines += [f"| {_eps_text(e)} | {100 * a:.2f}% |" for e, a in report["eps_sweep"]]
+    lines += [f"| {eps_text(e)} | {100 * a:.2f}% |" for e, a in report["eps_sweep"]]
     lines += ["", "### Gradient-masking checks (Carlini et al., 2019)", ""]
     lines += [f"- {'pass' if c['passed'] else '**WARNING**'} `{c['name']}`: {c['detail']}"
               for c in report["checks"]]

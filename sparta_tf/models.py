@@ -107,12 +107,16 @@ def _keeps_shape(x, width, stride):
     return stride == 1 and x.shape[-1] == width
 
 
+def _shortcut(x, width, stride, prefix):
+    """The identity where the shape stays, else a strided 1x1 convolution and BN."""
+    if _keeps_shape(x, width, stride):
+        return x
+    return _bn(_conv(x, width, 1, stride, f"{prefix}_shortcut_conv"), f"{prefix}_shortcut_bn")
+
+
 def _basic_block(x, width, stride, act, prefix):
     """`conv3x3-BN-act, conv3x3-BN`, add the shortcut, act (ResNet-18/34)."""
-    shortcut = x
-    if not _keeps_shape(x, width, stride):
-        shortcut = _bn(_conv(x, width, 1, stride, f"{prefix}_shortcut_conv"),
-                       f"{prefix}_shortcut_bn")
+    shortcut = _shortcut(x, width, stride, prefix)
     y = act(_bn(_conv(x, width, 3, stride, f"{prefix}_conv1"), f"{prefix}_bn1"),
             f"{prefix}_1")
     y = _bn(_conv(y, width, 3, 1, f"{prefix}_conv2"), f"{prefix}_bn2")
@@ -123,10 +127,7 @@ def _basic_block(x, width, stride, act, prefix):
 def _bottleneck_block(x, width, stride, act, prefix):
     """`conv1x1-BN-act, conv3x3-BN-act, conv1x1-BN` (4 x width), add, act (ResNet-50)."""
     out_width = 4 * width
-    shortcut = x
-    if not _keeps_shape(x, out_width, stride):
-        shortcut = _bn(_conv(x, out_width, 1, stride, f"{prefix}_shortcut_conv"),
-                       f"{prefix}_shortcut_bn")
+    shortcut = _shortcut(x, out_width, stride, prefix)
     y = act(_bn(_conv(x, width, 1, 1, f"{prefix}_conv1"), f"{prefix}_bn1"),
             f"{prefix}_1")
     y = act(_bn(_conv(y, width, 3, stride, f"{prefix}_conv2"), f"{prefix}_bn2"),
