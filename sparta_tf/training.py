@@ -248,7 +248,7 @@ def build(config, num_classes, input_shape, steps_per_epoch):
 
 
 class _Checkpointer(keras.callbacks.Callback):
-    """Saves every `every` steps, stops on a non-finite loss, adds img/s to the logs."""
+    """Saves every `every` steps, stops on a non-finite loss or weight, adds img/s to logs."""
 
     def __init__(self, manager, position, epoch, skipped, every, batch_size):
         super().__init__()
@@ -268,11 +268,20 @@ class _Checkpointer(keras.callbacks.Callback):
         if logs is not None:
             logs["img/s"] = self.throughput()  # shown by the progress bar
         if logs and not math.isfinite(float(logs["loss"])):
-            self.bad_step = step
+            self.bad_step = f"step {step}"
             self.model.stop_training = True
         elif self.every and step % self.every == 0:
-            self.position.assign([self.epoch, step])
-            self.manager.save()
+            self.save(self.epoch, step)
+
+    def save(self, epoch, step):
+        """Saves at (epoch, step), unless a weight is no longer finite (then stops)."""
+        if not all(np.isfinite(keras.ops.convert_to_numpy(v)).all()
+                   for v in self.model.model.weights):
+            self.bad_step = f"step {step}" if step else "the end of the epoch"
+            self.model.stop_training = True
+            return
+        self.position.assign([epoch, step])
+        self.manager.save()
 
 
 def _log_epoch(model_dir, writer, row):
@@ -319,14 +328,15 @@ def run(config, overwrite=False, verbose="auto"):
                                    epoch, skip_batches=skip)
         history = model.fit(train, epochs=1, verbose=verbose, callbacks=[checkpointer],
                             shuffle=False)
+        if checkpointer.bad_step is None:
+            checkpointer.save(epoch + 1, 0)
         if checkpointer.bad_step is not None:
             raise NonFiniteLossError(
-                f"The loss became {history.history['loss'][-1]} at epoch {epoch + 1}, step "
-                f"{checkpointer.bad_step}. Training stopped; the last good checkpoint "
-                f"({manager.latest_checkpoint}) is kept. Try a lower --lr.")
+                f"The loss or the weights became NaN or Inf in epoch {epoch + 1} (found at "
+                f"{checkpointer.bad_step}; loss {history.history['loss'][-1]}). Training "
+                f"stopped; the last good checkpoint ({manager.latest_checkpoint}) is kept. "
+                "Try a lower --lr.")
         skip = 0
-        position.assign([epoch + 1, 0])
-        manager.save()
         lr = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
         row = {"epoch": epoch + 1, "lr": lr, "img/s": checkpointer.throughput(),
                **{k: float(v[-1]) for k, v in history.history.items()}}
