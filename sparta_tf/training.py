@@ -317,7 +317,9 @@ def run(config, overwrite=False, verbose="auto"):
     if resume and manager.latest_checkpoint:
         ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
     epoch, skip = (int(v) for v in position.numpy())
-    if epoch or skip:
+    if epoch >= config.epochs:
+        print(f"{config.model_dir} is trained for {epoch} epochs; evaluating it again.")
+    elif epoch or skip:
         print(f"Resuming {config.model_dir} at epoch {epoch + 1}, step {skip} of {steps}.")
     writer = tf.summary.create_file_writer(os.path.join(config.model_dir, "logs"))
     for epoch in range(epoch, config.epochs):
