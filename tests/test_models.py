@@ -169,6 +169,7 @@ def test_inference_is_deterministic():
 
 
 def test_input_gradient_is_the_same_with_and_without_the_custom_gradient():
+    keras.utils.set_random_seed(0)
     custom, plain = (
         models.build("resnet18", 10, "sparta", TINY, input_shape=(16, 16, 3),
                      activation_kwargs={"use_custom_gradient": flag})
@@ -190,9 +191,12 @@ def test_input_gradient_is_the_same_with_and_without_the_custom_gradient():
         return tape.gradient(loss, x).numpy()
 
     grad_custom, grad_plain = input_gradient(custom), input_gradient(plain)
-    assert np.abs(grad_plain).max() > 1e-4
-    diff = np.abs(grad_custom - grad_plain).max()
-    assert diff <= 1e-5, f"max |custom - plain| input gradient = {diff:.3g}"
+    scale = np.abs(grad_plain).max()
+    assert scale > 1e-4
+    # Float32 round-off through ~20 layers: compare relative to the gradient's size.
+    diff = np.abs(grad_custom - grad_plain).max() / scale
+    assert diff <= 1e-4, f"max |custom - plain| / max |plain| input gradient = {diff:.3g}"
+    print(f"relative input-gradient difference {diff:.3g} (scale {scale:.3g})")
 
 
 @pytest.mark.parametrize("input_shape", [(8, 8, 3), (9, 9, 3)])
