@@ -17,7 +17,6 @@ This module imports no absl.
 """
 
 import dataclasses
-import functools
 import json
 import os
 
@@ -60,8 +59,7 @@ class EvalSettings:
 
 def _pgd(eps, settings):
     """PGD at `eps` seeded by `settings.seed`: a callable `attack(model, x, y) -> x_adv`."""
-    return functools.partial(attacks.PGD(eps, settings.pgd_steps),
-                             seed=tf.constant([settings.seed, 0], tf.int64))
+    return evaluation.seeded(attacks.PGD(eps, settings.pgd_steps), settings.seed)
 
 
 def evaluate(model, x, y, settings, verbose=False):

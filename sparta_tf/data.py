@@ -246,13 +246,6 @@ def train_dataset(x, y, batch_size, seed, epoch, skip_batches=0, augment=True):
     return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
-def eval_dataset(x, y, batch_size):
-    """Batches of (float32 images in [0, 1], int32 labels) in order, the last one partial."""
-    ds = tf.data.Dataset.from_tensor_slices((x, y.astype(np.int32))).batch(batch_size)
-    ds = ds.map(lambda image, label: (_to_float(image), label), tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
-
-
 def _augment(image, key):
     """Pad by `PAD` zeros, crop back to the image's size at random, flip left-right at random.
 

@@ -207,7 +207,7 @@ def autoattack(model, x, y, eps, batch_size=256, attacks=AUTOATTACK, iterations=
     return {"accuracy": float(robust.mean()), "after": after}
 
 
-def _seeded(attack, seed):
+def seeded(attack, seed):
     """`attack` with a fixed seed: restart 0 of R restarts is then the 1-restart run."""
     seed = tf.constant([seed, 0], tf.int64)
     return lambda model, x, y: attack(model, x, y, seed=seed)
@@ -273,7 +273,7 @@ def robustness_report(model, x, y, eps, steps=(20, 100), losses=("ce", "cw"), re
     for n in steps:
         for loss in losses:
             pgd = attacks.PGD(eps, n, restarts=restarts, loss=loss)
-            results[f"pgd{n}_{loss}"] = acc(_seeded(pgd, seed),
+            results[f"pgd{n}_{loss}"] = acc(seeded(pgd, seed),
                                             f"PGD-{n} {loss.upper()} x{restarts}")
     # Square first: its accuracy alone is then the first step of the chain.
     chain = ("square", "apgd-ce", "apgd-t") if run_autoattack else ("square",)
@@ -285,7 +285,7 @@ def robustness_report(model, x, y, eps, steps=(20, 100), losses=("ce", "cw"), re
 
     first = f"pgd{steps[0]}_{losses[0]}"
     sweep = sorted({eps * m for m in eps_multiples} | {eps, large_eps})
-    sweep = [[e, acc(_seeded(attacks.PGD(e, steps[0], loss=losses[0]), seed),
+    sweep = [[e, acc(seeded(attacks.PGD(e, steps[0], loss=losses[0]), seed),
                      f"PGD-{steps[0]} {losses[0].upper()} at {e:.4g}")] for e in sweep]
     by_eps = dict((e, a) for e, a in sweep)
     pgd_accs = {k: v for k, v in results.items() if k.startswith("pgd")}

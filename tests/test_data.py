@@ -178,15 +178,6 @@ def test_augmentation_changes_images_within_range():
     assert all(np.round(p * 255).astype(np.uint8).tobytes() in sources for p in plain)
 
 
-def test_eval_dataset_in_order_with_partial_batch():
-    batches = list(tfds.as_numpy(data.eval_dataset(TEXTURES, Y, BATCH)))
-    assert [len(b[1]) for b in batches] == [16, 16, 16, 16, 6]
-    expected = TEXTURES.astype(np.float32) / np.float32(255)
-    np.testing.assert_array_equal(np.concatenate([b[0] for b in batches]), expected)
-    np.testing.assert_array_equal(np.concatenate([b[1] for b in batches]), Y)
-    assert batches[0][0].dtype == np.float32 and batches[0][1].dtype == np.int32
-
-
 def test_make_bundled_subset_tool(tmp_path):
     source = str(tmp_path / "source.tar.gz")
     with tarfile.open(source, "w:gz") as tar:
