@@ -61,6 +61,9 @@ def define_compare():
         "objectives", _distinct_in(training.OBJECTIVES),
         message=f"must be a comma-separated list of distinct objectives out of: "
                 f"{', '.join(training.OBJECTIVES)}")
+    flags.DEFINE_bool("report_only", False,
+                      "Train and evaluate nothing: write the reports of the finished cells "
+                      "(their evaluation stored in compare_eval.json) and list the others.")
     core.define_autoattack()
     flags.DEFINE_bool("plots", True,
                       "Write the PNGs: robust accuracy against eps, Sparta's attention "
@@ -80,6 +83,7 @@ def grid():
                                        for a in FLAGS.activations)),
         seeds=[int(s) for s in FLAGS.seeds], objectives=FLAGS.objectives,
         root=FLAGS.model_dir, make_plots=FLAGS.plots, overwrite=FLAGS.overwrite,
+        report_only=FLAGS.report_only,
         settings=compare.EvalSettings(
             eps=FLAGS.eps, pgd_steps=FLAGS.eval_pgd_steps, autoattack=FLAGS.autoattack,
             eps_curve=tuple(core.PixelParser().parse(e) for e in FLAGS.eps_curve)))

@@ -101,24 +101,34 @@ def _key(config, settings):
     return json.loads(json.dumps({"config": train, "settings": dataclasses.asdict(settings)}))
 
 
+def stored_results(config, settings):
+    """The cell's evaluation kept in model_dir/compare_eval.json, or None.
+
+    None also where the stored one belongs to another config or settings.
+    """
+    path = os.path.join(config.model_dir, EVAL_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        stored = json.load(f)
+    key = _key(config, settings)
+    return stored["results"] if {k: stored.get(k) for k in key} == key else None
+
+
 def run_cell(config, x, y, settings, overwrite=False, verbose="auto"):
     """Trains (or resumes) one cell and evaluates it, unless its evaluation is stored.
 
     Returns the evaluation (see `evaluate`), also kept in model_dir/compare_eval.json
     with the config and settings it belongs to.
     """
-    path = os.path.join(config.model_dir, EVAL_FILE)
-    key = _key(config, settings)
-    if not overwrite and os.path.isfile(path):
-        with open(path) as f:
-            stored = json.load(f)
-        if {k: stored.get(k) for k in key} == key:
-            return stored["results"]
+    stored = None if overwrite else stored_results(config, settings)
+    if stored is not None:
+        return stored
     training.run(config, overwrite=overwrite, verbose=verbose)
     model = evaluation.load_model(config.model_dir)
     results = evaluate(model, x, y, settings, verbose=verbose != 0)
-    with open(path, "w") as f:
-        json.dump({**key, "results": results}, f, indent=2)
+    with open(os.path.join(config.model_dir, EVAL_FILE), "w") as f:
+        json.dump({**_key(config, settings), "results": results}, f, indent=2)
     return results
 
 
@@ -187,6 +197,9 @@ def table(results):
                   f"{_percent(r['autoattack'])} | {len(r['seeds'])} |"
                   for r in results["summary"] if r["objective"] == objective]
         lines.append("")
+    if results.get("missing"):
+        lines += [f"Not finished, so not in the table: {len(results['missing'])} cells "
+                  f"({', '.join(results['missing'])}).", ""]
     return "\n".join(lines)
 
 
@@ -231,7 +244,8 @@ def _pictures(results, x, y, root, settings):
 
 
 def run_grid(base, activations, seeds, objectives=("pgd", "standard"), root="runs/compare",
-             settings=EvalSettings(), make_plots=True, overwrite=False, verbose="auto"):
+             settings=EvalSettings(), make_plots=True, overwrite=False, verbose="auto",
+             report_only=False):
     """Trains and evaluates every cell; writes comparison.json, comparison.md and plots.
 
     Args:
@@ -249,10 +263,13 @@ def run_grid(base, activations, seeds, objectives=("pgd", "standard"), root="run
         overwrite: retrain every cell from scratch (its model_dir is deleted).
         verbose: Keras' verbosity for training; 0 also hides the evaluation's
             progress bars.
+        report_only: train and evaluate nothing: the reports cover the cells
+            whose evaluation is stored, and list the others as `missing`.
 
     Returns: a JSON-able dict: `train` (the base config), `settings`,
         `test_examples`, `cells` (one per run: objective, activation, seed,
-        model_dir and the results of `evaluate`), `summary` (see `summarize`)
+        model_dir and the results of `evaluate`), `missing` (the model_dirs of
+        the cells left out by `report_only`), `summary` (see `summarize`),
         `plots` (the PNG paths) and `activation_change` (see `_pictures`).
 
     Raises:
@@ -261,17 +278,26 @@ def run_grid(base, activations, seeds, objectives=("pgd", "standard"), root="run
     """
     ds = data.load(base.dataset, base.data_dir, max_train=1, max_test=base.max_test,
                    seed=settings.seed)  # only the test split is used
-    cells = []
+    cells, missing = [], []
     for seed in seeds:
         for objective in objectives:
             for activation in activations:
                 config = cell_config(base, root, objective, activation, seed)
-                results = run_cell(config, ds.x_test, ds.y_test, settings, overwrite, verbose)
+                if report_only:
+                    results = stored_results(config, settings)
+                    if results is None:
+                        missing.append(config.model_dir)
+                        continue
+                else:
+                    results = run_cell(config, ds.x_test, ds.y_test, settings, overwrite,
+                                       verbose)
                 cells.append({"objective": objective, "activation": activation, "seed": seed,
                               "model_dir": config.model_dir, **results})
+    if report_only and not cells:
+        raise FileNotFoundError(f"no finished cell of this grid in {root}")
     results = {"train": base.to_json(), "settings": dataclasses.asdict(settings),
-               "test_examples": len(ds.y_test), "cells": cells, "summary": summarize(cells),
-               "plots": [], "activation_change": None}
+               "test_examples": len(ds.y_test), "cells": cells, "missing": missing,
+               "summary": summarize(cells), "plots": [], "activation_change": None}
     if make_plots:
         results["plots"], results["activation_change"] = _pictures(
             results, ds.x_test, ds.y_test, root, settings)

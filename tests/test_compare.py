@@ -98,6 +98,23 @@ def test_rerun_skips_finished_cells(grid):
     assert again["summary"] == results["summary"]
 
 
+def test_report_only_covers_the_finished_cells_and_lists_the_rest(grid, tmp_path):
+    root, results, mtimes = grid
+    wider = dict(GRID, activations=["relu", "silu", "sparta"], seeds=[0, 1])
+    report = compare.run_grid(training.TrainConfig(**TINY), **wider, root=root,
+                              settings=SETTINGS, make_plots=False, verbose=0,
+                              report_only=True)
+    assert _mtimes(root) == mtimes  # nothing trained or evaluated
+    assert report["summary"] == results["summary"]
+    assert len(report["missing"]) == 8  # silu at seed 0, everything at seed 1
+    assert os.path.join(root, "standard", "silu", "seed0") in report["missing"]
+    assert "Not finished, so not in the table: 8 cells" in compare.table(report)
+    with pytest.raises(FileNotFoundError, match="no finished cell"):
+        compare.run_grid(training.TrainConfig(**TINY), **GRID, root=str(tmp_path),
+                         settings=SETTINGS, verbose=0, report_only=True)
+    assert os.listdir(tmp_path) == []
+
+
 def test_plots_are_written(grid):
     root, results, _ = grid
     names = ["eps_curve_pgd.png", "eps_curve_standard.png", "attention_maps.png",

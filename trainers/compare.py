@@ -9,6 +9,7 @@ Every cell is a training run of the same recipe (the flags of sparta-train) in
 clean, PGD-{--eval_pgd_steps} and AutoAttack accuracy at --eps. Writes comparison.md
 (the table, also printed), comparison.json and the PNGs to --model_dir. Rerunning the
 same command resumes: finished cells are skipped, a killed one continues.
+--report_only writes the reports of the cells finished so far, training nothing.
 """
 
 import os
@@ -30,7 +31,7 @@ def main(argv):
     try:
         results = compare.run_grid(core.train_config(), **compare_flags.grid())
     except (training.ConfigMismatchError, training.NonFiniteLossError,
-            data.DatasetUnavailableError, data.BadDataError) as e:
+            data.DatasetUnavailableError, data.BadDataError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     print(compare.table(results))
     written = ["comparison.md", "comparison.json"]
