@@ -153,8 +153,8 @@ def define_autoattack():
 def define_evaluation():
     """The flags of trainers/evaluate.py: data, --eps, the model and the attack sizes.
 
-    --eps, --dataset, --data_dir, --max_test (the examples: a class-balanced sample) and
-    --seed default to the model_dir's config.json where the model has one.
+    --eps, --dataset, --data_dir, --max_test (alias --num_examples: the examples, a
+    class-balanced sample) and --seed default to the model_dir's config.json where the model has one.
     """
     define_data()
     define_attack()
@@ -164,7 +164,8 @@ def define_evaluation():
                         "exported SavedModel (its folder or the numbered version in it).")
     flags.DEFINE_string("output_dir", None, "Where to write eval.json and eval.md "
                         "(default: the model_dir, else the folder that holds the model).")
-    flags.DEFINE_integer("eval_batch_size", 256, "Examples per batch.", lower_bound=1)
+    flags.DEFINE_alias("num_examples", "max_test")
+    flags.DEFINE_integer("batch_size", 256, "Examples per batch of the attacks.", lower_bound=1)
     flags.DEFINE_list("eval_steps", ["20", "100"], "PGD step counts, each with the CE and the "
                       "CW loss; the first is also used for the eps sweep.")
     flags.register_validator("eval_steps", lambda v: bool(v) and all(

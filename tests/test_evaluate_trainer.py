@@ -16,7 +16,7 @@ from sparta_tf import layers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--eval_steps=2,4", "--pgd_restarts=2", "--autoattack_iterations=2",
-         "--square_queries=10", "--eval_batch_size=16"]
+         "--square_queries=10", "--batch_size=16"]
 
 
 def _evaluate(*args):
@@ -65,7 +65,7 @@ def test_evaluates_a_model_dir(model_dir):
 
 def test_flags_override_the_config_and_output_dir(model_dir, tmp_path):
     out = _evaluate(f"--model_path={model_dir / 'model.keras'}", f"--output_dir={tmp_path}",
-                    "--max_test=10", "--eps=2/255", "--noautoattack", *SMALL)
+                    "--num_examples=10", "--eps=2/255", "--noautoattack", *SMALL)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["examples"] == 10 and report["eps"] == pytest.approx(2 / 255)

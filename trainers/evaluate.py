@@ -1,7 +1,7 @@
 """Evaluate the robustness of a trained model and check it for gradient masking.
 
     sparta-evaluate --model_path=runs/default          # a model_dir of sparta-train
-    sparta-evaluate --model_path=model.keras --dataset=cifar10 --eps=8/255 --max_test=1000
+    sparta-evaluate --model_path=model.keras --dataset=cifar10 --eps=8/255 --num_examples=1000
 
 Clean, FGSM, PGD (CE and CW losses, with restarts), Square and AutoAttack accuracy at
 --eps, and the sanity checks of Carlini et al. (2019). Writes eval.json and eval.md to
@@ -46,7 +46,7 @@ def main(argv):
         model, ds.x_test, ds.y_test, FLAGS.eps, steps=[int(s) for s in FLAGS.eval_steps],
         restarts=FLAGS.pgd_restarts, run_autoattack=FLAGS.autoattack,
         autoattack_iterations=FLAGS.autoattack_iterations, square_queries=FLAGS.square_queries,
-        batch_size=FLAGS.eval_batch_size, seed=FLAGS.seed)
+        batch_size=FLAGS.batch_size, seed=FLAGS.seed)
     report.update(model=path, dataset=FLAGS.dataset)
     markdown = evaluation.to_markdown(report)
     output_dir = FLAGS.output_dir or (
