@@ -211,8 +211,9 @@ def _pictures(results, x, y, root, settings):
     the first seed, adversarially trained where the grid has `pgd`, each
     attacked by its own PGD at eps.
 
-    Returns: the paths written, and the values of the activation change plot
-        (`{activation: {place: relative change}}`, or None without it).
+    Returns: the paths written, and the plotted values: `gate_weights` (of the
+        sparta model) and `activation_change` (`{activation: {place: relative
+        change}}`, or None without relu).
     """
     paths = []
     for objective in dict.fromkeys(r["objective"] for r in results["summary"]):
@@ -227,7 +228,7 @@ def _pictures(results, x, y, root, settings):
     first = {c["activation"]: c for c in results["cells"]
              if c["objective"] == objective and c["seed"] == results["cells"][0]["seed"]}
     if "sparta" not in first:
-        return paths, None
+        return paths, {}
     x = x[:PLOT_EXAMPLES] / np.float32(255)
     pgd = _pgd(settings.eps, settings)
     wanted = [a for a in ("relu", "sparta") if a in first]
@@ -236,11 +237,13 @@ def _pictures(results, x, y, root, settings):
              for a, m in loaded.items()}
     paths.append(plots.attention_maps(loaded["sparta"], x[:1], x_adv["sparta"][:1],
                                       os.path.join(root, "attention_maps.png")))
-    change = None
+    paths.append(os.path.join(root, "gate_weights.png"))
+    values = {"gate_weights": plots.gate_weights(loaded["sparta"], paths[-1]),
+              "activation_change": None}
     if "relu" in loaded:
         paths.append(os.path.join(root, "activation_change.png"))
-        change = plots.activation_change(loaded, x, x_adv, paths[-1])
-    return paths, change
+        values["activation_change"] = plots.activation_change(loaded, x, x_adv, paths[-1])
+    return paths, values
 
 
 def run_grid(base, activations, seeds, objectives=("pgd", "standard"), root="runs/compare",
@@ -270,7 +273,8 @@ def run_grid(base, activations, seeds, objectives=("pgd", "standard"), root="run
         `test_examples`, `cells` (one per run: objective, activation, seed,
         model_dir and the results of `evaluate`), `missing` (the model_dirs of
         the cells left out by `report_only`), `summary` (see `summarize`),
-        `plots` (the PNG paths) and `activation_change` (see `_pictures`).
+        `plots` (the PNG paths), `activation_change` and `gate_weights` (see
+        `_pictures`).
 
     Raises:
         what `training.run` and `data.load` raise, e.g.
@@ -297,12 +301,68 @@ def run_grid(base, activations, seeds, objectives=("pgd", "standard"), root="run
         raise FileNotFoundError(f"no finished cell of this grid in {root}")
     results = {"train": base.to_json(), "settings": dataclasses.asdict(settings),
                "test_examples": len(ds.y_test), "cells": cells, "missing": missing,
-               "summary": summarize(cells), "plots": [], "activation_change": None}
+               "summary": summarize(cells), "plots": [], "activation_change": None,
+               "gate_weights": None}
     if make_plots:
-        results["plots"], results["activation_change"] = _pictures(
-            results, ds.x_test, ds.y_test, root, settings)
+        results["plots"], values = _pictures(results, ds.x_test, ds.y_test, root, settings)
+        results.update(values)
     with open(os.path.join(root, "comparison.json"), "w") as f:
         json.dump(results, f, indent=2)
     with open(os.path.join(root, "comparison.md"), "w") as f:
         f.write(table(results))
     return results
+
+
+# The settings an ablation varies, as `ablation_table` names them.
+ABLATED = {"sparta_kernel_size": "k", "sparta_beta0": "beta0", "sparta_sharing": "sharing",
+           "sparta_weight_decay": "Sparta weight decay",
+           "sparta_custom_gradient": "custom gradient"}
+
+
+def ablation_table(reports, objective="pgd", activation="sparta"):
+    """The ablation as Markdown: one row per comparison, named by the settings it changes.
+
+    Args:
+        reports: `run_grid` results (comparison.json), the first one the
+            baseline. They must share everything but the settings of `ABLATED`
+            and the eps curve: the same recipe, test images and attack.
+        objective, activation: the cells of each report that the table shows.
+
+    Returns: a table of clean and PGD accuracy (%) per report: at the first
+        seed of the baseline (the one seed every variant is run with) and as
+        mean ± sample std over all its seeds, with n.
+
+    Raises:
+        ValueError: a report differs from the baseline in anything else, or
+            has no cell of `objective` and `activation`.
+    """
+    reports = json.loads(json.dumps(reports))  # as comparison.json holds them: lists, not tuples
+    base = reports[0]
+    seed = base["cells"][0]["seed"]
+    pgd = f"PGD-{base['settings']['pgd_steps']}"
+    lines = [f"| variant | clean, seed {seed} | {pgd}, seed {seed} | clean | {pgd} | n |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for report in reports:
+        differ = [k for k in base["train"] if k not in (*ABLATED, "model_dir")
+                  and report["train"].get(k) != base["train"][k]]
+        differ += [k for k in base["settings"] if k != "eps_curve"
+                   and report["settings"].get(k) != base["settings"][k]]
+        differ += ["test_examples"] * (report["test_examples"] != base["test_examples"])
+        if differ:
+            raise ValueError(f"Not an ablation of the first report: it differs in {differ}.")
+        changed = [f"{ABLATED[k]} {report['train'][k]}" for k in ABLATED
+                   if report["train"][k] != base["train"][k]]
+        label = ", ".join(changed) or "the baseline's settings"
+        if report is base:
+            label = "baseline (" + ", ".join(f"{v} {base['train'][k]}"
+                                             for k, v in ABLATED.items()) + ")"
+        rows = [r for r in report["summary"]
+                if r["objective"] == objective and r["activation"] == activation]
+        if not rows:
+            raise ValueError(f"A report has no {objective} {activation} cell.")
+        at_seed = [c for c in report["cells"] if c["seed"] == seed
+                   and c["objective"] == objective and c["activation"] == activation]
+        first = [f"{100 * at_seed[0][m]:.1f}" if at_seed else "-" for m in ("clean", "pgd")]
+        lines.append(f"| {label} | {first[0]} | {first[1]} | {_percent(rows[0]['clean'])} | "
+                     f"{_percent(rows[0]['pgd'])} | {len(rows[0]['seeds'])} |")
+    return "\n".join(lines) + "\n"

@@ -8,6 +8,8 @@
 - `activation_change(models, x_clean, x_adv, path)`: per activation layer, in
   depth order, the relative change `||f(x_adv) - f(x)|| / ||f(x)||` of its
   output (e.g. ReLU against Sparta).
+- `gate_weights(model, path)`: per Sparta layer, what its gate learned: the
+  kernel's centre weight, the weight on the neighbours, and the bias.
 
 Figures are drawn on `matplotlib.figure.Figure` (the Agg canvas), without
 pyplot, so no global backend is set. Models are the functional Keras models of
@@ -165,3 +167,48 @@ def activation_change(models, x_clean, x_adv, path):
     ax.legend()
     _save(fig, path)
     return changes
+
+
+def gate_weights(model, path):
+    """Plots, per Sparta layer (depth order), what its gate kernel and bias learned.
+
+    Per layer, averaged over its channels: the centre weight of the kernel
+    (where Swish's beta sits), the sum of the other k*k - 1 weights and the sum
+    of their absolute values (the spatial part: 0 for Swish), and the bias.
+    At the start (`beta0` at the centre, 0 elsewhere) they are beta0, 0, 0, 0.
+
+    Args:
+        model: a Keras model with `layers.Sparta` layers.
+        path: the PNG to write.
+
+    Returns: `{layer name: {"centre", "neighbours", "neighbours_abs", "bias"}}`,
+        the plotted values, in depth order.
+    """
+    stats = {}
+    for layer in model.layers:
+        if isinstance(layer, layers.Sparta):
+            kernel = np.asarray(layer.kernel)[..., 0]  # [k, k, C]
+            k = kernel.shape[0] // 2
+            centre = kernel[k, k]
+            others = kernel.sum(axis=(0, 1)) - centre
+            others_abs = np.abs(kernel).sum(axis=(0, 1)) - np.abs(centre)
+            stats[layer.name] = {"centre": float(centre.mean()),
+                                 "neighbours": float(others.mean()),
+                                 "neighbours_abs": float(others_abs.mean()),
+                                 "bias": float(np.asarray(layer.bias).mean())}
+    if not stats:
+        raise ValueError(f"Model {model.name!r} has no Sparta layer.")
+    fig = Figure(figsize=(8, 4))
+    ax = fig.subplots()
+    labels = {"centre": "centre weight", "neighbours": "sum of neighbour weights",
+              "neighbours_abs": "sum of |neighbour weights|", "bias": "bias"}
+    for key, label in labels.items():
+        ax.plot(range(len(stats)), [s[key] for s in stats.values()], marker="o", label=label)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_xticks(range(len(stats)), list(stats), rotation=60, fontsize=7)
+    ax.set(xlabel="Sparta layer (depth order)", ylabel="mean over channels",
+           title="What Sparta's gate learned")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return stats

@@ -5,6 +5,7 @@ and of standard training, relu and sparta, one seed, 20 test images) is trained
 once for the module; the rerun and the trainer reuse it, so both must skip it.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -118,7 +119,7 @@ def test_report_only_covers_the_finished_cells_and_lists_the_rest(grid, tmp_path
 def test_plots_are_written(grid):
     root, results, _ = grid
     names = ["eps_curve_pgd.png", "eps_curve_standard.png", "attention_maps.png",
-             "activation_change.png"]
+             "gate_weights.png", "activation_change.png"]
     assert [os.path.basename(p) for p in results["plots"]] == names
     for name in names:
         _check_png(os.path.join(root, name))
@@ -127,6 +128,27 @@ def test_plots_are_written(grid):
     assert list(change["relu"]) == list(change["sparta"])  # the same places
     assert list(change["relu"])[:2] == ["stem", "s1b0_1"] and len(change["relu"]) == 17
     assert all(v >= 0 for places in change.values() for v in places.values())
+    gates = results["gate_weights"]
+    assert list(gates)[:2] == ["sparta_stem", "sparta_s1b0_1"] and len(gates) == 17
+
+
+def test_gate_weights_measure_the_kernel(tmp_path):
+    model = models.build("resnet18", 10, "sparta", 0.0625, input_shape=(16, 16, 3),
+                         activation_kwargs={"beta0": 2.0})
+    stats = plots.gate_weights(model, tmp_path / "gates.png")
+    assert stats["sparta_stem"] == {"centre": 2.0, "neighbours": 0.0, "neighbours_abs": 0.0,
+                                    "bias": 0.0}  # Swish with beta 2 at the start
+    layer = model.get_layer("sparta_s1b0_1")
+    kernel = np.zeros(layer.kernel.shape, np.float32)
+    kernel[1, 1], kernel[0, 0], kernel[2, 1] = 3.0, 0.5, -0.25
+    layer.kernel.assign(kernel)
+    layer.bias.assign(np.full(layer.bias.shape, -1.0, np.float32))
+    assert plots.gate_weights(model, tmp_path / "gates.png")["sparta_s1b0_1"] == {
+        "centre": 3.0, "neighbours": 0.25, "neighbours_abs": 0.75, "bias": -1.0}
+    _check_png(tmp_path / "gates.png")
+    with pytest.raises(ValueError, match="no Sparta layer"):
+        plots.gate_weights(models.build("resnet18", 10, "relu", 0.0625,
+                                        input_shape=(16, 16, 3)), tmp_path / "x.png")
 
 
 def test_plots_of_a_stage_shared_sparta(tmp_path):
@@ -189,3 +211,26 @@ def test_bad_flag_is_a_usage_error_without_traceback(flag, needles):
     assert all(n in out.stderr for n in needles), out.stderr[-2000:]
     assert "Traceback" not in out.stderr
     assert not re.search(r"\bEpoch\b", out.stdout)
+
+
+def test_ablation_table_names_what_each_variant_changes(grid):
+    _, results, _ = grid
+    k1 = json.loads(json.dumps(results))  # a copy, as read from comparison.json
+    k1["train"].update(sparta_kernel_size=1, model_dir="elsewhere")
+    for cell in k1["cells"]:
+        cell["pgd"] = 0.125
+    k1["summary"] = compare.summarize(k1["cells"])
+    rows = compare.ablation_table([results, k1]).splitlines()
+    assert rows[0] == "| variant | clean, seed 0 | PGD-1, seed 0 | clean | PGD-1 | n |"
+    assert rows[2].startswith("| baseline (k 3, beta0 1.0, sharing layer, Sparta weight "
+                              "decay True, custom gradient True) |")
+    (cell,) = [c for c in k1["cells"] if c["objective"] == "pgd" and c["activation"] == "sparta"]
+    clean = f"{100 * cell['clean']:.1f}"
+    assert rows[3] == f"| k 1 | {clean} | 12.5 | {clean} | 12.5 | 1 |"
+    k1["settings"]["pgd_steps"] = 7
+    with pytest.raises(ValueError, match=r"differs in \['pgd_steps'\]"):
+        compare.ablation_table([results, k1])
+    out = subprocess.run([sys.executable, "tools/ablation_table.py", grid[0], grid[0]],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[3].startswith("| the baseline's settings |")
