@@ -105,6 +105,9 @@ def define_training():
     flags.DEFINE_float("weight_decay", _D.weight_decay, "L2 weight decay.", lower_bound=0.0)
     flags.DEFINE_bool("sparta_weight_decay", _D.sparta_weight_decay,
                       "Apply weight decay to the Sparta parameters too.")
+    flags.DEFINE_float("sparta_lr_multiplier", _D.sparta_lr_multiplier,
+                       "Multiplies the learning rate of the Sparta parameters (their "
+                       "gradients are scaled).", lower_bound=0.0)
     flags.DEFINE_enum("objective", _D.objective, training.OBJECTIVES, "Training objective.")
     flags.DEFINE_float("trades_beta", _D.trades_beta, "TRADES' KL weight.", lower_bound=0.0)
     flags.DEFINE_enum("mixed_precision", _D.mixed_precision,

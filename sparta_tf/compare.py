@@ -112,6 +112,9 @@ def stored_results(config, settings):
     with open(path) as f:
         stored = json.load(f)
     key = _key(config, settings)
+    # A cell stored before a TrainConfig field existed had that field's default.
+    stored["config"] = {k: v for k, v in training.TrainConfig.complete(
+        stored.get("config", {})).items() if k in key["config"]}
     return stored["results"] if {k: stored.get(k) for k in key} == key else None
 
 
@@ -315,8 +318,17 @@ def run_grid(base, activations, seeds, objectives=("pgd", "standard"), root="run
 
 # The settings an ablation varies, as `ablation_table` names them.
 ABLATED = {"sparta_kernel_size": "k", "sparta_beta0": "beta0", "sparta_sharing": "sharing",
-           "sparta_weight_decay": "Sparta weight decay",
+           "sparta_weight_decay": "Sparta weight decay", "sparta_lr_multiplier": "Sparta lr",
            "sparta_custom_gradient": "custom gradient"}
+
+
+def _setting(key, value):
+    """E.g. `k 3`, `Sparta weight decay off`, `Sparta lr x10`."""
+    if isinstance(value, bool):
+        value = "on" if value else "off"
+    elif isinstance(value, float):
+        value = ("x" if key == "sparta_lr_multiplier" else "") + f"{value:g}"
+    return f"{ABLATED[key]} {value}"
 
 
 def ablation_table(reports, objective="pgd", activation="sparta"):
@@ -337,6 +349,8 @@ def ablation_table(reports, objective="pgd", activation="sparta"):
             has no cell of `objective` and `activation`.
     """
     reports = json.loads(json.dumps(reports))  # as comparison.json holds them: lists, not tuples
+    for report in reports:  # written before a setting existed: its default
+        report["train"] = training.TrainConfig.complete(report["train"])
     base = reports[0]
     seed = base["cells"][0]["seed"]
     pgd = f"PGD-{base['settings']['pgd_steps']}"
@@ -350,12 +364,11 @@ def ablation_table(reports, objective="pgd", activation="sparta"):
         differ += ["test_examples"] * (report["test_examples"] != base["test_examples"])
         if differ:
             raise ValueError(f"Not an ablation of the first report: it differs in {differ}.")
-        changed = [f"{ABLATED[k]} {report['train'][k]}" for k in ABLATED
+        changed = [_setting(k, report["train"][k]) for k in ABLATED
                    if report["train"][k] != base["train"][k]]
         label = ", ".join(changed) or "the baseline's settings"
         if report is base:
-            label = "baseline (" + ", ".join(f"{v} {base['train'][k]}"
-                                             for k, v in ABLATED.items()) + ")"
+            label = f"baseline ({', '.join(_setting(k, base['train'][k]) for k in ABLATED)})"
         rows = [r for r in report["summary"]
                 if r["objective"] == objective and r["activation"] == activation]
         if not rows:

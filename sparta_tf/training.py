@@ -66,11 +66,14 @@ class AdversarialModel(keras.Model):
         weight_decay: L2 coefficient, added to the loss as
             `weight_decay / 2 * sum(w ** 2)` (PyTorch's coupled SGD weight decay).
         decay_sparta: whether the Sparta parameters get weight decay too.
+        sparta_lr_multiplier: scales the gradients of the Sparta parameters,
+            which for SGD (with momentum) multiplies their learning rate.
         seed: the seed of PGD's random start, folded with the step and replica.
     """
 
     def __init__(self, model, objective="pgd", attack=None, trades_beta=6.0,
-                 weight_decay=0.0, decay_sparta=True, seed=0, **kwargs):
+                 weight_decay=0.0, decay_sparta=True, sparta_lr_multiplier=1.0, seed=0,
+                 **kwargs):
         super().__init__(**kwargs)
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}; got {objective!r}.")
@@ -88,6 +91,8 @@ class AdversarialModel(keras.Model):
                       for v in l.trainable_variables}
         self.decayed = [v for v in model.trainable_variables
                         if decay_sparta or id(v) not in sparta_ids]
+        self.gradient_scale = [sparta_lr_multiplier if id(v) in sparta_ids else 1.0
+                               for v in model.trainable_variables]
         self.seed = seed
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.clean_acc = keras.metrics.SparseCategoricalAccuracy(name="clean_acc")
@@ -133,7 +138,9 @@ class AdversarialModel(keras.Model):
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
             scaled = self.optimizer.scale_loss(total / replicas)
         variables = self.model.trainable_variables
-        self.optimizer.apply(tape.gradient(scaled, variables), variables)
+        grads = [g if s == 1.0 else g * s
+                 for g, s in zip(tape.gradient(scaled, variables), self.gradient_scale)]
+        self.optimizer.apply(grads, variables)
         self.loss_tracker.update_state(loss)
         if self.objective == "standard":
             self.clean_acc.update_state(y, logits)
@@ -167,6 +174,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     sparta_weight_decay: bool = True
+    sparta_lr_multiplier: float = 1.0
     objective: str = "pgd"
     eps: float = 8 / 255
     pgd_steps: int = 3
@@ -181,7 +189,8 @@ class TrainConfig:
     # A model_dir whose config differs in one of these holds another experiment.
     IDENTITY = ("dataset", "max_train", "model", "activation", "width_multiplier",
                 "sparta_sharing", "sparta_kernel_size", "sparta_beta0", "objective", "eps",
-                "pgd_steps", "pgd_step_size", "trades_beta", "batch_size", "seed")
+                "pgd_steps", "pgd_step_size", "trades_beta", "batch_size", "seed",
+                "sparta_lr_multiplier")
 
     def activation_kwargs(self):
         if self.activation != "sparta":
@@ -191,6 +200,11 @@ class TrainConfig:
 
     def to_json(self):
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def complete(cls, stored):
+        """A stored config.json with the defaults of the fields added after it was written."""
+        return {**json.loads(json.dumps(cls().to_json())), **stored}
 
 
 def _prepare_model_dir(config, overwrite):
@@ -202,7 +216,7 @@ def _prepare_model_dir(config, overwrite):
     resume = os.path.exists(path)
     if resume:
         with open(path) as f:
-            old = json.load(f)
+            old = TrainConfig.complete(json.load(f))
         new = json.loads(json.dumps(config.to_json()))  # tuples -> lists, as on disk
         diff = {k: (old.get(k), new[k]) for k in TrainConfig.IDENTITY if old.get(k) != new[k]}
         if diff:
@@ -239,7 +253,8 @@ def build(config, num_classes, input_shape, steps_per_epoch):
     if config.objective != "standard":
         attack = attacks.PGD(config.eps, config.pgd_steps, config.pgd_step_size)
     model = AdversarialModel(net, config.objective, attack, config.trades_beta,
-                             config.weight_decay, config.sparta_weight_decay, config.seed)
+                             config.weight_decay, config.sparta_weight_decay,
+                             config.sparta_lr_multiplier, config.seed)
     optimizer = keras.optimizers.SGD(learning_rate(config, steps_per_epoch),
                                      momentum=config.momentum)
     model.compile(optimizer=optimizer, jit_compile=config.jit_compile)

@@ -8,6 +8,7 @@ once for the module; the rerun and the trainer reuse it, so both must skip it.
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -114,6 +115,19 @@ def test_report_only_covers_the_finished_cells_and_lists_the_rest(grid, tmp_path
         compare.run_grid(training.TrainConfig(**TINY), **GRID, root=str(tmp_path),
                          settings=SETTINGS, verbose=0, report_only=True)
     assert os.listdir(tmp_path) == []
+    # Cells stored before a TrainConfig field existed count as its default.
+    old = shutil.copytree(root, tmp_path / "old")
+    for path in _mtimes(old):
+        if path.endswith(compare.EVAL_FILE):
+            with open(path) as f:
+                stored = json.load(f)
+            del stored["config"]["sparta_lr_multiplier"]
+            with open(path, "w") as f:
+                json.dump(stored, f)
+    report = compare.run_grid(training.TrainConfig(**TINY), **GRID, root=str(old),
+                              settings=SETTINGS, make_plots=False, verbose=0,
+                              report_only=True)
+    assert report["summary"] == results["summary"] and not report["missing"]
 
 
 def test_plots_are_written(grid):
@@ -222,8 +236,8 @@ def test_ablation_table_names_what_each_variant_changes(grid):
     k1["summary"] = compare.summarize(k1["cells"])
     rows = compare.ablation_table([results, k1]).splitlines()
     assert rows[0] == "| variant | clean, seed 0 | PGD-1, seed 0 | clean | PGD-1 | n |"
-    assert rows[2].startswith("| baseline (k 3, beta0 1.0, sharing layer, Sparta weight "
-                              "decay True, custom gradient True) |")
+    assert rows[2].startswith("| baseline (k 3, beta0 1, sharing layer, Sparta weight decay "
+                              "on, Sparta lr x1, custom gradient on) |")
     (cell,) = [c for c in k1["cells"] if c["objective"] == "pgd" and c["activation"] == "sparta"]
     clean = f"{100 * cell['clean']:.1f}"
     assert rows[3] == f"| k 1 | {clean} | 12.5 | {clean} | 12.5 | 1 |"

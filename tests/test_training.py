@@ -50,6 +50,31 @@ def test_sparta_weight_decay_switch():
     assert sparta_vars and len(with_decay.decayed) - len(without.decayed) == len(sparta_vars)
 
 
+def test_sparta_lr_multiplier_scales_only_the_sparta_steps():
+    keras.utils.set_random_seed(0)
+    net = models.build("resnet18", 10, "sparta", width_multiplier=0.0625,
+                       input_shape=(16, 16, 3))
+    init = net.get_weights()
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(8, 16, 16, 3)).astype("float32")
+    y = rng.integers(0, 10, 8).astype("int32")
+    steps = []
+    for multiplier in (1.0, 10.0):
+        net.set_weights(init)
+        model = training.AdversarialModel(net, "standard", sparta_lr_multiplier=multiplier)
+        model.compile(keras.optimizers.SGD(0.01))
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+        steps.append({v.path: v.numpy() - w for v, w in zip(net.weights, init)
+                      if v.trainable})
+    sparta = [p for p in steps[0] if "sparta" in p]
+    assert len(sparta) == 2 * 17
+    for path, step in steps[0].items():
+        want = 10 * step if path in sparta else step
+        # atol: w + step - w in float32 is off by a few ulps of w (~1)
+        np.testing.assert_allclose(steps[1][path], want, rtol=1e-4, atol=1e-6, err_msg=path)
+    assert max(np.abs(steps[0][p]).max() for p in sparta) > 1e-6  # the gate did move
+
+
 _MIRRORED = textwrap.dedent("""
     import json, sys
     import numpy as np, tensorflow as tf
@@ -106,6 +131,20 @@ def test_config_mismatch_is_refused_unless_overwrite(tmp_path):
     # More epochs is the same experiment, continued.
     assert training._prepare_model_dir(_tiny_config(tmp_path / "run", epochs=3), False)
     assert not training._prepare_model_dir(other, overwrite=True)
+
+
+def test_a_config_written_before_a_field_existed_takes_its_default(tmp_path):
+    config = _tiny_config(tmp_path / "run")
+    training._prepare_model_dir(config, overwrite=False)
+    path = tmp_path / "run" / "config.json"
+    old = json.loads(path.read_text())
+    del old["sparta_lr_multiplier"]  # as written before the flag existed
+    path.write_text(json.dumps(old))
+    assert training._prepare_model_dir(config, overwrite=False)  # resumes
+    path.write_text(json.dumps(old))
+    with pytest.raises(training.ConfigMismatchError, match="sparta_lr_multiplier: 1.0 in"):
+        training._prepare_model_dir(_tiny_config(tmp_path / "run", sparta_lr_multiplier=10.0),
+                                    overwrite=False)
 
 
 def test_run_resumes_with_more_epochs(tmp_path):
