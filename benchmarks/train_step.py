@@ -1,14 +1,17 @@
-"""Throughput (and, on a GPU, peak memory) of the adversarial train step.
+"""Throughput and peak memory of the adversarial train step.
 
     python benchmarks/train_step.py --activations=relu,sparta,sparta_autodiff
 
 `sparta_autodiff` is Sparta with `use_custom_gradient=False`: the same numbers,
 differentiated by autodiff instead of the hand-written exact gradient. Each
-activation runs in a fresh process, so one's memory does not count for another.
-Prints one JSON line per activation; report the device with every number.
+activation runs in a fresh process, so one's memory does not count for another: peak
+GPU memory on a GPU, and the process's peak resident memory (which includes the TF
+runtime, the same for every activation) everywhere. Prints one JSON line per
+activation; report the device with every number.
 """
 
 import json
+import resource
 import subprocess
 import sys
 import time
@@ -51,6 +54,7 @@ def _time_one(name):
     result = {"activation": name, "img_per_s": round(FLAGS.steps * n / seconds, 1),
               "device": gpus[0].name if gpus else "CPU", "batch_size": n,
               "width_multiplier": FLAGS.width_multiplier, "pgd_steps": FLAGS.pgd_steps}
+    result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if gpus:
         result["peak_gpu_mib"] = round(
             tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2 ** 20)
