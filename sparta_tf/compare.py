@@ -6,6 +6,8 @@ that differs from `base` only there), evaluates it on the same test images
 (clean, PGD and optionally AutoAttack accuracy, and a robust accuracy against
 eps curve), and writes `comparison.json`, `comparison.md` (`table`) and, with
 `make_plots=True`, the pictures of `sparta_tf.plots` into `root`.
+`report_only=True` trains nothing and reports the finished cells.
+`ablation_table` puts several comparisons of Sparta variants side by side.
 
 Every cell resumes: `training.run` continues a killed run from its checkpoints,
 and a cell's evaluation is kept in its model_dir (`compare_eval.json`), so a
