@@ -106,9 +106,10 @@ _MIRRORED = textwrap.dedent("""
 
     one, n1 = train(tf.distribute.OneDeviceStrategy("/cpu:0"))
     two, n2 = train(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
-    change = max(float(np.abs(a - b).max()) for a, b in zip(one, init))
-    diff = max(float(np.abs(a - b).max()) for a, b in zip(one, two))
-    print(json.dumps({"replicas": [n1, n2], "diff": diff, "change": change}))
+    norm = lambda ws: float(np.sqrt(sum(np.sum(np.square(w)) for w in ws)))
+    change = norm([a - b for a, b in zip(one, init)])
+    diff = norm([a - b for a, b in zip(one, two)])
+    print(json.dumps({"replicas": [n1, n2], "relative_diff": diff / change, "change": change}))
 """)
 
 
@@ -119,7 +120,10 @@ def test_mirrored_strategy_matches_one_device():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["replicas"] == [1, 2]
     assert result["change"] > 1e-3, "training did not move the weights"
-    assert result["diff"] < 1e-4, f"2 replicas vs 1 device: max weight difference {result}"
+    # ||w_two - w_one|| / ||w_one - w_init||: 1.9e-6 measured on an idle machine, 0.50 with
+    # the loss not divided by the replicas. Under load, round-off differs more (a max-abs
+    # weight difference of 1.6e-3 was seen): a tiny change can flip a sign in PGD.
+    assert result["relative_diff"] < 1e-2, f"2 replicas vs 1 device: {result}"
 
 
 def test_config_mismatch_is_refused_unless_overwrite(tmp_path):
