@@ -20,6 +20,7 @@ This module imports no absl.
 
 import dataclasses
 import json
+import logging
 import os
 
 import numpy as np
@@ -211,10 +212,11 @@ def table(results):
 def _pictures(results, x, y, root, settings):
     """The plots of `sparta_tf.plots`.
 
-    The eps curves are per objective (mean over seeds). The attention maps
-    (sparta) and the activation change (relu against sparta) use the models of
-    the first seed, adversarially trained where the grid has `pgd`, each
-    attacked by its own PGD at eps.
+    The eps curves are per objective (mean over seeds). The attention maps and
+    gate weights (sparta) and the activation change (relu against sparta) use
+    the models of the first seed, adversarially trained where the grid has
+    `pgd`, each attacked by its own PGD at eps; they are left out, with a
+    warning, where that model's model.keras is missing.
 
     Returns: the paths written, and the plotted values: `gate_weights` (of the
         sparta model) and `activation_change` (`{activation: {place: relative
@@ -232,6 +234,12 @@ def _pictures(results, x, y, root, settings):
     objective = "pgd" if "pgd" in objectives else objectives[0]
     first = {c["activation"]: c for c in results["cells"]
              if c["objective"] == objective and c["seed"] == results["cells"][0]["seed"]}
+    missing = [c["model_dir"] for c in first.values()
+               if not os.path.isfile(os.path.join(c["model_dir"], "model.keras"))]
+    if missing:  # e.g. a clone where only the cells' JSON files were committed
+        logging.getLogger(__name__).warning("No model.keras in %s: no attention, gate or activation-change "
+                        "plot.", ", ".join(missing))
+    first = {a: c for a, c in first.items() if c["model_dir"] not in missing}
     if "sparta" not in first:
         return paths, {}
     x = x[:PLOT_EXAMPLES] / np.float32(255)

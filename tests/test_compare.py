@@ -124,10 +124,12 @@ def test_report_only_covers_the_finished_cells_and_lists_the_rest(grid, tmp_path
             del stored["config"]["sparta_lr_multiplier"]
             with open(path, "w") as f:
                 json.dump(stored, f)
+    os.remove(old / "pgd" / "sparta" / "seed0" / "model.keras")  # as in a clone of results/
     report = compare.run_grid(training.TrainConfig(**TINY), **GRID, root=str(old),
-                              settings=SETTINGS, make_plots=False, verbose=0,
-                              report_only=True)
+                              settings=SETTINGS, verbose=0, report_only=True)
     assert report["summary"] == results["summary"] and not report["missing"]
+    assert [os.path.basename(p) for p in report["plots"]] == [
+        "eps_curve_pgd.png", "eps_curve_standard.png"]  # the model plots need the model
 
 
 def test_plots_are_written(grid):
