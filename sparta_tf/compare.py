@@ -237,8 +237,9 @@ def _pictures(results, x, y, root, settings):
     missing = [c["model_dir"] for c in first.values()
                if not os.path.isfile(os.path.join(c["model_dir"], "model.keras"))]
     if missing:  # e.g. a clone where only the cells' JSON files were committed
-        logging.getLogger(__name__).warning("No model.keras in %s: no attention, gate or activation-change "
-                        "plot.", ", ".join(missing))
+        logging.getLogger(__name__).warning(
+            "No model.keras in %s: no attention, gate or activation-change plot.",
+            ", ".join(missing))
     first = {a: c for a, c in first.items() if c["model_dir"] not in missing}
     if "sparta" not in first:
         return paths, {}
