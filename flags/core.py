@@ -79,6 +79,8 @@ def define_model():
     flags.DEFINE_float("sparta_beta0", _D.sparta_beta0, "Sparta's initial centre weight.")
     flags.DEFINE_bool("sparta_custom_gradient", _D.sparta_custom_gradient,
                       "Use Sparta's hand-written exact gradient (else autodiff).")
+    flags.DEFINE_bool("sparta_normalize_gate_input", _D.sparta_normalize_gate_input,
+                      "Sparta's gate sees each feature map divided by its RMS.")
 
 
 def define_attack():

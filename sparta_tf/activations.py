@@ -15,8 +15,8 @@ The names, in `NAMES` order:
   and width; keyword arguments go to the layer.
 - `frelu`: `layers.FReLU`; keyword arguments (`kernel_size`) go to the layer.
 - `sparta`: `layers.Sparta`; keyword arguments (`kernel_size`, `beta0`,
-  `use_custom_gradient`, `kernel_regularizer`, `bias_regularizer`) go to the
-  layer.
+  `use_custom_gradient`, `normalize_gate_input`, `kernel_regularizer`,
+  `bias_regularizer`) go to the layer.
 
 This module imports nothing of `sparta_tf` but `layers`.
 """

@@ -330,7 +330,8 @@ def run_grid(base, activations, seeds, objectives=("pgd", "standard"), root="run
 # The settings an ablation varies, as `ablation_table` names them.
 ABLATED = {"sparta_kernel_size": "k", "sparta_beta0": "beta0", "sparta_sharing": "sharing",
            "sparta_weight_decay": "Sparta weight decay", "sparta_lr_multiplier": "Sparta lr",
-           "sparta_custom_gradient": "custom gradient"}
+           "sparta_custom_gradient": "custom gradient",
+           "sparta_normalize_gate_input": "gate input normalised"}
 
 
 def _setting(key, value):

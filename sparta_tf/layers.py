@@ -15,35 +15,64 @@ import tensorflow as tf
 _STRIDES = [1, 1, 1, 1]
 
 
-def sparta_forward(x, kernel, bias):
-    """The plain forward, `x * sigmoid(DW_k(x) + b)`, differentiated by autodiff."""
-    z = tf.nn.depthwise_conv2d(x, kernel, _STRIDES, "SAME") + bias
+def normalized(x, epsilon=1e-6):
+    """`x / sqrt(mean over H, W of x^2 + epsilon)`, per example and channel.
+
+    The optional normalised gate input: it makes the gate blind to the scale of
+    each feature map, so `Sparta(c * x) = c * Sparta(x)` for c > 0. Half
+    precision is computed in float32.
+    """
+    dtype = tf.float32 if x.dtype in (tf.float16, tf.bfloat16) else x.dtype
+    x = tf.cast(x, dtype)
+    rms = tf.sqrt(tf.reduce_mean(tf.square(x), axis=[1, 2], keepdims=True) + epsilon)
+    return x / rms
+
+
+def sparta_forward(x, kernel, bias, normalize=False):
+    """The plain forward, `x * sigmoid(DW_k(x) + b)`, differentiated by autodiff.
+
+    With `normalize`, the gate sees `normalized(x)` in place of `x`.
+    """
+    u = tf.cast(normalized(x), x.dtype) if normalize else x
+    z = tf.nn.depthwise_conv2d(u, kernel, _STRIDES, "SAME") + bias
     return x * tf.sigmoid(z)
 
 
-@tf.custom_gradient
-def sparta_exact(x, kernel, bias):
+def sparta_exact(x, kernel, bias, normalize=False):
     """The same forward with its exact gradient written out (SPARTA.md, "Gradients").
+
+    See `_gated`; with `normalize`, autodiff carries the gate input's gradient
+    on through `normalized`.
+    """
+    u = tf.cast(normalized(x), x.dtype) if normalize else x
+    return _gated(x, u, kernel, bias)
+
+
+@tf.custom_gradient
+def _gated(x, u, kernel, bias):
+    """`x * sigmoid(DW_k(u) + b)`, `u` the gate's input, with its exact gradient.
 
     With S = sigmoid(Z), upstream G and D = G * X * S * (1 - S) = dL/dZ:
 
-        dL/dX = G * S + DW_k^T(D)
-        dL/dK = depthwise_conv2d_backprop_filter(X, K.shape, D)
+        dL/dX = G * S            (through the gated value)
+        dL/du = DW_k^T(D)        (through the gate)
+        dL/dK = depthwise_conv2d_backprop_filter(u, K.shape, D)
         dL/db = sum of D over N, H, W
 
-    The backward keeps only X, S and K alive, where autodiff would keep every
+    With u = X, the two gradients to X add up to SPARTA.md's
+    dL/dX = G * S + DW_k^T(D). The backward keeps only X, u (the same tensor
+    unless normalised), S and K alive, where autodiff would keep every
     intermediate; nothing is approximated, so attacks see the true gradient.
     """
-    s = tf.sigmoid(tf.nn.depthwise_conv2d(x, kernel, _STRIDES, "SAME") + bias)
+    s = tf.sigmoid(tf.nn.depthwise_conv2d(u, kernel, _STRIDES, "SAME") + bias)
 
     def grad(g):
         d = g * x * s * (1 - s)
-        dx = g * s + tf.nn.depthwise_conv2d_backprop_input(
-            tf.shape(x), kernel, d, _STRIDES, "SAME")
+        du = tf.nn.depthwise_conv2d_backprop_input(tf.shape(u), kernel, d, _STRIDES, "SAME")
         dk = tf.nn.depthwise_conv2d_backprop_filter(
-            x, tf.shape(kernel), d, _STRIDES, "SAME")
+            u, tf.shape(kernel), d, _STRIDES, "SAME")
         db = tf.reduce_sum(d, axis=[0, 1, 2])
-        return dx, dk, db
+        return g * s, du, dk, db
 
     return x * s, grad
 
@@ -68,6 +97,8 @@ class Sparta(keras.layers.Layer):
     channel. The kernel starts as `beta0` at its centre and 0 elsewhere, and the
     bias at 0, so the layer starts out as Swish `x * sigmoid(beta0 * x)`
     (`beta0 = 1` is SiLU). With `kernel_size=1` it stays in the Swish family.
+    With `normalize_gate_input`, the gate is `sigmoid(DW_k(normalized(x)) + b)`:
+    it sees each feature map divided by its root mean square (`normalized`).
 
     Args:
         kernel_size: odd int, the size k of the depthwise gate kernel.
@@ -76,6 +107,9 @@ class Sparta(keras.layers.Layer):
             (the hand-written exact gradient, less activation memory); if
             False, through autodiff of `sparta_forward`. Both give the same
             numbers.
+        normalize_gate_input: if True, the gate sees `normalized(x)`, so it
+            does not depend on the scale of each feature map. Off by default
+            (the README's ablation).
         kernel_regularizer: optional regularizer for the gate kernel.
         bias_regularizer: optional regularizer for the gate bias.
         **kwargs: the usual Keras layer arguments (`name`, `dtype`,
@@ -86,13 +120,15 @@ class Sparta(keras.layers.Layer):
     """
 
     def __init__(self, kernel_size=3, beta0=1.0, use_custom_gradient=True,
-                 kernel_regularizer=None, bias_regularizer=None, **kwargs):
+                 normalize_gate_input=False, kernel_regularizer=None,
+                 bias_regularizer=None, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int; got {kernel_size!r}.")
         self.kernel_size = kernel_size
         self.beta0 = float(beta0)
         self.use_custom_gradient = bool(use_custom_gradient)
+        self.normalize_gate_input = bool(normalize_gate_input)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
 
@@ -115,11 +151,13 @@ class Sparta(keras.layers.Layer):
         kernel = tf.cast(self.kernel, inputs.dtype)
         bias = tf.cast(self.bias, inputs.dtype)
         fn = sparta_exact if self.use_custom_gradient else sparta_forward
-        return fn(inputs, kernel, bias)
+        return fn(inputs, kernel, bias, normalize=self.normalize_gate_input)
 
     def gate(self, inputs):
         """The attention map `sigmoid(DW_k(x) + b)`, for plots and analysis."""
         inputs = tf.convert_to_tensor(inputs, self.compute_dtype)
+        if self.normalize_gate_input:
+            inputs = tf.cast(normalized(inputs), inputs.dtype)
         z = tf.nn.depthwise_conv2d(inputs, tf.cast(self.kernel, inputs.dtype),
                                    _STRIDES, "SAME")
         return tf.sigmoid(z + tf.cast(self.bias, inputs.dtype))
@@ -133,6 +171,7 @@ class Sparta(keras.layers.Layer):
             "kernel_size": self.kernel_size,
             "beta0": self.beta0,
             "use_custom_gradient": self.use_custom_gradient,
+            "normalize_gate_input": self.normalize_gate_input,
             "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
             "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
         })

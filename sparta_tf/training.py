@@ -166,6 +166,7 @@ class TrainConfig:
     sparta_kernel_size: int = 3
     sparta_beta0: float = 1.0
     sparta_custom_gradient: bool = True
+    sparta_normalize_gate_input: bool = False
     epochs: int = 5
     batch_size: int = 128
     lr: float = 0.1
@@ -190,13 +191,14 @@ class TrainConfig:
     IDENTITY = ("dataset", "max_train", "model", "activation", "width_multiplier",
                 "sparta_sharing", "sparta_kernel_size", "sparta_beta0", "objective", "eps",
                 "pgd_steps", "pgd_step_size", "trades_beta", "batch_size", "seed",
-                "sparta_lr_multiplier")
+                "sparta_lr_multiplier", "sparta_normalize_gate_input")
 
     def activation_kwargs(self):
         if self.activation != "sparta":
             return {}
         return {"kernel_size": self.sparta_kernel_size, "beta0": self.sparta_beta0,
-                "use_custom_gradient": self.sparta_custom_gradient}
+                "use_custom_gradient": self.sparta_custom_gradient,
+                "normalize_gate_input": self.sparta_normalize_gate_input}
 
     def to_json(self):
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

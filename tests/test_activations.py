@@ -67,8 +67,9 @@ def test_sparta_with_kernel_size_1_starts_as_silu():
 
 def test_sparta_kwargs_reach_the_layer():
     layer = activations.get("sparta", kernel_size=5, beta0=2.0, use_custom_gradient=False,
-                            kernel_regularizer="l2")()
-    assert (layer.kernel_size, layer.beta0, layer.use_custom_gradient) == (5, 2.0, False)
+                            normalize_gate_input=True, kernel_regularizer="l2")()
+    assert (layer.kernel_size, layer.beta0, layer.use_custom_gradient,
+            layer.normalize_gate_input) == (5, 2.0, False, True)
     assert isinstance(layer.kernel_regularizer, keras.regularizers.L2)
     layer(_x())
     assert tuple(layer.kernel.shape) == (5, 5, 3, 1)

@@ -239,10 +239,14 @@ def test_ablation_table_names_what_each_variant_changes(grid):
     rows = compare.ablation_table([results, k1]).splitlines()
     assert rows[0] == "| variant | clean, seed 0 | PGD-1, seed 0 | clean | PGD-1 | n |"
     assert rows[2].startswith("| baseline (k 3, beta0 1, sharing layer, Sparta weight decay "
-                              "on, Sparta lr x1, custom gradient on) |")
+                              "on, Sparta lr x1, custom gradient on, gate input normalised "
+                              "off) |")
     (cell,) = [c for c in k1["cells"] if c["objective"] == "pgd" and c["activation"] == "sparta"]
     clean = f"{100 * cell['clean']:.1f}"
     assert rows[3] == f"| k 1 | {clean} | 12.5 | {clean} | 12.5 | 1 |"
+    k1["train"]["sparta_normalize_gate_input"] = True
+    assert compare.ablation_table([results, k1]).splitlines()[3].startswith(
+        "| k 1, gate input normalised on |")
     k1["settings"]["pgd_steps"] = 7
     with pytest.raises(ValueError, match=r"differs in \['pgd_steps'\]"):
         compare.ablation_table([results, k1])

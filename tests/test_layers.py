@@ -1,5 +1,7 @@
 """Tests of sparta_tf.layers: Sparta's math, its exact custom gradient, Keras plumbing."""
 
+import functools
+
 import numpy as np
 import pytest
 import keras
@@ -42,10 +44,29 @@ def test_custom_gradient_matches_autodiff(shape, kernel_size, dtype, tol):
         assert err <= tol, f"{name}: max abs difference {err:.3g} > {tol:g} at shape {shape}"
 
 
-@pytest.mark.parametrize("shape", [(1, 3, 5, 2), (2, 1, 1, 3), (1, 5, 3, 1)])
-def test_custom_gradient_matches_finite_differences(shape):
+@pytest.mark.parametrize("dtype,tol", [(tf.float32, 1e-5), (tf.float64, 1e-12)])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_custom_gradient_matches_autodiff_with_normalised_gate_input(shape, dtype, tol):
+    x, k, b = _params(shape, 3, dtype, seed=sum(shape))
+    upstream = tf.constant(np.random.default_rng(2).normal(size=shape), dtype)
+    exact, auto = (functools.partial(f, normalize=True)
+                   for f in (layers.sparta_exact, layers.sparta_forward))
+    np.testing.assert_allclose(exact(x, k, b), auto(x, k, b), atol=tol)
+    for name, g1, g2 in zip(("dX", "dK", "db"), _grads(exact, x, k, b, upstream),
+                            _grads(auto, x, k, b, upstream)):
+        err = float(tf.reduce_max(tf.abs(g1 - g2)))
+        assert err <= 10 * tol, f"{name}: max abs difference {err:.3g} at shape {shape}"
+
+
+# Not normalised at H = W = 1: there the gate input is x / sqrt(x^2 + 1e-6), too
+# steep near 0 for finite differences (autodiff checks it above).
+@pytest.mark.parametrize("shape,normalize", [
+    ((1, 3, 5, 2), False), ((2, 1, 1, 3), False), ((1, 5, 3, 1), False),
+    ((1, 3, 5, 2), True), ((2, 4, 3, 3), True)])
+def test_custom_gradient_matches_finite_differences(shape, normalize):
     x, k, b = _params(shape, 3, tf.float64, seed=7)
-    theoretical, numerical = tf.test.compute_gradient(layers.sparta_exact, [x, k, b])
+    exact = functools.partial(layers.sparta_exact, normalize=normalize)
+    theoretical, numerical = tf.test.compute_gradient(exact, [x, k, b])
     for name, t, n in zip(("dX", "dK", "db"), theoretical, numerical):
         err = np.max(np.abs(t - n))
         assert err < 1e-6, f"{name}: custom gradient vs finite differences differ by {err:.3g}"
@@ -58,6 +79,18 @@ def test_starts_as_swish():
         np.testing.assert_allclose(layer(x), x * tf.sigmoid(beta0 * x), rtol=1e-6, atol=1e-6)
     assert layer.kernel.shape == (5, 5, 3, 1) and layer.bias.shape == (3,)
     assert layer.count_params() == 5 * 5 * 3 + 3
+
+
+def test_normalised_gate_input_makes_the_layer_positively_homogeneous():
+    x = tf.random.stateless_normal([2, 6, 5, 3], seed=[0, 1])
+    scaled = {}
+    for normalize in (False, True):
+        layer = layers.Sparta(normalize_gate_input=normalize)
+        layer.build(x.shape)
+        layer.kernel.assign(tf.random.stateless_normal(layer.kernel.shape, seed=[2, 3]))
+        scaled[normalize] = float(tf.reduce_max(tf.abs(layer(5.0 * x) - 5.0 * layer(x))))
+        np.testing.assert_allclose(layer.gate(x) * x, layer(x), rtol=1e-5, atol=1e-6)
+    assert scaled[True] < 1e-4 < 0.1 < scaled[False]
 
 
 def test_gate_is_spatial_and_in_unit_interval():
@@ -104,7 +137,7 @@ class SubclassedNet(keras.Model):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.conv = keras.layers.Conv2D(4, 3)
-        self.act = layers.Sparta(use_custom_gradient=False)
+        self.act = layers.Sparta(use_custom_gradient=False, normalize_gate_input=True)
         self.head = keras.layers.Dense(2)
 
     def call(self, x):
@@ -130,10 +163,10 @@ def test_keras_save_load_round_trip(make, tmp_path):
 
 def test_get_config_round_trip():
     layer = layers.Sparta(kernel_size=5, beta0=3.0, use_custom_gradient=False,
-                          kernel_regularizer="l2", name="s")
+                          normalize_gate_input=True, kernel_regularizer="l2", name="s")
     clone = layers.Sparta.from_config(layer.get_config())
-    assert (clone.kernel_size, clone.beta0, clone.use_custom_gradient, clone.name) == (
-        5, 3.0, False, "s")
+    assert (clone.kernel_size, clone.beta0, clone.use_custom_gradient,
+            clone.normalize_gate_input, clone.name) == (5, 3.0, False, True, "s")
     assert isinstance(clone.kernel_regularizer, keras.regularizers.L2)
 
 

@@ -28,7 +28,7 @@ def test_bad_flag_is_a_usage_error_without_traceback(flag, needle):
 
 def test_paper_preset_on_tiny_data_and_overrides(tmp_path):
     out = _train("--config=paper", "--dataset=bundled", *TINY, "--eval_pgd_steps=1",
-                 f"--model_dir={tmp_path}")
+                 "--sparta_normalize_gate_input", f"--model_dir={tmp_path}")
     assert out.returncode == 0, out.stderr[-3000:]
     config = json.load(open(tmp_path / "config.json"))
     # From the preset:
@@ -37,7 +37,7 @@ def test_paper_preset_on_tiny_data_and_overrides(tmp_path):
     assert abs(config["eps"] - 8 / 255) < 1e-12 and config["weight_decay"] == 5e-4
     # From the command line, over the preset:
     assert config["dataset"] == "bundled" and config["epochs"] == 1
-    assert config["width_multiplier"] == 0.0625
+    assert config["width_multiplier"] == 0.0625 and config["sparta_normalize_gate_input"]
     assert os.path.exists(tmp_path / "export" / "1" / "saved_model.pb")
     assert "pgd1" in out.stdout and "exported" in out.stdout
 

@@ -4,7 +4,8 @@
 
 Each argument is the --model_dir of a `sparta-compare` run (or its comparison.json);
 the first is the baseline, the others change settings of Sparta only (--sparta_kernel_size,
---sparta_beta0, --sparta_sharing, --sparta_weight_decay, --sparta_custom_gradient).
+--sparta_beta0, --sparta_sharing, --sparta_weight_decay, --sparta_lr_multiplier,
+--sparta_custom_gradient, --sparta_normalize_gate_input).
 See `sparta_tf.compare.ablation_table`.
 """
 
