@@ -10,6 +10,8 @@
   output (e.g. ReLU against Sparta).
 - `gate_weights(model, path)`: per Sparta layer, what its gate learned: the
   kernel's centre weight, the weight on the neighbours, and the bias.
+- `gate_spread(model, x)` (a measurement, no picture): per Sparta layer, how
+  far its gate is from 1/2 on images `x`, and the scale of its input.
 
 Figures are drawn on `matplotlib.figure.Figure` (the Agg canvas), without
 pyplot, so no global backend is set. Models are the functional Keras models of
@@ -140,6 +142,25 @@ def relative_change(model, x_clean, x_adv):
         ratio = np.linalg.norm(a - c, axis=1) / np.maximum(np.linalg.norm(c, axis=1), 1e-12)
         change[layer.name.partition("_")[2]] = float(ratio.mean())
     return change
+
+
+def gate_spread(model, x):
+    """Per Sparta layer (depth order): how much its gate gates, on images `x`.
+
+    A gate of 1/2 everywhere makes Sparta the linear `x / 2`; a gate near 0 or
+    1 is a hard, ReLU-like switch. Measured at the layer's first call.
+
+    Returns: `{layer name: {"input_rms", "gate_from_half"}}`: the root mean
+        square of the layer's input, and the mean of `|sigmoid(Z) - 1/2|`
+        over images, positions and channels (0 to 1/2).
+    """
+    found = [l for l in model.layers if isinstance(l, layers.Sparta)]
+    if not found:
+        raise ValueError(f"Model {model.name!r} has no Sparta layer.")
+    inputs = _outputs(model, [l.input for l in found], np.asarray(x, np.float32))
+    return {l.name: {"input_rms": float(np.sqrt(np.mean(np.square(v)))),
+                     "gate_from_half": float(np.mean(np.abs(np.asarray(l.gate(v)) - 0.5)))}
+            for l, v in zip(found, inputs)}
 
 
 def activation_change(models, x_clean, x_adv, path):

@@ -167,6 +167,28 @@ def test_gate_weights_measure_the_kernel(tmp_path):
                                         input_shape=(16, 16, 3)), tmp_path / "x.png")
 
 
+def test_gate_spread_measures_the_gate(tmp_path):
+    model = models.build("resnet18", 10, "sparta", 0.0625, activation_kwargs={"beta0": 0.0})
+    x = np.random.default_rng(0).uniform(size=(4, 32, 32, 3)).astype("float32")
+    spread = plots.gate_spread(model, x)
+    assert list(spread)[:2] == ["sparta_stem", "sparta_s1b0_1"] and len(spread) == 17
+    assert all(s["gate_from_half"] == 0.0 for s in spread.values())
+    bn = np.asarray(keras.Model(model.input, model.get_layer("stem_bn").output)(x))
+    np.testing.assert_allclose(spread["sparta_stem"]["input_rms"],
+                               np.sqrt(np.mean(np.square(bn))), rtol=1e-5)
+    stem = model.get_layer("sparta_stem")
+    stem.bias.assign(np.full(stem.bias.shape, 20.0, np.float32))  # gate 1: no gating
+    assert plots.gate_spread(model, x)["sparta_stem"]["gate_from_half"] > 0.4999
+    with pytest.raises(ValueError, match="no Sparta layer"):
+        plots.gate_spread(models.build("resnet18", 10, "relu", 0.0625), x)
+    model.save(tmp_path / "m.keras")
+    out = subprocess.run([sys.executable, "tools/gate_spread.py", str(tmp_path / "m.keras"),
+                          "bundled", "20", str(tmp_path / "data")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| sparta_stem | " in out.stdout and out.stdout.count("\n") == 19
+
+
 def test_plots_of_a_stage_shared_sparta(tmp_path):
     keras.utils.set_random_seed(0)
     model = models.build("resnet18", 10, "sparta", 0.0625, sparta_sharing="stage",
