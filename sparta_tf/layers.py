@@ -107,11 +107,11 @@ class Sparta(keras.layers.Layer):
             (the hand-written exact gradient, less activation memory); if
             False, through autodiff of `sparta_forward`. Both give the same
             numbers.
+        kernel_regularizer: optional regularizer for the gate kernel.
+        bias_regularizer: optional regularizer for the gate bias.
         normalize_gate_input: if True, the gate sees `normalized(x)`, so it
             does not depend on the scale of each feature map. Off by default
             (the README's ablation).
-        kernel_regularizer: optional regularizer for the gate kernel.
-        bias_regularizer: optional regularizer for the gate bias.
         **kwargs: the usual Keras layer arguments (`name`, `dtype`,
             `trainable`, ...).
 
@@ -120,8 +120,8 @@ class Sparta(keras.layers.Layer):
     """
 
     def __init__(self, kernel_size=3, beta0=1.0, use_custom_gradient=True,
-                 normalize_gate_input=False, kernel_regularizer=None,
-                 bias_regularizer=None, **kwargs):
+                 kernel_regularizer=None, bias_regularizer=None,
+                 normalize_gate_input=False, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int; got {kernel_size!r}.")
