@@ -20,12 +20,11 @@ def normalized(x, epsilon=1e-6):
 
     The optional normalised gate input: it makes the gate blind to the scale of
     each feature map, so `Sparta(c * x) = c * Sparta(x)` for c > 0. Half
-    precision is computed in float32.
+    precision is computed in float32 and returned in x's dtype.
     """
-    dtype = tf.float32 if x.dtype in (tf.float16, tf.bfloat16) else x.dtype
-    x = tf.cast(x, dtype)
-    rms = tf.sqrt(tf.reduce_mean(tf.square(x), axis=[1, 2], keepdims=True) + epsilon)
-    return x / rms
+    wide = tf.cast(x, tf.float32 if x.dtype in (tf.float16, tf.bfloat16) else x.dtype)
+    rms = tf.sqrt(tf.reduce_mean(tf.square(wide), axis=[1, 2], keepdims=True) + epsilon)
+    return tf.cast(wide / rms, x.dtype)
 
 
 def sparta_forward(x, kernel, bias, normalize=False):
@@ -33,7 +32,7 @@ def sparta_forward(x, kernel, bias, normalize=False):
 
     With `normalize`, the gate sees `normalized(x)` in place of `x`.
     """
-    u = tf.cast(normalized(x), x.dtype) if normalize else x
+    u = normalized(x) if normalize else x
     z = tf.nn.depthwise_conv2d(u, kernel, _STRIDES, "SAME") + bias
     return x * tf.sigmoid(z)
 
@@ -44,7 +43,7 @@ def sparta_exact(x, kernel, bias, normalize=False):
     See `_gated`; with `normalize`, autodiff carries the gate input's gradient
     on through `normalized`.
     """
-    u = tf.cast(normalized(x), x.dtype) if normalize else x
+    u = normalized(x) if normalize else x
     return _gated(x, u, kernel, bias)
 
 
@@ -157,7 +156,7 @@ class Sparta(keras.layers.Layer):
         """The attention map `sigmoid(DW_k(x) + b)`, for plots and analysis."""
         inputs = tf.convert_to_tensor(inputs, self.compute_dtype)
         if self.normalize_gate_input:
-            inputs = tf.cast(normalized(inputs), inputs.dtype)
+            inputs = normalized(inputs)
         z = tf.nn.depthwise_conv2d(inputs, tf.cast(self.kernel, inputs.dtype),
                                    _STRIDES, "SAME")
         return tf.sigmoid(z + tf.cast(self.bias, inputs.dtype))

@@ -154,8 +154,8 @@ def gate_spread(model, x):
         square of the layer's input, and the mean of `|sigmoid(Z) - 1/2|`
         over images, positions and channels (0 to 1/2).
     """
-    found = [l for l in model.layers if isinstance(l, layers.Sparta)]
-    if not found:
+    found = [l for l in getattr(model, "layers", []) if isinstance(l, layers.Sparta)]
+    if not found:  # also a SavedModel's TFSMLayer, which has no layers
         raise ValueError(f"Model {model.name!r} has no Sparta layer.")
     inputs = _outputs(model, [l.input for l in found], np.asarray(x, np.float32))
     return {l.name: {"input_rms": float(np.sqrt(np.mean(np.square(v)))),

@@ -181,8 +181,9 @@ def test_gate_spread_measures_the_gate(tmp_path):
     assert plots.gate_spread(model, x)["sparta_stem"]["gate_from_half"] > 0.4999
     with pytest.raises(ValueError, match="no Sparta layer"):
         plots.gate_spread(models.build("resnet18", 10, "relu", 0.0625), x)
-    model.save(tmp_path / "m.keras")
-    out = subprocess.run([sys.executable, "tools/gate_spread.py", str(tmp_path / "m.keras"),
+    os.makedirs(tmp_path / "run")
+    model.save(tmp_path / "run" / "model.keras")
+    out = subprocess.run([sys.executable, "tools/gate_spread.py", str(tmp_path / "run"),
                           "bundled", "20", str(tmp_path / "data")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -81,6 +81,16 @@ def test_starts_as_swish():
     assert layer.count_params() == 5 * 5 * 3 + 3
 
 
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float16])
+def test_normalized_divides_each_feature_map_by_its_rms(dtype):
+    scales = np.array([0.1, 1.0, 300.0])  # one per channel, and per example below
+    x = np.random.default_rng(3).normal(size=(2, 5, 4, 3)) * scales * [[[[1.0]]], [[[7.0]]]]
+    u = layers.normalized(tf.constant(x, dtype))
+    assert u.dtype == dtype
+    rms = np.sqrt(np.mean(np.square(np.asarray(u, np.float64)), axis=(1, 2)))
+    np.testing.assert_allclose(rms, np.ones((2, 3)), rtol=2e-3)
+
+
 def test_normalised_gate_input_makes_the_layer_positively_homogeneous():
     x = tf.random.stateless_normal([2, 6, 5, 3], seed=[0, 1])
     scaled = {}

@@ -1,27 +1,27 @@
 """Print, per Sparta layer of a model, how far its gate is from 1/2 on test images.
 
-    python tools/gate_spread.py MODEL.keras [DATASET [NUM_EXAMPLES [DATA_DIR]]]
+    python tools/gate_spread.py MODEL [DATASET [NUM_EXAMPLES [DATA_DIR]]]
 
-DATASET is as the trainers' --dataset (default: bundled); the images are a
+MODEL is a model_dir or a `.keras` file (not a SavedModel: it has no layers). DATASET is as the trainers' --dataset (default: bundled); the images are a
 class-balanced sample of its test split (default 200). See
 `sparta_tf.plots.gate_spread`.
 """
 
 import sys
 
-import keras
+import numpy as np
 
-from sparta_tf import data, plots
+from sparta_tf import data, evaluation, plots
 
 
 def main(args):
     if not 1 <= len(args) <= 4:
         sys.exit(__doc__)
     path, dataset, n, data_dir = args + [None, "bundled", "200", None][len(args):]
-    model = keras.models.load_model(path)
-    ds = data.load(dataset, data_dir=data_dir, max_train=10, max_test=int(n))
+    model = evaluation.load_model(path)
+    ds = data.load(dataset, data_dir=data_dir, max_train=1, max_test=int(n))
     try:
-        spread = plots.gate_spread(model, ds.x_test / 255.0)
+        spread = plots.gate_spread(model, ds.x_test / np.float32(255))
     except ValueError as e:
         sys.exit(f"error: {e}")
     print("| layer | input RMS | mean abs(gate - 1/2) |\n| --- | ---: | ---: |")
