@@ -213,3 +213,56 @@ class FReLU(keras.layers.Layer):
         config = super().get_config()
         config["kernel_size"] = self.kernel_size
         return config
+
+
+@keras.saving.register_keras_serializable(package="sparta_tf")
+class NonLocalMeans(keras.layers.Layer):
+    """Non-local means over positions (Xie et al., CVPR 2019, "Feature Denoising").
+
+    For a feature map with positions i, j (all H x W of them) and C channels:
+
+        y_i = sum_j softmax_j(theta(x_i) . phi(x_j) / sqrt(C_e)) * x_j
+
+    `theta` and `phi` are 1x1 convolutions to `C_e = max(1, C // 2)` channels
+    (the "embedded Gaussian" version, the one Xie et al. found best); with
+    `embed=False` they are the identity and `C_e = C`. The denoising block of
+    `sparta_tf.models` follows it with a 1x1 convolution and BN and adds it
+    back to `x`.
+
+    Args:
+        embed: whether theta and phi are learned 1x1 convolutions.
+        **kwargs: the usual Keras layer arguments.
+    """
+
+    def __init__(self, embed=True, **kwargs):
+        super().__init__(**kwargs)
+        self.embed = bool(embed)
+
+    def build(self, input_shape):
+        _check_nhwc(self, input_shape)
+        channels = input_shape[-1]
+        self.embed_channels = max(1, channels // 2) if self.embed else channels
+        if self.embed:
+            self.theta = keras.layers.Conv2D(self.embed_channels, 1, use_bias=False,
+                                             dtype=self.dtype_policy, name="theta")
+            self.phi = keras.layers.Conv2D(self.embed_channels, 1, use_bias=False,
+                                           dtype=self.dtype_policy, name="phi")
+            self.theta.build(input_shape)
+            self.phi.build(input_shape)
+
+    def call(self, inputs):
+        theta = self.theta(inputs) if self.embed else inputs
+        phi = self.phi(inputs) if self.embed else inputs
+        shape = tf.shape(inputs)
+        flat = lambda t: tf.reshape(t, [shape[0], shape[1] * shape[2], t.shape[-1]])
+        scores = tf.matmul(flat(theta), flat(phi), transpose_b=True)  # [N, HW, HW]
+        weights = tf.nn.softmax(scores * tf.cast(self.embed_channels ** -0.5, scores.dtype))
+        return tf.reshape(tf.matmul(weights, flat(inputs)), shape)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config["embed"] = self.embed
+        return config

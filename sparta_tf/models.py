@@ -43,6 +43,13 @@ stage, which sees the previous stage's width), those of each other width share
 a second layer, `sparta_s{stage}_c{channels}`. Stage sharing is for Sparta
 only: asking it for another activation is a ValueError.
 
+Feature denoising (Xie et al., CVPR 2019), the other comparison that Sparta's
+paper names: with `denoise="nonlocal"` or `"mean"`, a denoising block follows
+every stage: `x + BN(conv1x1(D(x)))`, where `D` is `layers.NonLocalMeans`
+(embedded Gaussian non-local means) or a 3x3 mean filter. The BN's scale
+starts at 0, so each block starts as the identity. Its layers are
+`s{stage}_denoise` (the filter), `s{stage}_denoise_conv`, `_bn` and `_add`.
+
 Other layers are named `stem_conv`, `stem_bn`, `s{stage}b{block}_conv{j}`,
 `s{stage}b{block}_bn{j}`, `s{stage}b{block}_shortcut_conv`/`_bn`,
 `s{stage}b{block}_add`, `head_bn`, `normalize`, `pool` and `logits`; the input
@@ -54,12 +61,13 @@ import functools
 
 import keras
 
-from sparta_tf import activations
+from sparta_tf import activations, layers
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 
 SHARING = ("layer", "stage")
+DENOISE = ("none", "nonlocal", "mean")
 
 
 class _Activations:
@@ -101,6 +109,18 @@ def _bn(x, name):
     # the statistics under MirroredStrategy are those of the global batch.
     return keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, synchronized=True,
                                            name=name)(x)
+
+
+def _denoise_block(x, kind, prefix):
+    """`x + BN(conv1x1(D(x)))`, D non-local means or a 3x3 mean filter; starts as x."""
+    if kind == "nonlocal":
+        y = layers.NonLocalMeans(name=prefix)(x)
+    else:
+        y = keras.layers.AveragePooling2D(3, strides=1, padding="same", name=prefix)(x)
+    y = _conv(y, x.shape[-1], 1, 1, f"{prefix}_conv")
+    y = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, synchronized=True,
+                                        gamma_initializer="zeros", name=f"{prefix}_bn")(y)
+    return keras.layers.Add(name=f"{prefix}_add")([x, y])
 
 
 def _keeps_shape(x, width, stride):
@@ -171,7 +191,7 @@ NAMES = tuple(_ARCHITECTURES)
 
 def build(name, num_classes, activation="relu", width_multiplier=1.0,
           sparta_sharing="layer", input_shape=(32, 32, 3), activation_kwargs=None,
-          mean=CIFAR10_MEAN, std=CIFAR10_STD):
+          mean=CIFAR10_MEAN, std=CIFAR10_STD, denoise="none"):
     """Builds network `name` with activation `activation`, named `{name}_{act}`.
 
     Args:
@@ -186,17 +206,21 @@ def build(name, num_classes, activation="relu", width_multiplier=1.0,
             e.g. `{"kernel_size": 3, "beta0": 1.0}` for sparta.
         mean, std: per-channel statistics of the pixels, for the
             normalisation that the model starts with.
+        denoise: one of `DENOISE`: a feature-denoising block after every
+            stage ("nonlocal" or "mean"), or none.
 
     Returns:
         A `keras.Model` from pixels in [0, 1] to float32 logits of shape
         `(batch, num_classes)`.
 
     Raises:
-        ValueError: for an unknown `name`, `activation` or `sparta_sharing`,
-            or stage sharing for an activation other than sparta.
+        ValueError: for an unknown `name`, `activation`, `sparta_sharing` or
+            `denoise`, or stage sharing for an activation other than sparta.
     """
     if name not in _ARCHITECTURES:
         raise ValueError(f"Unknown model {name!r}; valid names: {', '.join(NAMES)}.")
+    if denoise not in DENOISE:
+        raise ValueError(f"Unknown denoise {denoise!r}; valid values: {', '.join(DENOISE)}.")
     arch = _ARCHITECTURES[name]
     acts = _Activations(activation, activation_kwargs, sparta_sharing)
 
@@ -217,6 +241,8 @@ def build(name, num_classes, activation="relu", width_multiplier=1.0,
         for block in range(blocks):
             stride = 2 if stage > 1 and block == 0 else 1
             x = arch.block(x, scale(width), stride, act, f"s{stage}b{block}")
+        if denoise != "none":
+            x = _denoise_block(x, denoise, f"s{stage}_denoise")
     if arch.head_activation:  # `act` is still the last stage's
         x = act(_bn(x, "head_bn"), "head")
 

@@ -206,3 +206,35 @@ def test_frelu_is_max_of_x_and_bn_dw():
     z = layer.bn(layer.conv(x), training=False)
     np.testing.assert_allclose(y, tf.maximum(x, z), rtol=1e-6)
     assert layer.count_params() == 3 * 3 * 3 + 4 * 3  # depthwise kernel + BN
+
+
+def _non_local_reference(x, theta=None, phi=None):
+    """NumPy non-local means: softmax_j(theta_i . phi_j / sqrt(d)) weighted sum of x_j."""
+    n, h, w, c = x.shape
+    flat = x.reshape(n, h * w, c).astype(np.float64)
+    t = flat if theta is None else flat @ theta.reshape(c, -1)
+    p = flat if phi is None else flat @ phi.reshape(c, -1)
+    scores = np.einsum("nid,njd->nij", t, p) / np.sqrt(t.shape[-1])
+    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    weights /= weights.sum(axis=-1, keepdims=True)
+    return (weights @ flat).reshape(n, h, w, c)
+
+
+@pytest.mark.parametrize("embed", [True, False])
+def test_non_local_means_matches_a_numpy_reference(embed):
+    x = np.random.default_rng(0).normal(size=(2, 3, 5, 6)).astype("float32")
+    layer = layers.NonLocalMeans(embed=embed)
+    y = layer(x).numpy()
+    weights = (layer.theta.kernel.numpy(), layer.phi.kernel.numpy()) if embed else ()
+    np.testing.assert_allclose(y, _non_local_reference(x, *weights), rtol=1e-5, atol=1e-5)
+    assert layer.count_params() == (2 * 6 * 3 if embed else 0)
+    # A weighted mean of the positions: within each channel's range, and a constant map stays.
+    assert (y <= x.max(axis=(1, 2), keepdims=True) + 1e-5).all()
+    flat = np.full((1, 4, 4, 6), 0.7, "float32")
+    np.testing.assert_allclose(layer(flat), flat, rtol=1e-6)
+
+
+def test_non_local_means_config_round_trip():
+    layer = layers.NonLocalMeans(embed=False, name="nl")
+    clone = layers.NonLocalMeans.from_config(layer.get_config())
+    assert (clone.embed, clone.name) == (False, "nl")

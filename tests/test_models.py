@@ -215,3 +215,29 @@ def test_mixed_precision_keeps_float32_logits():
         keras.mixed_precision.set_global_policy("float32")
     assert _spartas(model)[0].compute_dtype == "float16"
     assert model.output.dtype == "float32"
+
+
+@pytest.mark.parametrize("denoise", ["nonlocal", "mean"])
+def test_denoising_blocks_follow_every_stage_and_start_as_the_identity(denoise, tmp_path):
+    plain = models.build("resnet18", 10, "relu", TINY)
+    model = models.build("resnet18", 10, "relu", TINY, denoise=denoise)
+    names = [l.name for l in model.layers]
+    for stage in (1, 2, 3, 4):
+        assert names.index(f"s{stage}_denoise") > names.index(f"relu_s{stage}b1_out")
+        assert _call_inputs(model, f"s{stage}_denoise") == [f"relu_s{stage}b1_out"]
+    # Parameters: per stage of width C a 1x1 conv (C^2) and BN (4C), plus theta and phi.
+    widths = (4, 8, 16, 32)
+    extra = sum(c * c + 4 * c + (2 * c * (c // 2) if denoise == "nonlocal" else 0)
+                for c in widths)
+    assert model.count_params() - plain.count_params() == extra
+    # BN's scale starts at 0, so every block starts as the identity.
+    probe = keras.Model(model.input, [model.get_layer("relu_s2b1_out").output,
+                                      model.get_layer("s2_denoise_add").output])
+    before, after = probe(_pixels((2, 32, 32, 3)), training=False)
+    np.testing.assert_array_equal(before, after)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    x = _pixels((2, 32, 32, 3), seed=1)
+    np.testing.assert_allclose(keras.models.load_model(path)(x), model(x), rtol=1e-6)
+    with pytest.raises(ValueError, match="none, nonlocal, mean"):
+        models.build("resnet18", 10, denoise="median")
