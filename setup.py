@@ -33,5 +33,6 @@ setup(
         "sparta-train = trainers.train:run",
         "sparta-evaluate = trainers.evaluate:run",
         "sparta-compare = trainers.compare:run",
+        "sparta-transfer = trainers.transfer:run",
     ]},
 )

@@ -14,7 +14,7 @@ from flags import core
 from sparta_tf import activations, compare, training
 
 FLAGS = flags.FLAGS
-_ACTIVATIONS = activations.NAMES + ("swish",)
+_ARMS = activations.NAMES + ("swish",) + compare.EXTRA_ARMS
 _PER_CELL = {"activation": "activations", "seed": "seeds", "objective": "objectives"}
 
 
@@ -37,26 +37,38 @@ def _pixel_list(values):
     return True
 
 
-def define_compare():
-    """Defines the training flags of `core` and the flags of the comparison."""
+def define_compare(model_dir="runs/compare", arms=activations.NAMES,
+                   objectives=("pgd", "standard")):
+    """Defines the training flags of `core` and the flags of the comparison, with these defaults."""
     core.define_training()
-    FLAGS.set_default("model_dir", "runs/compare")
+    FLAGS.set_default("model_dir", model_dir)
     for name, plural in _PER_CELL.items():
         flags.register_validator(
             name, lambda _, name=name: not FLAGS[name].present,
             message=f"is set per cell in a comparison; use --{plural}")
+    flags.register_validator(
+        "denoise", lambda _: not FLAGS["denoise"].present,
+        message="is set per arm in a comparison; use --activations=relu_nonlocal (or _mean)")
     flags.register_validator("eps", lambda eps: eps > 0, message="must be > 0 to evaluate")
     flags.register_validator("eval_pgd_steps", lambda steps: steps >= 1,
                              message="must be >= 1: it is the PGD of the table")
-    flags.DEFINE_list("activations", list(activations.NAMES), "Activations to compare.")
+    flags.DEFINE_list("activations", list(arms),
+                      "Arms to compare: activations, or sparta_transfer (Sparta copied from "
+                      "--sparta_from, frozen), or {activation}_nonlocal / {activation}_mean "
+                      "(with feature-denoising blocks).")
     flags.register_validator(
-        "activations", _distinct_in(_ACTIVATIONS),
-        message=f"must be a comma-separated list of distinct activations out of: "
-                f"{', '.join(_ACTIVATIONS)}")
+        "activations", _distinct_in(_ARMS),
+        message=f"must be a comma-separated list of distinct arms out of: "
+                f"{', '.join(activations.NAMES + ('swish',))}, {compare.TRANSFER_ARM}, "
+                "{activation}_nonlocal, {activation}_mean")
+    flags.register_multi_flags_validator(
+        ["activations", "sparta_from"],
+        lambda v: compare.TRANSFER_ARM not in v["activations"] or v["sparta_from"] is not None,
+        message=f"the {compare.TRANSFER_ARM} arm needs --sparta_from (the Sparta to copy)")
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds of every activation.")
     flags.register_validator("seeds", _seeds,
                              message="must be a comma-separated list of distinct ints >= 0")
-    flags.DEFINE_list("objectives", ["pgd", "standard"], "Training objectives to compare.")
+    flags.DEFINE_list("objectives", list(objectives), "Training objectives to compare.")
     flags.register_validator(
         "objectives", _distinct_in(training.OBJECTIVES),
         message=f"must be a comma-separated list of distinct objectives out of: "
@@ -76,11 +88,18 @@ def define_compare():
                 "(floats or fractions like 8/255)")
 
 
+def define_transfer():
+    """The flags of trainers/transfer.py: those of `define_compare`, other defaults."""
+    define_compare("runs/transfer", ("relu", "sparta", compare.TRANSFER_ARM), ("pgd",))
+    flags.mark_flag_as_required("sparta_from")
+
+
 def grid():
     """The keyword arguments of `compare.run_grid` that the parsed flags give, but `base`."""
     return dict(
-        activations=list(dict.fromkeys(activations.canonical_name(a)
-                                       for a in FLAGS.activations)),
+        activations=list(dict.fromkeys(
+            a if a in compare.EXTRA_ARMS else activations.canonical_name(a)
+            for a in FLAGS.activations)),
         seeds=[int(s) for s in FLAGS.seeds], objectives=FLAGS.objectives,
         root=FLAGS.model_dir, make_plots=FLAGS.plots, overwrite=FLAGS.overwrite,
         report_only=FLAGS.report_only,

@@ -81,6 +81,15 @@ def define_model():
                       "Use Sparta's hand-written exact gradient (else autodiff).")
     flags.DEFINE_bool("sparta_normalize_gate_input", _D.sparta_normalize_gate_input,
                       "Sparta's gate sees each feature map divided by its RMS.")
+    flags.DEFINE_string("sparta_from", _D.sparta_from,
+                        "Reuse a trained Sparta: a model_dir of sparta-train or a .keras file "
+                        "whose Sparta parameters are copied in and frozen "
+                        "(sparta_tf.transfer); the rest of the network trains from scratch.")
+    flags.register_validator("sparta_from", lambda path: path is None or os.path.exists(path),
+                             message="must be an existing model_dir or .keras file")
+    flags.DEFINE_enum("denoise", _D.denoise, models.DENOISE,
+                      "A feature-denoising block after every stage (Xie et al. 2019): "
+                      "non-local means, a 3x3 mean filter, or none.")
 
 
 def define_attack():
@@ -124,6 +133,10 @@ def define_training():
                          lower_bound=0)
     flags.register_validator("lr_decay_epochs", _numbers,
                              message="must be a comma-separated list of numbers")
+    flags.register_multi_flags_validator(
+        ["sparta_from", "activation"],
+        lambda v: v["sparta_from"] is None or v["activation"] == "sparta",
+        message="--sparta_from copies Sparta parameters: it needs --activation=sparta")
 
 
 def _numbers(values):
@@ -144,7 +157,8 @@ def apply_preset():
 def train_config():
     """The `training.TrainConfig` that the parsed flags describe."""
     apply_preset()
-    values = {name: FLAGS[name].value for name in training.TrainConfig.__dataclass_fields__}
+    values = {name: FLAGS[name].value for name in training.TrainConfig.__dataclass_fields__
+              if name in FLAGS}  # sparta_from_sha256 is computed, not given
     values["lr_decay_epochs"] = tuple(float(e) for e in values["lr_decay_epochs"])
     values["activation"] = activations.canonical_name(values["activation"])
     return training.TrainConfig(**values)

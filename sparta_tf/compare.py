@@ -1,8 +1,14 @@
-"""The comparison of activations: one training run per objective, activation and seed.
+"""The comparison of activations: one training run per objective, arm and seed.
 
-`run_grid(base, activations, seeds)` trains every cell of the grid with
-`training.run` into `root/{objective}/{activation}/seed{seed}` (a `TrainConfig`
-that differs from `base` only there), evaluates it on the same test images
+An arm is a network variant (`arm_overrides`): an activation name (`relu`,
+`sparta`, ...), `{activation}_{denoise}` for a network with feature-denoising
+blocks (`relu_nonlocal`, `relu_mean`), or `sparta_transfer`, Sparta copied
+from `base.sparta_from` and frozen (`sparta_tf.transfer`).
+
+`run_grid(base, activations, seeds)` trains every cell of the grid (the
+`activations` are arms) with `training.run` into
+`root/{objective}/{arm}/seed{seed}` (a `TrainConfig` that differs from `base`
+only there), evaluates it on the same test images
 (clean, PGD and optionally AutoAttack accuracy, and a robust accuracy against
 eps curve), and writes `comparison.json`, `comparison.md` (`table`) and, with
 `make_plots=True`, the pictures of `sparta_tf.plots` into `root`.
@@ -26,7 +32,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from sparta_tf import attacks, data, evaluation, plots, training
+from sparta_tf import activations as activations_lib
+from sparta_tf import attacks, data, evaluation, models, plots, training
 
 EVAL_FILE = "compare_eval.json"
 METRICS = ("clean", "pgd", "autoattack")
@@ -84,18 +91,45 @@ def evaluate(model, x, y, settings, verbose=False):
     return results
 
 
-def cell_config(base, root, objective, activation, seed):
-    """The `TrainConfig` of one cell: `base` with its model_dir, activation, seed, objective.
+TRANSFER_ARM = "sparta_transfer"
+EXTRA_ARMS = (TRANSFER_ARM,) + tuple(
+    f"{a}_{d}" for a in activations_lib.NAMES for d in models.DENOISE if d != "none")
+
+
+def arm_overrides(arm, base):
+    """The `TrainConfig` fields that arm `arm` sets (see the module docstring).
+
+    Raises:
+        ValueError: an unknown arm, or `sparta_transfer` without `base.sparta_from`.
+    """
+    fields = {"activation": arm, "denoise": "none", "sparta_from": None,
+              "sparta_from_sha256": None}
+    if arm == TRANSFER_ARM:
+        if not base.sparta_from:
+            raise ValueError(f"Arm {arm!r} needs a trained Sparta to copy: set sparta_from.")
+        return {**fields, "activation": "sparta", "sparta_from": base.sparta_from,
+                "sparta_from_sha256": base.sparta_from_sha256}
+    activation, _, denoise = arm.rpartition("_")
+    if denoise in models.DENOISE and activation in activations_lib.NAMES:
+        return {**fields, "activation": activation, "denoise": denoise}
+    if arm not in activations_lib.NAMES:
+        raise ValueError(f"Unknown arm {arm!r}: an activation out of "
+                         f"{', '.join(activations_lib.NAMES)}, or one of {', '.join(EXTRA_ARMS)}.")
+    return fields
+
+
+def cell_config(base, root, objective, arm, seed):
+    """The `TrainConfig` of one cell: `base` with its model_dir, arm, seed, objective.
 
     Activations other than sparta get `sparta_sharing="layer"` (the only kind
     `models.build` allows them).
     """
-    sharing = base.sparta_sharing if activation == "sparta" else "layer"
+    fields = arm_overrides(arm, base)
+    sharing = base.sparta_sharing if fields["activation"] == "sparta" else "layer"
     # eval_pgd_steps=0: training.run evaluates clean accuracy only; `evaluate` does the rest.
     return dataclasses.replace(
-        base, model_dir=os.path.join(root, objective, activation, f"seed{seed}"),
-        activation=activation, seed=seed, objective=objective, sparta_sharing=sharing,
-        eval_pgd_steps=0)
+        base, model_dir=os.path.join(root, objective, arm, f"seed{seed}"), seed=seed,
+        objective=objective, sparta_sharing=sharing, eval_pgd_steps=0, **fields)
 
 
 def _key(config, settings):
@@ -174,12 +208,43 @@ def _percent(stats):
     return f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f}"
 
 
+def _seed_by_seed(cells, objective, arms, seeds):
+    """Rows `| arm | clean / PGD at seed s | ... |`, "-" where a cell is missing."""
+    at = {(c["activation"], c["seed"]): c for c in cells if c["objective"] == objective}
+    lines = ["| seed by seed: clean / PGD | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "| --- |" + " ---: |" * len(seeds)]
+    for arm in arms:
+        values = [f"{100 * at[arm, s]['clean']:.1f} / {100 * at[arm, s]['pgd']:.1f}"
+                  if (arm, s) in at else "-" for s in seeds]
+        lines.append(f"| {arm} | " + " | ".join(values) + " |")
+    return lines
+
+
+def _eps_table(cells, objective, arms):
+    """Rows `| arm | PGD accuracy at each eps of the curve, mean ± std |`; none without a curve."""
+    curves = {}
+    for c in cells:
+        if c["objective"] == objective and c["eps_curve"]:
+            curves.setdefault(c["activation"], []).append([acc for _, acc in c["eps_curve"]])
+    if not curves:
+        return []
+    eps = [e for e, _ in next(c for c in cells if c["objective"] == objective)["eps_curve"]]
+    lines = ["| PGD accuracy at eps | " + " | ".join(evaluation.eps_text(e) for e in eps)
+             + " |", "| --- |" + " ---: |" * len(eps)]
+    for arm in arms:
+        if arm in curves:
+            stats = [_stats(list(v)) for v in zip(*curves[arm])]
+            lines.append(f"| {arm} | " + " | ".join(_percent(s) for s in stats) + " |")
+    return lines
+
+
 def table(results):
-    """The comparison as Markdown: one table per objective, a row per activation.
+    """The comparison as Markdown: per objective, a table with a row per arm, then seed by seed.
 
     Columns: clean, PGD and AutoAttack test accuracy in %, as mean ± sample std
     over the seeds (just the mean for one seed; "-" where not run), and n, the
-    number of seeds.
+    number of seeds. Below it, clean / PGD accuracy seed by seed, and PGD
+    accuracy along the eps curve (mean ± std).
     """
     s = results["settings"]
     train = results["train"]
@@ -191,18 +256,26 @@ def table(results):
              + (" and AutoAttack (APGD-CE, APGD-T, Square; `sparta_tf.evaluation.autoattack`)."
                 if s["autoattack"] else "; AutoAttack not run.")
              + " Mean ± sample std over n seeds.", ""]
+    if any(c["activation"] == TRANSFER_ARM for c in results["cells"]):
+        lines += [f"`{TRANSFER_ARM}`: Sparta ({train['sparta_sharing']} sharing) copied from "
+                  f"`{train['sparta_from']}` (sha256 {train['sparta_from_sha256'][:16]}...) "
+                  "and frozen; the rest of the network trained from scratch.", ""]
+    seeds = sorted({c["seed"] for c in results["cells"]})
     for objective in dict.fromkeys(r["objective"] for r in results["summary"]):
         title = {"standard": "Standard training",
                  "pgd": f"PGD-{train['pgd_steps']} adversarial training",
                  "trades": f"TRADES (beta {train['trades_beta']}, PGD-{train['pgd_steps']})",
                  }[objective]
+        rows = [r for r in results["summary"] if r["objective"] == objective]
         lines += [f"## {title}", "",
                   f"| activation | clean | PGD-{s['pgd_steps']} | AutoAttack | n |",
                   "| --- | ---: | ---: | ---: | ---: |"]
         lines += [f"| {r['activation']} | {_percent(r['clean'])} | {_percent(r['pgd'])} | "
-                  f"{_percent(r['autoattack'])} | {len(r['seeds'])} |"
-                  for r in results["summary"] if r["objective"] == objective]
-        lines.append("")
+                  f"{_percent(r['autoattack'])} | {len(r['seeds'])} |" for r in rows]
+        arms = [r["activation"] for r in rows]
+        lines += ["", *_seed_by_seed(results["cells"], objective, arms, seeds), ""]
+        eps_lines = _eps_table(results["cells"], objective, arms)
+        lines += [*eps_lines, ""] if eps_lines else []
     if results.get("missing"):
         lines += [f"Not finished, so not in the table: {len(results['missing'])} cells "
                   f"({', '.join(results['missing'])}).", ""]
@@ -268,8 +341,10 @@ def run_grid(base, activations, seeds, objectives=("pgd", "standard"), root="run
     Args:
         base: the `training.TrainConfig` that every cell starts from (its data,
             model, recipe; its model_dir, activation, seed and objective are
-            replaced, see `cell_config`).
-        activations: canonical activation names (`activations.NAMES`).
+            replaced, see `cell_config`; its `sparta_from` is the source of
+            the `sparta_transfer` arm).
+        activations: arms: canonical activation names (`activations.NAMES`)
+            or `EXTRA_ARMS`.
         seeds: training seeds.
         objectives: names out of `training.OBJECTIVES`.
         root: the folder of the cells and of the reports.
@@ -294,6 +369,10 @@ def run_grid(base, activations, seeds, objectives=("pgd", "standard"), root="run
         what `training.run` and `data.load` raise, e.g.
         `training.ConfigMismatchError` for a root of another configuration.
     """
+    for arm in activations:  # every arm's config is valid before anything trains
+        arm_overrides(arm, base)
+    if TRANSFER_ARM in activations:
+        base, _ = training.with_sparta_source(base)  # its sha256 is part of the cells' key
     ds = data.load(base.dataset, base.data_dir, max_train=1, max_test=base.max_test,
                    seed=settings.seed)  # only the test split is used
     cells, missing = [], []

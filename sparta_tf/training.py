@@ -29,7 +29,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from sparta_tf import attacks, data, evaluation, layers, models
+from sparta_tf import attacks, data, evaluation, layers, models, transfer
 
 OBJECTIVES = ("standard", "pgd", "trades")
 LR_SCHEDULES = ("piecewise", "cosine")
@@ -167,6 +167,9 @@ class TrainConfig:
     sparta_beta0: float = 1.0
     sparta_custom_gradient: bool = True
     sparta_normalize_gate_input: bool = False
+    sparta_from: str | None = None  # a model_dir or .keras file: copy its Sparta, frozen
+    sparta_from_sha256: str | None = None  # `transfer.fingerprint` of that source
+    denoise: str = "none"
     epochs: int = 5
     batch_size: int = 128
     lr: float = 0.1
@@ -191,7 +194,8 @@ class TrainConfig:
     IDENTITY = ("dataset", "max_train", "model", "activation", "width_multiplier",
                 "sparta_sharing", "sparta_kernel_size", "sparta_beta0", "objective", "eps",
                 "pgd_steps", "pgd_step_size", "trades_beta", "batch_size", "seed",
-                "sparta_lr_multiplier", "sparta_normalize_gate_input")
+                "sparta_lr_multiplier", "sparta_normalize_gate_input", "sparta_from_sha256",
+                "denoise")
 
     def activation_kwargs(self):
         if self.activation != "sparta":
@@ -245,12 +249,37 @@ def learning_rate(config, steps_per_epoch):
     return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
 
 
-def build(config, num_classes, input_shape, steps_per_epoch):
-    """The wrapped model, compiled with SGD; call under the strategy's scope."""
+def with_sparta_source(config):
+    """`config` with `sparta_from_sha256` filled in, and the source model (or None).
+
+    Raises:
+        FileNotFoundError: `config.sparta_from` holds no model.
+        transfer.TransferError: it is not the source that the config names.
+    """
+    if not config.sparta_from:
+        return config, None
+    source = transfer.load(config.sparta_from)
+    sha = transfer.fingerprint(source)
+    if config.sparta_from_sha256 not in (None, sha):
+        raise transfer.TransferError(
+            f"The Sparta of {config.sparta_from} has sha256 {sha}, not "
+            f"{config.sparta_from_sha256} as the configuration says: it changed.")
+    return dataclasses.replace(config, sparta_from_sha256=sha), source
+
+
+def build(config, num_classes, input_shape, steps_per_epoch, sparta_source=None):
+    """The wrapped model, compiled with SGD; call under the strategy's scope.
+
+    With `sparta_source` (a Keras model), its Sparta parameters are copied
+    into the network and frozen (`transfer.copy_and_freeze`) before the
+    optimizer and the weight decay see the trainable variables.
+    """
     net = models.build(config.model, num_classes, activation=config.activation,
                        width_multiplier=config.width_multiplier,
                        sparta_sharing=config.sparta_sharing, input_shape=input_shape,
-                       activation_kwargs=config.activation_kwargs())
+                       activation_kwargs=config.activation_kwargs(), denoise=config.denoise)
+    if sparta_source is not None:
+        transfer.copy_and_freeze(sparta_source, net)
     attack = None
     if config.objective != "standard":
         attack = attacks.PGD(config.eps, config.pgd_steps, config.pgd_step_size)
@@ -317,15 +346,17 @@ def run(config, overwrite=False, verbose="auto"):
 
     Returns a dict of results, also written to model_dir/results.json.
     """
+    config, source = with_sparta_source(config)
     ds = data.load(config.dataset, config.data_dir, config.max_train, config.max_test,
                    seed=config.seed)
-    resume = _prepare_model_dir(config, overwrite)
     keras.utils.set_random_seed(config.seed)
     keras.config.set_dtype_policy(config.mixed_precision)
     steps = data.steps_per_epoch(len(ds.x_train), config.batch_size)
     strategy = tf.distribute.MirroredStrategy()
+    with strategy.scope():  # built first: a transfer that does not fit writes nothing
+        model = build(config, ds.num_classes, ds.x_train.shape[1:], steps, source)
+    resume = _prepare_model_dir(config, overwrite)
     with strategy.scope():
-        model = build(config, ds.num_classes, ds.x_train.shape[1:], steps)
         position = tf.Variable([0, 0], dtype=tf.int64, trainable=False)  # (epoch, step)
         ckpt = tf.train.Checkpoint(model=model.model, optimizer=model.optimizer,
                                    position=position)
@@ -386,7 +417,10 @@ def summary(config, results, minutes, export_dir):
         "=" * 64,
         f"model      {config.model} x{config.width_multiplier}, activation {config.activation}"
         + (f" (k={config.sparta_kernel_size}, beta0={config.sparta_beta0}, "
-           f"sharing={config.sparta_sharing})" if config.activation == "sparta" else ""),
+           f"sharing={config.sparta_sharing})" if config.activation == "sparta" else "")
+        + (f", denoise {config.denoise}" if config.denoise != "none" else ""),
+        *([f"Sparta     frozen, copied from {config.sparta_from} (its sha256 in "
+           "config.json)"] if config.sparta_from else []),
         f"data       {config.dataset}, {results['train_examples']} train / "
         f"{results['eval_examples']} test images",
         f"training   {config.objective}, {config.epochs} epochs, eps {config.eps * 255:.3g}/255, "

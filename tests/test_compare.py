@@ -51,18 +51,21 @@ def grid(tmp_path_factory):
     return root, results, _mtimes(root)
 
 
-def _tables(markdown):
-    """{objective title: (header cells, {activation: row cells})} of the Markdown."""
-    tables, title = {}, None
+def _tables(markdown, first_header="activation"):
+    """{objective title: (header cells, {arm: row cells})} of the tables of the Markdown
+    whose first header cell is `first_header`."""
+    tables, title, current = {}, None, None
     for line in markdown.splitlines():
         if line.startswith("## "):
             title = line[3:]
-        elif line.startswith("|") and "---" not in line:
+        elif not line.startswith("|"):
+            current = None
+        elif "---" not in line:
             cells = [c.strip() for c in line.strip("|").split("|")]
-            if cells[0] == "activation":
-                tables[title] = (cells, {})
-            else:
-                tables[title][1][cells[0]] = cells[1:]
+            if current is None and cells[0] == first_header:
+                current = tables[title] = (cells, {})
+            elif current is not None:
+                current[1][cells[0]] = cells[1:]
     return tables
 
 
@@ -88,6 +91,15 @@ def test_grid_writes_the_table_per_objective(grid):
             assert autoattack == "-" and n == "1"
     summary = results["summary"][0]
     assert summary["eps_curve"][0][1] == summary["clean"]["mean"]  # eps 0 is clean
+    # Seed by seed, and the eps curve, from the cells (one seed: the means above).
+    by_seed = _tables(markdown, "seed by seed: clean / PGD")
+    curve = _tables(markdown, "PGD accuracy at eps")
+    for title, (header, rows) in tables.items():
+        assert by_seed[title][0] == ["seed by seed: clean / PGD", "seed 0"]
+        assert curve[title][0] == ["PGD accuracy at eps", "0/255", "8/255"]
+        for arm, (clean, pgd, _, _) in rows.items():
+            assert by_seed[title][1][arm] == [f"{clean} / {pgd}"]
+            assert curve[title][1][arm][0] == clean
 
 
 def test_rerun_skips_finished_cells(grid):
@@ -226,6 +238,26 @@ def test_summary_and_cell_config():
     assert relu.model_dir == os.path.join("root", "pgd", "relu", "seed1")
     assert relu.sparta_sharing == "layer" and relu.seed == 1 and relu.objective == "pgd"
     assert compare.cell_config(base, "root", "pgd", "sparta", 1).sparta_sharing == "stage"
+
+
+def test_arms_other_than_activations():
+    base = training.TrainConfig(sparta_sharing="stage", sparta_from="src.keras",
+                                sparta_from_sha256="ab", denoise="mean")
+    denoised = compare.cell_config(base, "root", "pgd", "relu_nonlocal", 0)
+    assert (denoised.activation, denoised.denoise, denoised.sparta_sharing) == (
+        "relu", "nonlocal", "layer")
+    assert denoised.sparta_from is None and denoised.sparta_from_sha256 is None
+    moved = compare.cell_config(base, "root", "pgd", "sparta_transfer", 0)
+    assert (moved.activation, moved.sparta_from, moved.sparta_from_sha256) == (
+        "sparta", "src.keras", "ab")
+    assert moved.model_dir == os.path.join("root", "pgd", "sparta_transfer", "seed0")
+    assert moved.denoise == "none" and moved.sparta_sharing == "stage"
+    fresh = compare.cell_config(base, "root", "pgd", "sparta", 0)
+    assert fresh.sparta_from is None and fresh.denoise == "none"
+    with pytest.raises(ValueError, match="set sparta_from"):
+        compare.arm_overrides("sparta_transfer", training.TrainConfig())
+    with pytest.raises(ValueError, match="relu_nonlocal"):
+        compare.arm_overrides("relu_median", base)
 
 
 def test_trainer_reuses_the_grid_and_writes_the_reports(grid):

@@ -19,9 +19,7 @@ from absl import app, logging
 
 from flags import compare as compare_flags
 from flags import core
-from sparta_tf import compare, data, training
-
-compare_flags.define_compare()
+from sparta_tf import compare, data, training, transfer
 
 
 def main(argv):
@@ -31,7 +29,8 @@ def main(argv):
     try:
         results = compare.run_grid(core.train_config(), **compare_flags.grid())
     except (training.ConfigMismatchError, training.NonFiniteLossError,
-            data.DatasetUnavailableError, data.BadDataError, FileNotFoundError) as e:
+            data.DatasetUnavailableError, data.BadDataError, FileNotFoundError,
+            transfer.TransferError) as e:
         sys.exit(f"error: {e}")
     print(compare.table(results))
     written = ["comparison.md", "comparison.json"]
@@ -39,7 +38,9 @@ def main(argv):
     print(f"Wrote {', '.join(written)} to {core.FLAGS.model_dir}")
 
 
-def run():
+def run(define_flags=compare_flags.define_compare):
+    """Defines the flags (sparta-compare's, or a sibling's such as sparta-transfer's), runs main."""
+    define_flags()
     app.run(main)
 
 

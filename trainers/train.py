@@ -2,6 +2,7 @@
 
     sparta-train                                   # quick: bundled data, minutes on a CPU
     sparta-train --config=paper --model_dir=runs/paper   # the paper's recipe (GPU)
+    sparta-train --model=resnet34 --sparta_from=runs/paper --model_dir=runs/r34   # reuse, frozen
 
 Rerunning the same command resumes from --model_dir.
 """
@@ -13,7 +14,7 @@ import time
 from absl import app, logging
 
 from flags import core
-from sparta_tf import data, export, training
+from sparta_tf import data, export, training, transfer
 
 core.define_training()
 
@@ -27,7 +28,8 @@ def main(argv):
     try:
         results = training.run(config, overwrite=core.FLAGS.overwrite)
     except (training.ConfigMismatchError, training.NonFiniteLossError,
-            data.DatasetUnavailableError, data.BadDataError) as e:
+            data.DatasetUnavailableError, data.BadDataError, transfer.TransferError,
+            FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     export_dir = export.export(os.path.join(config.model_dir, "model.keras"),
                                os.path.join(config.model_dir, "export"))

@@ -1,0 +1,195 @@
+"""Reuse a trained Sparta: copy the Sparta parameters of one model into another and freeze them.
+
+The paper's second claim (SPARTA.md, statement 4): a Sparta function trained with one network
+and dataset can be fixed and reused to adversarially train another network, or on another
+dataset. In a user's own code:
+
+    source = transfer.load("runs/r18")                       # a model_dir or a .keras file
+    target = models.build("resnet34", 10, "sparta", sparta_sharing="stage")
+    transfer.copy_and_freeze(source, target)                 # then train `target` as usual
+
+`mapping(source, target)` pairs each Sparta layer of the target with one of the source:
+
+- By name, where every target name is a source name: the same network, or stage-shared
+  Sparta (`sparta_s{stage}`), which maps stage to stage, so ResNet-18 goes to ResNet-34 and
+  to any network with the same stage widths.
+- Per-layer Sparta of `sparta_tf.models` (`sparta_stem`, `sparta_s{stage}b{block}_{role}`,
+  `sparta_head`), by relative position inside each stage: block `b` of the target's `B_t`
+  blocks of a stage takes block `floor((b + 1/2) * B_s / B_t)` of the source's `B_s`, in the
+  same role (`1`, `2`, `out`); the stem and head take the stem and head.
+- Any other naming: pass `names={target_layer: source_layer}`.
+
+A sharing, width, kernel size or gate-input option that does not match is a `TransferError`
+that names both layers and both shapes, raised before any value is copied. Frozen layers
+are `trainable=False`: they get no gradient, no weight decay, and keep their values through
+checkpoints and `.keras` files.
+
+This module imports nothing of `sparta_tf` but `layers`.
+"""
+
+import hashlib
+import os
+import re
+
+import keras
+import numpy as np
+
+from sparta_tf import layers
+
+_STAGE_SHARED = re.compile(r"sparta_s\d+(_c\d+)?")
+_PER_LAYER = re.compile(r"sparta_s(\d+)b(\d+)_(\w+)")
+_ENDS = ("sparta_stem", "sparta_head")
+
+
+class TransferError(ValueError):
+    """The Sparta layers of two models cannot be mapped onto each other."""
+
+
+def load(path):
+    """The Keras model of a `sparta-train` model_dir (its model.keras) or of a `.keras` file."""
+    path = os.fspath(path)
+    file = os.path.join(path, "model.keras") if os.path.isdir(path) else path
+    if not (file.endswith(".keras") and os.path.isfile(file)):
+        raise FileNotFoundError(
+            f"No trained Sparta at {path!r}: expected a .keras file or a model_dir of "
+            "sparta-train that holds model.keras (written when its training has finished).")
+    return keras.models.load_model(file)
+
+
+def sparta_layers(model):
+    """The `layers.Sparta` layers of `model` (nested ones too), in model order, by name."""
+    found = [l for l in model._flatten_layers(include_self=False)
+             if isinstance(l, layers.Sparta)]
+    return {l.name: l for l in found}
+
+
+def _some(names, shown=4):
+    names = list(names)
+    more = f", ... ({len(names)} in all)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _sharing(names):
+    if all(_STAGE_SHARED.fullmatch(n) for n in names):
+        return "stage"
+    if all(_PER_LAYER.fullmatch(n) or n in _ENDS for n in names):
+        return "layer"
+    return None
+
+
+def _by_position(source_names, target_names):
+    """{target: source} for per-layer Sparta, by relative block position inside each stage."""
+    blocks = {}  # (which model, stage) -> number of blocks
+    for which, names in (("source", source_names), ("target", target_names)):
+        for name in names:
+            match = _PER_LAYER.fullmatch(name)
+            if match:
+                key = (which, int(match[1]))
+                blocks[key] = max(blocks.get(key, 0), int(match[2]) + 1)
+    pairs = {}
+    for name in target_names:
+        match = _PER_LAYER.fullmatch(name)
+        if not match:  # the stem or the head
+            pairs[name] = name
+            continue
+        stage, block, role = int(match[1]), int(match[2]), match[3]
+        source_blocks = blocks.get(("source", stage), 0)
+        source_block = int((block + 0.5) * source_blocks / blocks["target", stage])
+        pairs[name] = f"sparta_s{stage}b{source_block}_{role}"
+    return pairs
+
+
+def mapping(source, target, names=None):
+    """Pairs each Sparta layer of `target` with the Sparta layer of `source` it copies.
+
+    Args:
+        source, target: Keras models with `layers.Sparta` layers.
+        names: optional `{target layer name: source layer name}`; by default the
+            mapping of the module docstring.
+
+    Returns: a list of `(source layer, target layer)`, in the target's order.
+
+    Raises:
+        TransferError: a model has no Sparta layer, the sharings differ, a
+            target layer has no counterpart, or a pair differs in shape or in
+            `normalize_gate_input`.
+    """
+    src, tgt = sparta_layers(source), sparta_layers(target)
+    for model, found in ((source, src), (target, tgt)):
+        if not found:
+            raise TransferError(f"Model '{model.name}' has no Sparta layer to transfer.")
+    if names is None:
+        kinds = _sharing(src), _sharing(tgt)
+        if None not in kinds and kinds[0] != kinds[1]:
+            raise TransferError(
+                f"The Sparta sharings differ: '{source.name}' has sparta_sharing="
+                f"{kinds[0]!r} ({_some(src)}) and '{target.name}' {kinds[1]!r} "
+                f"({_some(tgt)}). Build the target with sparta_sharing={kinds[0]!r}.")
+        if set(tgt) <= set(src):
+            names = {n: n for n in tgt}
+        elif kinds == ("layer", "layer"):
+            names = _by_position(src, tgt)
+        else:
+            raise TransferError(
+                f"Cannot map the Sparta layers of '{source.name}' ({_some(src)}) onto "
+                f"those of '{target.name}' ({_some(tgt)}): name them as "
+                "sparta_tf.models does, or pass names={target layer: source layer}.")
+    pairs = []
+    for name, layer in tgt.items():
+        if name not in names or names[name] not in src:
+            raise TransferError(
+                f"Target Sparta layer '{name}' of '{target.name}' has no counterpart "
+                f"{names.get(name, '')!r} in '{source.name}' (its Sparta layers: "
+                f"{_some(src)}).")
+        pairs.append((src[names[name]], layer))
+    for s, t in pairs:
+        _check_pair(s, t)
+    return pairs
+
+
+def _check_pair(s, t):
+    for what, a, b in (("kernel", s.kernel.shape, t.kernel.shape),
+                       ("bias", s.bias.shape, t.bias.shape)):
+        if tuple(a) != tuple(b):
+            raise TransferError(
+                f"Sparta {what} shapes differ: source layer '{s.name}' has "
+                f"{tuple(a)}, target layer '{t.name}' has {tuple(b)} (kernel "
+                "[k, k, channels, 1]: the widths or kernel sizes do not match).")
+    if s.normalize_gate_input != t.normalize_gate_input:
+        raise TransferError(
+            f"Source layer '{s.name}' has normalize_gate_input={s.normalize_gate_input}, "
+            f"target layer '{t.name}' {t.normalize_gate_input}.")
+
+
+def fingerprint(model):
+    """sha256 (hex) of the Sparta values of `model`: names, kernels and biases in model order.
+
+    For a source model, it names what a transfer copies, whatever the target.
+    """
+    digest = hashlib.sha256()
+    for name, layer in sparta_layers(model).items():
+        digest.update(name.encode())
+        for variable in (layer.kernel, layer.bias):
+            digest.update(np.ascontiguousarray(
+                keras.ops.convert_to_numpy(variable), np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def copy_and_freeze(source, target, names=None):
+    """Copies the Sparta parameters of `source` into `target` and freezes them.
+
+    Everything is checked (`mapping`) before anything is copied. The target's
+    Sparta layers become `trainable=False`; compile or build the target's
+    optimizer after this call, so that it leaves them out.
+
+    Returns: the `(source layer name, target layer name)` pairs copied.
+
+    Raises:
+        TransferError: see `mapping`.
+    """
+    pairs = mapping(source, target, names)
+    for s, t in pairs:
+        t.kernel.assign(keras.ops.convert_to_numpy(s.kernel))
+        t.bias.assign(keras.ops.convert_to_numpy(s.bias))
+        t.trainable = False
+    return [(s.name, t.name) for s, t in pairs]
