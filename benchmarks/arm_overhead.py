@@ -1,0 +1,82 @@
+"""Parameters and AT step time of the grid's arms, relative to ReLU.
+
+    python benchmarks/arm_overhead.py --arms=relu,sparta,relu_nonlocal,relu_mean \
+        --output=results/denoise/overhead.json
+
+Builds each arm's network as `sparta-compare` does (ResNet-18, CIFAR-sized input), and times
+its compiled PGD-AT step (`AdversarialModel.train_step` in one `tf.function`, the same batch
+each call) after a warm-up. The arms take turns, round after round, so that a slow spell of
+the machine hits them all; the result per arm is the median over rounds of its time per
+step, and its ratio to ReLU's in the same round (median, min and max over rounds). Prints and
+writes JSON; report the device with every number.
+"""
+
+import json
+import os
+import platform
+import time
+
+from absl import app, flags
+
+flags.DEFINE_list("arms", ["relu", "sparta", "relu_nonlocal", "relu_mean"],
+                  "Arms of sparta_tf.compare to time; the first is the reference.")
+flags.DEFINE_float("width_multiplier", 0.25, "ResNet-18 width.")
+flags.DEFINE_integer("batch_size", 128, "Batch size.")
+flags.DEFINE_integer("pgd_steps", 3, "PGD steps of the train step.")
+flags.DEFINE_integer("rounds", 5, "Rounds; every arm runs `steps` steps per round.")
+flags.DEFINE_integer("steps", 3, "Timed steps per arm and round.")
+flags.DEFINE_string("output", None, "Where to write the JSON (default: print only).")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    from sparta_tf import compare, training
+
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.uniform(size=(FLAGS.batch_size, 32, 32, 3)).astype("float32"))
+    y = tf.constant(np.arange(FLAGS.batch_size, dtype=np.int32) % 10)
+    base = training.TrainConfig(width_multiplier=FLAGS.width_multiplier,
+                                pgd_steps=FLAGS.pgd_steps, batch_size=FLAGS.batch_size)
+    steps, params = {}, {}
+    for arm in FLAGS.arms:
+        config = compare.cell_config(base, "unused", "pgd", arm, 0)
+        model = training.build(config, 10, (32, 32, 3), steps_per_epoch=100)
+        params[arm] = int(model.model.count_params())
+        steps[arm] = tf.function(model.train_step)
+        steps[arm]((x, y))  # trace and warm up
+    seconds = {arm: [] for arm in FLAGS.arms}
+    for _ in range(FLAGS.rounds):
+        for arm in FLAGS.arms:
+            start = time.perf_counter()
+            for _ in range(FLAGS.steps):
+                keras.ops.convert_to_numpy(steps[arm]((x, y))["loss"])
+            seconds[arm].append((time.perf_counter() - start) / FLAGS.steps)
+    ref = FLAGS.arms[0]
+    rows = {}
+    for arm in FLAGS.arms:
+        ratios = np.array(seconds[arm]) / np.array(seconds[ref])
+        rows[arm] = {"params": params[arm], "params_vs_ref": params[arm] / params[ref],
+                     "s_per_step_median": float(np.median(seconds[arm])),
+                     "time_vs_ref_median": float(np.median(ratios)),
+                     "time_vs_ref_min": float(ratios.min()),
+                     "time_vs_ref_max": float(ratios.max())}
+    gpus = tf.config.list_physical_devices("GPU")
+    result = {"device": gpus[0].name if gpus else f"CPU ({os.cpu_count()} cores, "
+                                                   f"{platform.processor() or 'unknown'})",
+              "reference": ref, "width_multiplier": FLAGS.width_multiplier,
+              "batch_size": FLAGS.batch_size, "pgd_steps": FLAGS.pgd_steps,
+              "rounds": FLAGS.rounds, "steps_per_round": FLAGS.steps, "arms": rows}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if FLAGS.output:
+        os.makedirs(os.path.dirname(FLAGS.output) or ".", exist_ok=True)
+        with open(FLAGS.output, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
