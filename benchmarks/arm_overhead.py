@@ -29,6 +29,16 @@ flags.DEFINE_string("output", None, "Where to write the JSON (default: print onl
 FLAGS = flags.FLAGS
 
 
+def _cpu():
+    """The CPU's model name (Linux), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+        return names[0]
+    except (OSError, IndexError):
+        return platform.processor() or "unknown"
+
+
 def main(argv):
     del argv
     import keras
@@ -65,8 +75,7 @@ def main(argv):
                      "time_vs_ref_min": float(ratios.min()),
                      "time_vs_ref_max": float(ratios.max())}
     gpus = tf.config.list_physical_devices("GPU")
-    result = {"device": gpus[0].name if gpus else f"CPU ({os.cpu_count()} cores, "
-                                                   f"{platform.processor() or 'unknown'})",
+    result = {"device": gpus[0].name if gpus else f"CPU ({os.cpu_count()} cores, {_cpu()})",
               "reference": ref, "width_multiplier": FLAGS.width_multiplier,
               "batch_size": FLAGS.batch_size, "pgd_steps": FLAGS.pgd_steps,
               "rounds": FLAGS.rounds, "steps_per_round": FLAGS.steps, "arms": rows}
