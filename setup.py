@@ -34,5 +34,6 @@ setup(
         "sparta-evaluate = trainers.evaluate:run",
         "sparta-compare = trainers.compare:run",
         "sparta-transfer = trainers.transfer:run",
+        "sparta-export = trainers.export:run",
     ]},
 )

@@ -195,3 +195,17 @@ def define_evaluation():
                          lower_bound=1)
     flags.DEFINE_integer("square_queries", 5000, "Square queries (5000 is standard).",
                          lower_bound=1)
+
+
+def define_export():
+    """The flags of trainers/export.py."""
+    flags.DEFINE_string("model_path", None,
+                        "The model: a model_dir of sparta-train (its model.keras and class "
+                        "names) or a .keras file.", required=True)
+    flags.DEFINE_string("export_dir", None, "The base path that TF Serving watches; the "
+                        "model is written to EXPORT_DIR/VERSION.", required=True)
+    flags.DEFINE_integer("version", None, "The version to write (default: one more than "
+                         "the highest in --export_dir). An existing one is never "
+                         "overwritten.", lower_bound=1)
+    flags.DEFINE_list("class_names", None, "The class names, in label order (default: "
+                      "those that sparta-train wrote beside model.keras).")

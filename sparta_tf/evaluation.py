@@ -72,9 +72,10 @@ def load_model(path):
             `sparta_tf.export` (the version directory, or its parent, whose
             highest numbered version is taken).
 
-    Returns: a Keras model, or for a SavedModel a `keras.layers.TFSMLayer` of
-        its `serve` endpoint: both are called as `model(x, training=False)`
-        and are differentiable with respect to `x`.
+    Returns: a Keras model, or for a SavedModel the `logits` of its
+        `serving_default` signature (through a `keras.layers.TFSMLayer`): both
+        are called as `model(x, training=False)` and are differentiable with
+        respect to `x`.
 
     Raises:
         FileNotFoundError: if `path` holds none of these.
@@ -90,10 +91,21 @@ def load_model(path):
         if versions:
             path = os.path.join(path, max(versions, key=int))
     if os.path.isfile(os.path.join(path, "saved_model.pb")):
-        return keras.layers.TFSMLayer(path, call_endpoint="serve")
+        return _ServedLogits(keras.layers.TFSMLayer(path, call_endpoint="serving_default"))
     raise FileNotFoundError(
         f"No model at {path!r}: expected a model_dir holding model.keras, a .keras file, "
         "or a SavedModel directory (holding saved_model.pb, or numbered versions of one).")
+
+
+class _ServedLogits:
+    """The logits of an exported SavedModel's `serving_default`, called like a model."""
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.name = layer.name
+
+    def __call__(self, x, training=False):
+        return self.layer(x)["logits"]
 
 
 def _compiled(model):

@@ -1,25 +1,216 @@
-"""Export a trained classifier as a SavedModel for TF Serving."""
+"""Versioned SavedModels for TF Serving, with signatures a client can use as they are.
 
+`export(model, export_dir, class_names)` writes `export_dir/<version>`, the layout that TF
+Serving watches (`--model_base_path=export_dir`). A version is never overwritten: asking for
+an existing one is an `ExportError` that names it. The SavedModel is written to a hidden
+temporary folder beside it and renamed into place, so a server never sees half a model.
+
+Signatures (H, W, C fixed to the model's input; K classes):
+
+- `serving_default`: `images`, float32 `[batch, H, W, C]`, pixels in [0, 1];
+- `serve_image_bytes`: `images`, string `[batch]`, each an encoded JPEG or PNG of H x W
+  pixels with C channels (TF Serving's REST API takes them as `{"b64": "..."}`), decoded
+  and scaled to [0, 1] inside the graph.
+
+Both return `logits` (float32 `[batch, K]`), `probabilities` (their softmax), `classes`
+(int64 `[batch]`, the argmax) and `class_names` (string `[batch]`, the name of that class in
+the training data). A wrong shape or dtype is refused by the signature with the expected
+`TensorSpec` in the message; an undecodable image or one of another size is an
+InvalidArgumentError that says what was expected. The graph holds only standard TensorFlow
+ops: the server needs neither sparta_tf nor a custom op, and the SavedModel keeps Sparta's
+exact gradient, so an attacker of the served model sees the true one.
+
+Each version holds `assets.extra/sparta_tf.json`: the class names, the input shape, the
+sha256 of the weights and the TensorFlow and Keras versions that wrote it.
+"""
+
+import base64
+import hashlib
+import json
 import os
+import shutil
+import tempfile
 
 import keras
+import numpy as np
+import tensorflow as tf
 
 from sparta_tf import layers  # noqa: F401  (registers Sparta and FReLU for loading)
 
+METADATA = os.path.join("assets.extra", "sparta_tf.json")
 
-def export(model, export_dir, version=1):
-    """Writes `export_dir/<version>`, a SavedModel with a `serve` signature.
+
+class ExportError(ValueError):
+    """The export would overwrite a version, or its inputs do not fit the model."""
+
+
+def versions(export_dir):
+    """The numbered versions under `export_dir`, ascending (none if it does not exist)."""
+    if not os.path.isdir(export_dir):
+        return []
+    return sorted(int(d) for d in os.listdir(export_dir)
+                  if d.isdigit() and os.path.isfile(os.path.join(export_dir, d, "saved_model.pb")))
+
+
+def weights_sha256(model):
+    """sha256 (hex) of every weight of `model`, in order."""
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
+    return digest.hexdigest()
+
+
+def metadata(version_dir):
+    """The `assets.extra/sparta_tf.json` of an exported version, or None."""
+    path = os.path.join(version_dir, METADATA)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def class_names_beside(model_path):
+    """The class names that `sparta-train` wrote beside a model.keras (or in a model_dir).
+
+    Returns: the list, or None where there is none.
+    """
+    folder = model_path if os.path.isdir(model_path) else os.path.dirname(model_path)
+    path = os.path.join(folder, "class_names.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _serving_functions(model, class_names):
+    """The two signature functions: pixels -> outputs, encoded images -> outputs."""
+    height, width, channels = model.input_shape[1:]
+    names = tf.constant(class_names)
+
+    def outputs(images):
+        # A signature's static shape is not enforced when the SavedModel is called, and the
+        # network (convolutions, then global pooling) would answer any size: check it.
+        tf.debugging.assert_equal(
+            tf.shape(images)[1:], [height, width, channels],
+            message=f"images must have shape [batch, {height}, {width}, {channels}] (the "
+                    "size the model was trained on), float32 pixels in [0, 1]")
+        logits = tf.cast(model(images, training=False), tf.float32)
+        classes = tf.argmax(logits, axis=-1)
+        return {"logits": logits, "probabilities": tf.nn.softmax(logits),
+                "classes": classes, "class_names": tf.gather(names, classes)}
+
+    def decode(encoded):
+        image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
+        tf.debugging.assert_equal(
+            tf.shape(image)[:2], [height, width],
+            message=f"serve_image_bytes expects JPEG or PNG images of {height} x {width} "
+                    f"pixels ({channels} channels); got another size")
+        return tf.image.convert_image_dtype(image, tf.float32)  # uint8 -> [0, 1]
+
+    def from_bytes(images):
+        pixels = tf.map_fn(decode, images, fn_output_signature=tf.TensorSpec(
+            [height, width, channels], tf.float32))
+        return outputs(pixels)
+
+    return outputs, from_bytes
+
+
+def export(model, export_dir, class_names, version=None):
+    """Writes `export_dir/<version>`, a SavedModel with the signatures above.
 
     Args:
-        model: a Keras model from pixels in [0, 1] to logits, or the path of a
-            `.keras` file holding one.
-        export_dir: the model's base directory, as TF Serving expects it.
-        version: the numbered version subdirectory.
+        model: a Keras model from pixels in [0, 1] to logits, with a fixed
+            input shape `(H, W, C)`, or the path of a `.keras` file of one.
+        export_dir: the base path that TF Serving watches.
+        class_names: the K class names, in label order.
+        version: a positive int; None for one more than the highest version
+            in `export_dir` (1 in an empty one).
 
-    Returns: the path written.
+    Returns: the path of the version written.
+
+    Raises:
+        ExportError: the version exists already, is not a positive int, or
+            `class_names` does not have one name per logit.
     """
-    if isinstance(model, str):
+    if isinstance(model, (str, os.PathLike)):
         model = keras.models.load_model(model)
-    path = os.path.join(export_dir, str(version))
-    model.export(path, format="tf_saved_model", verbose=False)
-    return path
+    class_names = [str(name) for name in class_names]
+    if len(class_names) != model.output_shape[-1]:
+        raise ExportError(f"The model has {model.output_shape[-1]} logits, but "
+                          f"{len(class_names)} class names were given.")
+    if None in model.input_shape[1:]:
+        raise ExportError(f"The model's input shape {model.input_shape} is not fixed; "
+                          "the serving signature needs (height, width, channels).")
+    existing = versions(export_dir)
+    if version is None:
+        version = (existing[-1] if existing else 0) + 1
+    if not isinstance(version, int) or version < 1:
+        raise ExportError(f"version must be a positive int; got {version!r}.")
+    final = os.path.join(export_dir, str(version))
+    if os.path.exists(final):
+        raise ExportError(
+            f"Version {version} exists already at {final}: TF Serving does not reload a "
+            "changed version, so it is never overwritten. Export as a new version (leave "
+            f"out --version for {(existing[-1] if existing else 0) + 1}).")
+    outputs, from_bytes = _serving_functions(model, class_names)
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", outputs, input_signature=[
+        tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name="images")])
+    archive.add_endpoint("serve_image_bytes", from_bytes, input_signature=[
+        tf.TensorSpec([None], tf.string, name="images")])
+    os.makedirs(export_dir, exist_ok=True)
+    partial = tempfile.mkdtemp(prefix=f".partial-{version}-", dir=export_dir)
+    try:
+        archive.write_out(partial, verbose=False)
+        os.makedirs(os.path.join(partial, "assets.extra"), exist_ok=True)
+        with open(os.path.join(partial, METADATA), "w") as f:
+            json.dump({"class_names": class_names, "input_shape": list(model.input_shape[1:]),
+                       "weights_sha256": weights_sha256(model),
+                       "tensorflow": tf.__version__, "keras": keras.__version__}, f, indent=2)
+        os.rename(partial, final)  # atomic; fails if another export took the version
+    except OSError as e:
+        raise ExportError(f"Could not write version {version} to {final}: {e}") from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return final
+
+
+def export_if_changed(model, export_dir, class_names):
+    """`export` as a new version, unless the highest version holds the same weights.
+
+    What `sparta-train` calls: a rerun that trains nothing writes no new version.
+    Returns the path of the new version, or of the unchanged highest one.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        model = keras.models.load_model(model)
+    existing = versions(export_dir)
+    if existing:
+        latest = os.path.join(export_dir, str(existing[-1]))
+        stored = metadata(latest)
+        if stored and stored.get("weights_sha256") == weights_sha256(model) and \
+                stored.get("class_names") == [str(n) for n in class_names]:
+            return latest
+    return export(model, export_dir, class_names)
+
+
+def rest_predict(version_dir, request):
+    """Answers a TF Serving REST predict request (row format) from an exported version.
+
+    What `POST /v1/models/NAME:predict` answers, without a server, to check a client:
+    `request` is the parsed JSON, `{"signature_name": ..., "instances": [...]}`, each
+    instance a list of pixels or, for `serve_image_bytes`, `{"b64": base64 bytes}`. Returns
+    `{"predictions": [one dict of outputs per instance]}`, as TF Serving does.
+    """
+    signature = tf.saved_model.load(version_dir).signatures[
+        request.get("signature_name", "serving_default")]
+    instances = request["instances"]
+    if instances and isinstance(instances[0], dict) and "b64" in instances[0]:
+        images = tf.constant([base64.b64decode(i["b64"]) for i in instances])
+    else:
+        images = tf.constant(instances, tf.float32)
+    rows = [{} for _ in instances]
+    for name, values in signature(images=images).items():
+        for row, value in zip(rows, values.numpy().tolist()):
+            row[name] = value.decode() if isinstance(value, bytes) else value
+    return {"predictions": rows}

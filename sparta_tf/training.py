@@ -394,9 +394,15 @@ def run(config, overwrite=False, verbose="auto"):
     return finish(config, model.model, ds)
 
 
+CLASS_NAMES_FILE = "class_names.json"
+
+
 def finish(config, net, ds):
-    """Saves `net` as model_dir/model.keras and evaluates clean and PGD accuracy."""
+    """Saves `net` as model_dir/model.keras (and the class names beside it), then evaluates
+    clean and PGD accuracy."""
     net.save(os.path.join(config.model_dir, "model.keras"))
+    with open(os.path.join(config.model_dir, CLASS_NAMES_FILE), "w") as f:
+        json.dump(ds.class_names, f)
     x, y = ds.x_test, ds.y_test
     eps = config.eps if config.objective != "standard" else 8 / 255
     results = {"clean_acc": evaluation.accuracy(net, x, y)}

@@ -29,7 +29,7 @@ def test_ci_runs_the_readme_test_command():
 def test_readme_flags_exist():
     """Every --flag that the README names is a flag of one of the trainers."""
     defined = set()
-    for trainer in ("train", "evaluate", "compare", "transfer"):
+    for trainer in ("train", "evaluate", "compare", "transfer", "export"):
         out = subprocess.run([sys.executable, "-m", f"trainers.{trainer}", "--helpfull"],
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
         defined |= set(re.findall(r"--(?:\[no\])?([a-z_0-9]+)", out.stdout))

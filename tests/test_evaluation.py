@@ -162,7 +162,7 @@ def test_load_model_from_keras_and_savedmodel(tmp_path):
     model = models.build("resnet18", 10, activation="sparta", width_multiplier=0.0625,
                          input_shape=(16, 16, 3))
     model.save(tmp_path / "model.keras")
-    version = export.export(model, str(tmp_path / "export"))
+    version = export.export(model, str(tmp_path / "export"), [str(i) for i in range(10)])
     x, y = _data(model, 12, shape=(16, 16, 3))
     expected = model(x, training=False).numpy()
     loaded = {path: evaluation.load_model(path)
@@ -171,8 +171,8 @@ def test_load_model_from_keras_and_savedmodel(tmp_path):
         np.testing.assert_allclose(m(x, training=False), expected, atol=1e-5)
     keras_model, saved = loaded[tmp_path], loaded[version]
     assert isinstance(keras_model, keras.Model)
-    assert isinstance(saved, keras.layers.TFSMLayer)
-    assert isinstance(loaded[tmp_path / "export"], keras.layers.TFSMLayer)
+    assert isinstance(saved.layer, keras.layers.TFSMLayer)  # serving_default's logits
+    assert isinstance(loaded[tmp_path / "export"].layer, keras.layers.TFSMLayer)
 
     pgd = attacks.PGD(1 / 255, steps=3, random_start=False)
     robust = evaluation.accuracy(model, x, y, pgd)

@@ -31,8 +31,13 @@ def main(argv):
             data.DatasetUnavailableError, data.BadDataError, transfer.TransferError,
             FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    export_dir = export.export(os.path.join(config.model_dir, "model.keras"),
-                               os.path.join(config.model_dir, "export"))
+    model_path = os.path.join(config.model_dir, "model.keras")
+    try:
+        export_dir = export.export_if_changed(model_path,
+                                              os.path.join(config.model_dir, "export"),
+                                              export.class_names_beside(model_path))
+    except export.ExportError as e:
+        sys.exit(f"error: {e}")
     minutes = (time.perf_counter() - start) / 60
     print(training.summary(config, results, minutes, export_dir))
 

@@ -1,0 +1,49 @@
+"""Export a trained classifier as a new version of a SavedModel for TF Serving.
+
+    sparta-export --model_path=runs/quick --export_dir=/models/sparta   # the next version
+    sparta-export --model_path=model.keras --export_dir=/models/sparta --version=3 \
+        --class_names=airplane,automobile,...
+
+Writes EXPORT_DIR/VERSION with the signatures `serving_default` (float32 pixels in [0, 1])
+and `serve_image_bytes` (JPEG or PNG bytes), both returning logits, probabilities, classes
+and class_names (see sparta_tf/export.py). An existing version is never overwritten.
+"""
+
+import os
+import sys
+
+from absl import app, logging
+
+from flags import core
+from sparta_tf import export
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    flags = core.FLAGS
+    model_path = flags.model_path
+    if os.path.isdir(model_path):
+        model_path = os.path.join(model_path, "model.keras")
+    if not (model_path.endswith(".keras") and os.path.isfile(model_path)):
+        sys.exit(f"error: no model at {flags.model_path}: expected a .keras file or a "
+                 "model_dir of sparta-train that holds model.keras.")
+    class_names = flags.class_names or export.class_names_beside(model_path)
+    if not class_names:
+        sys.exit(f"error: no class names beside {model_path} (sparta-train writes "
+                 "class_names.json there); give them with --class_names=a,b,...")
+    try:
+        path = export.export(model_path, flags.export_dir, class_names, flags.version)
+    except export.ExportError as e:
+        sys.exit(f"error: {e}")
+    print(f"exported {path}")
+
+
+def run():
+    core.define_export()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
