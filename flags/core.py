@@ -123,6 +123,9 @@ def define_training():
     flags.DEFINE_float("trades_beta", _D.trades_beta, "TRADES' KL weight.", lower_bound=0.0)
     flags.DEFINE_enum("mixed_precision", _D.mixed_precision,
                       ["float32", "mixed_float16", "mixed_bfloat16"], "Keras dtype policy.")
+    flags.DEFINE_enum("strategy", _D.strategy, training.STRATEGIES,
+                      "mirrored: the devices of one machine; multi_worker: the machines of "
+                      "the TF_CONFIG cluster (run the same command on each; BUILD.md).")
     flags.DEFINE_bool("jit_compile", _D.jit_compile,
                       "Compile the train step with XLA (slower on CPU for Sparta).")
     flags.DEFINE_integer("checkpoint_every", _D.checkpoint_every,

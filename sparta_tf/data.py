@@ -221,7 +221,8 @@ def steps_per_epoch(num_examples, batch_size):
     return num_examples // batch_size
 
 
-def train_dataset(x, y, batch_size, seed, epoch, skip_batches=0, augment=True):
+def train_dataset(x, y, batch_size, seed, epoch, skip_batches=0, augment=True, num_shards=1,
+                  shard=0):
     """One epoch of shuffled training batches: (float32 images in [0, 1], int32 labels).
 
     The order is a permutation drawn from (seed, epoch) alone, and the augmentation of each
@@ -229,11 +230,22 @@ def train_dataset(x, y, batch_size, seed, epoch, skip_batches=0, augment=True):
     flip) uses stateless random ops keyed by (seed, epoch, position in the epoch). The epoch
     is therefore the same on every run, and `skip_batches=k` gives exactly its batches k, k+1,
     ... without reading the first k. The last partial batch is dropped.
+
+    With `num_shards` > 1 (one shard per worker of a multi-worker job), `batch_size` is the
+    global batch: shard `shard` gets its `batch_size / num_shards` slice of every global
+    batch, so the workers together see exactly the batches of one machine.
     """
+    if batch_size % num_shards:
+        raise ValueError(f"The global batch size {batch_size} is not a multiple of the "
+                         f"{num_shards} workers.")
     end = steps_per_epoch(len(x), batch_size) * batch_size
     start = min(skip_batches * batch_size, end)
     order = np.random.default_rng([seed, epoch]).permutation(len(x))[start:end]
     positions = np.arange(start, end)
+    local = batch_size // num_shards
+    if num_shards > 1:  # [batch, shard, example] -> this shard's examples, batch by batch
+        mine = np.arange(len(order)).reshape(-1, num_shards, local)[:, shard].ravel()
+        order, positions = order[mine], positions[mine]
     epoch_key = tf.constant([seed, epoch], tf.int64)
 
     def prepare(image, label, position):
@@ -243,7 +255,7 @@ def train_dataset(x, y, batch_size, seed, epoch, skip_batches=0, augment=True):
 
     ds = tf.data.Dataset.from_tensor_slices((x[order], y[order].astype(np.int32), positions))
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)  # keeps the order
-    return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
 def _augment(image, key):

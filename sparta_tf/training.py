@@ -9,9 +9,13 @@ with one of three objectives:
   example maximising that KL (Zhang et al., 2019).
 
 `run(config)` is the whole experiment behind `trainers/train.py`: it builds the
-data, the model and the optimizer under `tf.distribute.MirroredStrategy`, resumes
+data, the model and the optimizer under `tf.distribute.MirroredStrategy` (one
+machine) or `MultiWorkerMirroredStrategy` (the cluster of `TF_CONFIG`), resumes
 from `config.model_dir` when it can, and checkpoints every epoch and every
-`checkpoint_every` steps. All randomness (data order, augmentation, PGD's random
+`checkpoint_every` steps. In a multi-worker job each worker reads its shard of
+every global batch; the chief writes what a user sees (config, checkpoints,
+logs, model, results), and the other workers keep their share of the collective
+saves in a hidden folder of model_dir that they delete when done. All randomness (data order, augmentation, PGD's random
 start) is stateless and keyed on (seed, epoch, step), so the checkpointed
 counters are the whole RNG state: a killed run resumes with the same batches and
 the same noise it would have seen.
@@ -32,11 +36,16 @@ import tensorflow as tf
 from sparta_tf import attacks, data, evaluation, layers, models, transfer
 
 OBJECTIVES = ("standard", "pgd", "trades")
+STRATEGIES = ("mirrored", "multi_worker")
 LR_SCHEDULES = ("piecewise", "cosine")
 
 
 class ConfigMismatchError(ValueError):
     """model_dir holds a run of another configuration."""
+
+
+class SetupError(ValueError):
+    """The run cannot start as asked (a strategy without its cluster, an option it lacks)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -94,6 +103,7 @@ class AdversarialModel(keras.Model):
         self.gradient_scale = [sparta_lr_multiplier if id(v) in sparta_ids else 1.0
                                for v in model.trainable_variables]
         self.seed = seed
+        self.logs_as_vectors = False
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.clean_acc = keras.metrics.SparseCategoricalAccuracy(name="clean_acc")
         self.adv_acc = keras.metrics.SparseCategoricalAccuracy(name="adv_acc")
@@ -147,7 +157,10 @@ class AdversarialModel(keras.Model):
         else:
             self.clean_acc.update_state(y, self.model(x, training=False))
             self.adv_acc.update_state(y, adv_logits)
-        return {m.name: m.result() for m in self.metrics}
+        logs = {m.name: m.result() for m in self.metrics}
+        if self.logs_as_vectors:  # see `run`: for Keras' multi-worker reduce over axis 0
+            logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
+        return logs
 
 
 @dataclasses.dataclass
@@ -187,6 +200,7 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "float32"
     jit_compile: bool = False
+    strategy: str = "mirrored"
     checkpoint_every: int = 100
     eval_pgd_steps: int = 20  # 0: no PGD evaluation after training
 
@@ -213,10 +227,42 @@ class TrainConfig:
         return {**json.loads(json.dumps(cls().to_json())), **stored}
 
 
-def _prepare_model_dir(config, overwrite):
-    """Refuse a model_dir of another configuration; returns True if it can resume."""
+def make_strategy(name):
+    """The `tf.distribute` strategy `name` (one of `STRATEGIES`).
+
+    Call it before any other TensorFlow op: a MultiWorkerMirroredStrategy must
+    set up the runtime's collectives first. `multi_worker` reads the cluster
+    and this process's task from the TF_CONFIG environment variable.
+    """
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name != "multi_worker":
+        raise ValueError(f"strategy must be one of {STRATEGIES}; got {name!r}.")
+    if not os.environ.get("TF_CONFIG"):
+        raise SetupError("strategy 'multi_worker' reads the cluster from the TF_CONFIG "
+                         "environment variable, which is not set (see BUILD.md).")
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def worker_of(strategy):
+    """`(is_chief, index, count)` of this process among the workers of `strategy`."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True, 0, 1
+    spec = resolver.cluster_spec().as_dict()
+    has_chief = "chief" in spec
+    count = len(spec.get("chief", [])) + len(spec.get("worker", []))
+    index = resolver.task_id + (1 if has_chief and resolver.task_type == "worker" else 0)
+    return index == 0, index, count
+
+
+def _prepare_model_dir(config, overwrite, chief=True):
+    """Refuse a model_dir of another configuration; returns True if it can resume.
+
+    Only the chief deletes (`overwrite`) and writes config.json.
+    """
     path = os.path.join(config.model_dir, "config.json")
-    if overwrite and os.path.exists(config.model_dir):
+    if overwrite and chief and os.path.exists(config.model_dir):
         shutil.rmtree(config.model_dir)
     os.makedirs(config.model_dir, exist_ok=True)
     resume = os.path.exists(path)
@@ -230,8 +276,10 @@ def _prepare_model_dir(config, overwrite):
             raise ConfigMismatchError(
                 f"{config.model_dir} holds a run of another configuration:\n{lines}\n"
                 "Use another --model_dir, or --overwrite to delete it and start again.")
-    with open(path, "w") as f:
-        json.dump(config.to_json(), f, indent=2)
+    if chief:  # written whole, then renamed: another worker may be reading it
+        with open(path + ".partial", "w") as f:
+            json.dump(config.to_json(), f, indent=2)
+        os.replace(path + ".partial", path)
     return resume
 
 
@@ -331,7 +379,9 @@ class _Checkpointer(keras.callbacks.Callback):
 
 
 def _log_epoch(model_dir, writer, row):
-    """Appends `row` to model_dir/metrics.jsonl and writes it to TensorBoard."""
+    """Appends `row` to model_dir/metrics.jsonl and writes it to TensorBoard (the chief)."""
+    if writer is None:  # another worker than the chief
+        return
     with open(os.path.join(model_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
     with writer.as_default(step=row["epoch"]):
@@ -341,43 +391,81 @@ def _log_epoch(model_dir, writer, row):
     writer.flush()
 
 
+def _epoch_data(strategy, ds, config, epoch, skip):
+    """The epoch's batches from `skip` on: the global batches on one machine; with several
+    workers, each worker's slices of them, as per-replica batches (`data.train_dataset`)."""
+    def shard(context):
+        batches = data.train_dataset(ds.x_train, ds.y_train, config.batch_size, config.seed,
+                                     epoch, skip_batches=skip,
+                                     num_shards=context.num_input_pipelines,
+                                     shard=context.input_pipeline_id)
+        per_replica = context.get_per_replica_batch_size(config.batch_size)
+        if per_replica * context.num_input_pipelines != config.batch_size:  # several GPUs
+            batches = batches.rebatch(per_replica, drop_remainder=True)
+        return batches
+
+    if worker_of(strategy)[2] == 1:  # tf.distribute splits each global batch over replicas
+        return data.train_dataset(ds.x_train, ds.y_train, config.batch_size, config.seed,
+                                  epoch, skip_batches=skip)
+    return strategy.distribute_datasets_from_function(shard)
+
+
 def run(config, overwrite=False, verbose="auto"):
     """Trains (or resumes) `config`, then evaluates and saves the model.
 
-    Returns a dict of results, also written to model_dir/results.json.
+    Returns a dict of results, also written to model_dir/results.json; in a
+    multi-worker job, None on the workers other than the chief.
     """
+    strategy = make_strategy(config.strategy)  # first: before any other TensorFlow op
+    chief, worker, workers = worker_of(strategy)
+    if workers > 1 and overwrite:
+        raise SetupError("--overwrite is not supported with several workers: delete the "
+                         "model_dir before starting them.")
     config, source = with_sparta_source(config)
     ds = data.load(config.dataset, config.data_dir, config.max_train, config.max_test,
                    seed=config.seed)
     keras.utils.set_random_seed(config.seed)
     keras.config.set_dtype_policy(config.mixed_precision)
     steps = data.steps_per_epoch(len(ds.x_train), config.batch_size)
-    strategy = tf.distribute.MirroredStrategy()
     with strategy.scope():  # built first: a transfer that does not fit writes nothing
         model = build(config, ds.num_classes, ds.x_train.shape[1:], steps, source)
-    resume = _prepare_model_dir(config, overwrite)
+    if workers > 1:
+        # Keras 3.15's fit() reduces the first batch to build the model symbolically, a
+        # reduce that MultiWorkerMirroredStrategy cannot do on a (images, labels) tuple of
+        # PerReplica values. The model is built already: skip that step, and let fit() find
+        # the strategy from the scope it runs in (below).
+        model._distribute_strategy = None
+        # It then averages the step's logs over the replicas along axis 0, which fails on
+        # scalars under this strategy: the step returns them as vectors of one.
+        model.logs_as_vectors = True
+    _prepare_model_dir(config, overwrite, chief)
+    # Every worker takes part in each save; the others' copies go to a private folder.
+    private = None if chief else os.path.join(config.model_dir, f".worker{worker}")
     with strategy.scope():
         position = tf.Variable([0, 0], dtype=tf.int64, trainable=False)  # (epoch, step)
         ckpt = tf.train.Checkpoint(model=model.model, optimizer=model.optimizer,
                                    position=position)
-    manager = tf.train.CheckpointManager(ckpt, os.path.join(config.model_dir, "checkpoints"),
-                                         max_to_keep=2)
-    if resume and manager.latest_checkpoint:
-        ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    checkpoints = os.path.join(config.model_dir, "checkpoints")
+    manager = tf.train.CheckpointManager(
+        ckpt, checkpoints if chief else os.path.join(private, "checkpoints"), max_to_keep=2)
+    latest = tf.train.latest_checkpoint(checkpoints)  # the chief's, for every worker
+    if latest:
+        ckpt.restore(latest).assert_existing_objects_matched()
     epoch, skip = (int(v) for v in position.numpy())
     if epoch >= config.epochs:
         print(f"{config.model_dir} is trained for {epoch} epochs; evaluating it again.")
     elif epoch or skip:
         print(f"Resuming {config.model_dir} at epoch {epoch + 1}, step {skip} of {steps}.")
-    writer = tf.summary.create_file_writer(os.path.join(config.model_dir, "logs"))
+    writer = tf.summary.create_file_writer(os.path.join(config.model_dir, "logs")) if chief \
+        else None
     for epoch in range(epoch, config.epochs):
         print(f"Epoch {epoch + 1}/{config.epochs}")
         checkpointer = _Checkpointer(manager, position, epoch, skip, config.checkpoint_every,
                                      config.batch_size)
-        train = data.train_dataset(ds.x_train, ds.y_train, config.batch_size, config.seed,
-                                   epoch, skip_batches=skip)
-        history = model.fit(train, epochs=1, verbose=verbose, callbacks=[checkpointer],
-                            shuffle=False)
+        train = _epoch_data(strategy, ds, config, epoch, skip)
+        with strategy.scope():
+            history = model.fit(train, epochs=1, verbose=verbose if chief else 0,
+                                callbacks=[checkpointer], shuffle=False)
         if checkpointer.bad_step is None:
             checkpointer.save(epoch + 1, 0)
         if checkpointer.bad_step is not None:
@@ -391,6 +479,10 @@ def run(config, overwrite=False, verbose="auto"):
         row = {"epoch": epoch + 1, "lr": lr, "img/s": checkpointer.throughput(),
                **{k: float(v[-1]) for k, v in history.history.items()}}
         _log_epoch(config.model_dir, writer, row)
+    if not chief:
+        model.model.save(os.path.join(private, "model.keras"))  # its share of the save
+        shutil.rmtree(private, ignore_errors=True)
+        return None
     return finish(config, model.model, ds)
 
 

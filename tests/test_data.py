@@ -196,3 +196,15 @@ def test_make_bundled_subset_tool(tmp_path):
             assert out.extractfile(name).read() == src.extractfile(name).read()
     d = data.load(outputs[0])
     np.testing.assert_array_equal(np.bincount(d.y_train), [2, 2, 2])
+
+
+def test_shards_split_every_global_batch_between_the_workers():
+    whole, _ = _epoch(TEXTURES, seed=5, epoch=2)
+    shards = [_epoch(TEXTURES, seed=5, epoch=2, num_shards=2, shard=s)[0] for s in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == len(whole)
+    for k, batch in enumerate(whole):  # shard 0 the first half of each global batch
+        np.testing.assert_array_equal(np.concatenate([shards[0][k], shards[1][k]]), batch)
+    resumed, _ = _epoch(TEXTURES, seed=5, epoch=2, num_shards=2, shard=1, skip_batches=2)
+    np.testing.assert_array_equal(np.stack(resumed), np.stack(shards[1][2:]))
+    with pytest.raises(ValueError, match="not a multiple of the 3 workers"):
+        _epoch(num_shards=3)

@@ -11,6 +11,7 @@ import os
 import sys
 import time
 
+import tensorflow as tf
 from absl import app, logging
 
 from flags import core
@@ -29,8 +30,15 @@ def main(argv):
         results = training.run(config, overwrite=core.FLAGS.overwrite)
     except (training.ConfigMismatchError, training.NonFiniteLossError,
             data.DatasetUnavailableError, data.BadDataError, transfer.TransferError,
-            FileNotFoundError) as e:
+            FileNotFoundError, training.SetupError) as e:
         sys.exit(f"error: {e}")
+    except tf.errors.UnavailableError as e:  # a peer of a multi-worker job stopped
+        sys.exit(f"error: another worker of the job stopped ({e.message.splitlines()[0]}). "
+                 "Restart every worker with the same command: they resume from the last "
+                 "checkpoint.")
+    if results is None:  # a worker of a multi-worker job: the chief writes the model
+        print("This worker is done; the chief saves, evaluates and exports the model.")
+        return
     model_path = os.path.join(config.model_dir, "model.keras")
     try:
         export_dir = export.export_if_changed(model_path,
