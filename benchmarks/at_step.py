@@ -1,0 +1,263 @@
+"""What the adversarial-training step costs: one command, one machine, interleaved rounds.
+
+    python benchmarks/at_step.py --output_dir=results/benchmarks/NAME
+
+Times the compiled train step of `training.AdversarialModel` (its `train_step` in one
+`tf.function`, the same batch every call, after a warm-up) for each configuration below. The
+configurations take turns, round after round, so that a slow spell of the machine falls on
+all of them; each figure is the median over rounds, with the min and max, and every ratio is
+taken within a round. Writes `benchmark.json` and `BENCHMARKS.md` (the machine named).
+
+- `at/<activation>/w<width>`: the PGD-K AT step for relu, silu and sparta at each width,
+  and `sparta_autodiff` (the same Sparta differentiated by autodiff, not its exact custom
+  gradient);
+- `standard/<activation>/w<width>`: the standard step, for the AT efficiency
+  `(K + 1) t(standard) / t(PGD-K AT)`: 1 if an attack step cost as much as a training
+  step; an attack step needs no weight gradients, so about 1.33 is the ideal at K = 3;
+- `jit/<activation>/w<first width>`: the AT step compiled with XLA;
+- `eager_cleverhans/<activation>/w<first width>`: an eager loop that attacks each batch with
+  cleverhans's `projected_gradient_descent` and then takes an eager gradient step: what the
+  compiled step replaces;
+- end to end: `sparta-train`'s own img/s (`training.run`, 2 epochs on the bundled sample,
+  the second epoch's img/s, so no tracing) against its step's;
+- memory: each of sparta and sparta_autodiff at the first width in a fresh process, its
+  peak resident memory (CPU) or peak GPU memory after some steps.
+"""
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+flags.DEFINE_list("activations", ["relu", "silu", "sparta"], "Activations of the AT step.")
+flags.DEFINE_list("widths", ["0.25", "1.0"], "ResNet-18 width multipliers.")
+flags.DEFINE_integer("batch_size", 128, "Batch size.")
+flags.DEFINE_integer("pgd_steps", 3, "K, the PGD steps of the AT step.")
+flags.DEFINE_integer("rounds", 5, "Rounds; each configuration runs `steps` steps a round.")
+flags.DEFINE_integer("steps", 3, "Timed steps per configuration and round.")
+flags.DEFINE_string("mixed_precision", "float32", "Keras dtype policy.")
+flags.DEFINE_bool("end_to_end", True, "Also time sparta-train's own loop.")
+flags.DEFINE_string("output_dir", None, "Where to write benchmark.json and BENCHMARKS.md.")
+flags.DEFINE_string("memory_of", None, "Internal: measure this configuration's memory.")
+FLAGS = flags.FLAGS
+
+
+def _machine():
+    import tensorflow as tf
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        return tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or "unknown CPU"
+    return f"{name}, {os.cpu_count()} cores, no GPU"
+
+
+def _model(activation, width, objective="pgd", jit=False):
+    import keras
+    from sparta_tf import attacks, models, training
+    kwargs = {}
+    if activation == "sparta_autodiff":
+        activation, kwargs = "sparta", {"use_custom_gradient": False}
+    net = models.build("resnet18", 10, activation, width, activation_kwargs=kwargs)
+    attack = attacks.PGD(8 / 255, FLAGS.pgd_steps) if objective == "pgd" else None
+    model = training.AdversarialModel(net, objective, attack)
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9), jit_compile=jit)
+    model.optimizer.build(net.trainable_variables)
+    return model
+
+
+def _batch():
+    import numpy as np
+    import tensorflow as tf
+    rng = np.random.default_rng(0)
+    return (tf.constant(rng.uniform(size=(FLAGS.batch_size, 32, 32, 3)).astype("float32")),
+            tf.constant(np.arange(FLAGS.batch_size, dtype=np.int32) % 10))
+
+
+def _compiled_step(model, jit=False):
+    import tensorflow as tf
+    return tf.function(model.train_step, jit_compile=jit)
+
+
+def _eager_cleverhans_step(model):
+    """Attack with cleverhans's PGD, eagerly, then one eager SGD step: the slow way."""
+    import numpy as np
+    import tensorflow as tf
+    from cleverhans.tf2.attacks.projected_gradient_descent import projected_gradient_descent
+    eps = 8 / 255
+
+    def step(batch):
+        x, y = batch
+        x_adv = projected_gradient_descent(
+            lambda v: model.model(v, training=False), x, eps, 2.5 * eps / FLAGS.pgd_steps,
+            FLAGS.pgd_steps, np.inf, clip_min=0.0, clip_max=1.0, y=y, rand_init=True,
+            sanity_checks=False)
+        with tf.GradientTape() as tape:
+            logits = model.model(x_adv, training=True)
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
+        variables = model.model.trainable_variables
+        model.optimizer.apply(tape.gradient(loss, variables), variables)
+        return {"loss": loss}
+
+    return step
+
+
+def _configurations():
+    """{name: a step function of one batch}."""
+    configs = {}
+    for width in map(float, FLAGS.widths):
+        for activation in [*FLAGS.activations, "sparta_autodiff"]:
+            configs[f"at/{activation}/w{width:g}"] = _compiled_step(_model(activation, width))
+        for activation in ("relu", "sparta"):
+            configs[f"standard/{activation}/w{width:g}"] = _compiled_step(
+                _model(activation, width, "standard"))
+    width = float(FLAGS.widths[0])
+    for activation in ("relu", "sparta"):
+        configs[f"jit/{activation}/w{width:g}"] = _compiled_step(
+            _model(activation, width, jit=True), jit=True)
+        configs[f"eager_cleverhans/{activation}/w{width:g}"] = _eager_cleverhans_step(
+            _model(activation, width))
+    return configs
+
+
+def _time(configs):
+    """{name: [seconds per step, one per round]}, interleaved."""
+    import keras
+    batch = _batch()
+    for step in configs.values():  # trace, compile and warm up
+        keras.ops.convert_to_numpy(step(batch)["loss"])
+    seconds = {name: [] for name in configs}
+    for _ in range(FLAGS.rounds):
+        for name, step in configs.items():
+            start = time.perf_counter()
+            for _ in range(FLAGS.steps):
+                keras.ops.convert_to_numpy(step(batch)["loss"])
+            seconds[name].append((time.perf_counter() - start) / FLAGS.steps)
+    return seconds
+
+
+def _spread(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def _ratios(seconds, a, b, scale=1.0):
+    """scale * t(a) / t(b), round by round."""
+    return _spread([scale * x / y for x, y in zip(seconds[a], seconds[b])])
+
+
+def _end_to_end(width):
+    """sparta-train's own img/s in its second epoch (sparta, the bundled sample)."""
+    from sparta_tf import training
+    with tempfile.TemporaryDirectory() as model_dir:
+        config = training.TrainConfig(
+            model_dir=model_dir, width_multiplier=width, batch_size=FLAGS.batch_size,
+            max_train=FLAGS.batch_size * 8, max_test=10, epochs=2, eval_pgd_steps=0,
+            pgd_steps=FLAGS.pgd_steps, checkpoint_every=0, mixed_precision=FLAGS.mixed_precision)
+        training.run(config, verbose=0)
+        with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+            return [json.loads(line) for line in f][-1]["img/s"]
+
+
+def _memory(name):
+    """Peak memory of `name` (e.g. at/sparta/w0.25) after a few steps, in a fresh process."""
+    out = subprocess.run([sys.executable, __file__, f"--memory_of={name}",
+                          *[a for a in sys.argv[1:] if not a.startswith("--output_dir")]],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _measure_memory(name):
+    import keras
+    import tensorflow as tf
+    _, activation, width = name.split("/")
+    step = _compiled_step(_model(activation, float(width[1:])))
+    gpus = tf.config.list_physical_devices("GPU")
+    batch = _batch()
+    for _ in range(3):
+        keras.ops.convert_to_numpy(step(batch)["loss"])
+    result = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if gpus:
+        result["peak_gpu_mib"] = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+    print(json.dumps(result))
+
+
+def _markdown(report):
+    lines = [f"# The adversarial-training step: {report['machine']}", "",
+             f"Command: `{report['command']}`. ResNet-18, batch {report['batch_size']}, "
+             f"PGD-{report['pgd_steps']} AT, {report['mixed_precision']}; {report['rounds']} "
+             f"interleaved rounds of {report['steps']} steps; median (min to max) over rounds.",
+             "", "| configuration | s/step | img/s |", "| --- | ---: | ---: |"]
+    for name, s in report["seconds_per_step"].items():
+        lines.append(f"| {name} | {s['median']:.3f} ({s['min']:.3f} to {s['max']:.3f}) | "
+                     f"{report['batch_size'] / s['median']:.1f} |")
+    lines += ["", "| ratio | median | min | max |", "| --- | ---: | ---: | ---: |"]
+    for name, r in report["ratios"].items():
+        lines.append(f"| {name} | {r['median']:.2f} | {r['min']:.2f} | {r['max']:.2f} |")
+    if report.get("end_to_end"):
+        e = report["end_to_end"]
+        lines += ["", f"End to end: `sparta-train` ran at {e['train_img_s']:.1f} img/s in its "
+                      f"second epoch, its step alone at {e['step_img_s']:.1f} img/s: "
+                      f"{e['fraction']:.2f} of the step."]
+    if report.get("memory"):
+        lines += ["", "| memory | peak resident (MiB) | peak GPU (MiB) |", "| --- | ---: | ---: |"]
+        for name, m in report["memory"].items():
+            gpu = f"{m['peak_gpu_mib']:.0f}" if "peak_gpu_mib" in m else "-"
+            lines.append(f"| {name} | {m['peak_rss_mib']:.0f} | {gpu} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv):
+    del argv
+    import keras
+    keras.config.set_dtype_policy(FLAGS.mixed_precision)
+    if FLAGS.memory_of:
+        return _measure_memory(FLAGS.memory_of)
+    seconds = _time(_configurations())
+    k, first = FLAGS.pgd_steps, f"w{float(FLAGS.widths[0]):g}"
+    ratios = {}
+    for width in (f"w{float(w):g}" for w in FLAGS.widths):
+        ratios[f"sparta / relu, AT, {width}"] = _ratios(seconds, f"at/sparta/{width}",
+                                                        f"at/relu/{width}")
+        ratios[f"custom gradient / autodiff, AT, {width}"] = _ratios(
+            seconds, f"at/sparta/{width}", f"at/sparta_autodiff/{width}")
+        for activation in ("relu", "sparta"):
+            ratios[f"AT efficiency (K+1) t(standard) / t(AT), {activation}, {width}"] = _ratios(
+                seconds, f"standard/{activation}/{width}", f"at/{activation}/{width}", k + 1)
+    for activation in ("relu", "sparta"):
+        ratios[f"eager cleverhans loop / compiled, {activation}, {first}"] = _ratios(
+            seconds, f"eager_cleverhans/{activation}/{first}", f"at/{activation}/{first}")
+        ratios[f"XLA / no XLA, {activation}, {first}"] = _ratios(
+            seconds, f"jit/{activation}/{first}", f"at/{activation}/{first}")
+    report = {"machine": _machine(), "command": " ".join(["python", *sys.argv]),
+              "batch_size": FLAGS.batch_size, "pgd_steps": k, "rounds": FLAGS.rounds,
+              "steps": FLAGS.steps, "mixed_precision": FLAGS.mixed_precision,
+              "seconds_per_step": {n: _spread(s) for n, s in seconds.items()},
+              "ratios": ratios,
+              "memory": {n: _memory(n) for n in (f"at/sparta/{first}",
+                                                 f"at/sparta_autodiff/{first}")}}
+    if FLAGS.end_to_end:
+        train = _end_to_end(float(FLAGS.widths[0]))
+        step = FLAGS.batch_size / report["seconds_per_step"][f"at/sparta/{first}"]["median"]
+        report["end_to_end"] = {"train_img_s": train, "step_img_s": step,
+                                "fraction": train / step}
+    print(_markdown(report))
+    if FLAGS.output_dir:
+        os.makedirs(FLAGS.output_dir, exist_ok=True)
+        with open(os.path.join(FLAGS.output_dir, "benchmark.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        with open(os.path.join(FLAGS.output_dir, "BENCHMARKS.md"), "w") as f:
+            f.write(_markdown(report))
+
+
+if __name__ == "__main__":
+    app.run(main)
