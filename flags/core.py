@@ -75,7 +75,9 @@ def define_model():
     flags.DEFINE_enum("sparta_sharing", _D.sparta_sharing, models.SHARING,
                       "One Sparta per activation ('layer') or per stage ('stage').")
     flags.DEFINE_integer("sparta_kernel_size", _D.sparta_kernel_size,
-                         "k of Sparta's k x k gate.", lower_bound=1)
+                         "k of Sparta's k x k gate (odd).", lower_bound=1)
+    flags.register_validator("sparta_kernel_size", lambda k: k % 2 == 1,
+                             message="must be odd (the gate is centred on its position)")
     flags.DEFINE_float("sparta_beta0", _D.sparta_beta0, "Sparta's initial centre weight.")
     flags.DEFINE_bool("sparta_custom_gradient", _D.sparta_custom_gradient,
                       "Use Sparta's hand-written exact gradient (else autodiff).")
@@ -136,6 +138,14 @@ def define_training():
                          lower_bound=0)
     flags.register_validator("lr_decay_epochs", _numbers,
                              message="must be a comma-separated list of numbers")
+    flags.register_multi_flags_validator(
+        ["sparta_sharing", "activation"],
+        lambda v: v["sparta_sharing"] == "layer" or v["activation"] == "sparta",
+        message="--sparta_sharing=stage is for --activation=sparta only")
+    flags.register_multi_flags_validator(
+        ["batch_size", "max_train"],
+        lambda v: v["max_train"] is None or v["max_train"] >= v["batch_size"],
+        message="--batch_size is larger than --max_train: no full batch to train on")
     flags.register_multi_flags_validator(
         ["sparta_from", "activation"],
         lambda v: v["sparta_from"] is None or v["activation"] == "sparta",

@@ -414,8 +414,17 @@ def run(config, overwrite=False, verbose="auto"):
     """Trains (or resumes) `config`, then evaluates and saves the model.
 
     Returns a dict of results, also written to model_dir/results.json; in a
-    multi-worker job, None on the workers other than the chief.
+    multi-worker job, None on the workers other than the chief. The global
+    Keras dtype policy is as it was before, whatever happens.
     """
+    policy = keras.config.dtype_policy()
+    try:
+        return _run(config, overwrite, verbose)
+    finally:
+        keras.config.set_dtype_policy(policy)
+
+
+def _run(config, overwrite, verbose):
     strategy = make_strategy(config.strategy)  # first: before any other TensorFlow op
     chief, worker, workers = worker_of(strategy)
     if workers > 1 and overwrite:
@@ -427,6 +436,9 @@ def run(config, overwrite=False, verbose="auto"):
     keras.utils.set_random_seed(config.seed)
     keras.config.set_dtype_policy(config.mixed_precision)
     steps = data.steps_per_epoch(len(ds.x_train), config.batch_size)
+    if steps == 0:
+        raise SetupError(f"--batch_size={config.batch_size} is larger than the "
+                         f"{len(ds.x_train)} training images: no full batch to train on.")
     with strategy.scope():  # built first: a transfer that does not fit writes nothing
         model = build(config, ds.num_classes, ds.x_train.shape[1:], steps, source)
     if workers > 1:
@@ -496,12 +508,12 @@ def finish(config, net, ds):
     with open(os.path.join(config.model_dir, CLASS_NAMES_FILE), "w") as f:
         json.dump(ds.class_names, f)
     x, y = ds.x_test, ds.y_test
-    eps = config.eps if config.objective != "standard" else 8 / 255
     results = {"clean_acc": evaluation.accuracy(net, x, y)}
-    if config.eval_pgd_steps:
-        pgd = attacks.PGD(eps, config.eval_pgd_steps)
+    if config.eval_pgd_steps:  # at --eps whatever the objective, with a seeded random start
+        pgd = evaluation.seeded(attacks.PGD(config.eps, config.eval_pgd_steps), config.seed)
         results[f"pgd{config.eval_pgd_steps}_acc"] = evaluation.accuracy(net, x, y, attack=pgd)
-    results.update(eval_examples=int(len(y)), train_examples=int(len(ds.x_train)), eps=eps)
+    results.update(eval_examples=int(len(y)), train_examples=int(len(ds.x_train)),
+                   eps=config.eps)
     with open(os.path.join(config.model_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     return results

@@ -19,9 +19,12 @@ def _train(*args):
 @pytest.mark.parametrize("flag,needle", [
     ("--eps=-1", "--eps"), ("--eps=8/0", "--eps"), ("--activation=tanhh", "--activation"),
     ("--model=vgg", "--model"), ("--dataset=no_such_data", "--dataset"),
-    ("--pgd_steps=-2", "--pgd_steps"), ("--objective=fgsm", "--objective")])
+    ("--pgd_steps=-2", "--pgd_steps"), ("--objective=fgsm", "--objective"),
+    ("--sparta_kernel_size=2", "--sparta_kernel_size"),
+    ("--activation=relu --sparta_sharing=stage", "--sparta_sharing=stage is for"),
+    ("--batch_size=64 --max_train=32", "--batch_size is larger than --max_train")])
 def test_bad_flag_is_a_usage_error_without_traceback(flag, needle):
-    out = _train(flag, "--model_dir=/nonexistent/never_written")
+    out = _train(*flag.split(), "--model_dir=/nonexistent/never_written")
     assert out.returncode != 0
     assert needle in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
 

@@ -225,3 +225,16 @@ def test_jit_compiled_train_step():
     x = np.random.default_rng(0).uniform(size=(8, 8, 8, 3)).astype("float32")
     history = model.fit(x, np.arange(8) % 3, batch_size=4, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
+
+
+def test_run_restores_the_dtype_policy_and_evaluates_at_eps_with_a_seeded_pgd(tmp_path):
+    config = _tiny_config(tmp_path / "run", objective="standard", eps=2 / 255,
+                          mixed_precision="mixed_bfloat16", eval_pgd_steps=2)
+    first = training.run(config, verbose=0)
+    assert keras.config.dtype_policy().name == "float32"
+    assert first["eps"] == 2 / 255  # not 8/255 for a standard-trained model
+    again = training.run(config, verbose=0)  # trained already: evaluates again
+    assert again["pgd2_acc"] == first["pgd2_acc"]
+    with pytest.raises(training.SetupError, match="no full batch"):
+        training.run(_tiny_config(tmp_path / "small", max_train=20, batch_size=32), verbose=0)
+    assert not (tmp_path / "small").exists()
