@@ -160,6 +160,21 @@ def _numbers(values):
     return True
 
 
+def for_help(app_module):
+    """Makes `--help` of the app show its usage and the flags of this package.
+
+    absl's `--help` lists the flags of the main module (named by sys.argv[0]) and takes
+    the usage from its docstring; the flags here live in `flags/`, and a console script's
+    main module is a generated wrapper. Call it in the app's `run()`, before `app.run`.
+    """
+    import sys
+    sys.modules["__main__"].__doc__ = app_module.__doc__
+    ours = {name for module, defined in FLAGS.flags_by_module_dict().items()
+            if module.startswith("flags.") for name in (f.name for f in defined)}
+    for name in sorted(ours):
+        FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
+
+
 def apply_preset():
     """Sets the --config preset's values on the flags not given on the command line."""
     for name, value in PRESETS[FLAGS.config].items():

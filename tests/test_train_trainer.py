@@ -52,3 +52,14 @@ def test_other_configuration_in_model_dir_is_refused(tmp_path):
     assert second.returncode != 0
     assert "objective: 'standard' in model_dir, 'pgd' now" in second.stderr
     assert "Traceback" not in second.stderr
+
+
+@pytest.mark.parametrize("command", [
+    [os.path.join(os.path.dirname(sys.executable), "sparta-train")],  # the console script
+    [sys.executable, "-m", "trainers.train"]])
+def test_help_shows_the_usage_and_the_flags(command):
+    out = subprocess.run([*command, "--help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)  # absl ends --help with exit code 1
+    assert "Adversarially train a network" in out.stdout and "Try --helpfull" in out.stdout
+    for flag in ("--model_dir", "--activation", "--sparta_from", "--strategy", "--eps"):
+        assert flag in out.stdout, flag

@@ -38,9 +38,10 @@ def main(argv):
     print(f"Wrote {', '.join(written)} to {core.FLAGS.model_dir}")
 
 
-def run(define_flags=compare_flags.define_compare):
+def run(define_flags=compare_flags.define_compare, app_module=sys.modules[__name__]):
     """Defines the flags (sparta-compare's, or a sibling's such as sparta-transfer's), runs main."""
     define_flags()
+    core.for_help(app_module)
     app.run(main)
 
 

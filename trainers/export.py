@@ -1,8 +1,8 @@
 """Export a trained classifier as a new version of a SavedModel for TF Serving.
 
     sparta-export --model_path=runs/quick --export_dir=/models/sparta   # the next version
-    sparta-export --model_path=model.keras --export_dir=/models/sparta --version=3 \
-        --class_names=airplane,automobile,...
+    sparta-export --model_path=model.keras --export_dir=/models/sparta --version=3
+        --class_names=airplane,automobile,...   # (one command)
 
 Writes EXPORT_DIR/VERSION with the signatures `serving_default` (float32 pixels in [0, 1])
 and `serve_image_bytes` (JPEG or PNG bytes), both returning logits, probabilities, classes
@@ -42,6 +42,7 @@ def main(argv):
 
 def run():
     core.define_export()
+    core.for_help(sys.modules[__name__])
     app.run(main)
 
 

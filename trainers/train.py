@@ -51,6 +51,7 @@ def main(argv):
 
 
 def run():
+    core.for_help(sys.modules[__name__])
     app.run(main)
 
 

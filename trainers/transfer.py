@@ -12,12 +12,14 @@ comparison.md, comparison.json and the PNGs to --model_dir. Every flag of sparta
 works here; only the defaults differ. Rerunning the same command resumes.
 """
 
+import sys
+
 from flags import compare as compare_flags
 from trainers import compare
 
 
 def run():
-    compare.run(compare_flags.define_transfer)
+    compare.run(compare_flags.define_transfer, sys.modules[__name__])
 
 
 if __name__ == "__main__":
