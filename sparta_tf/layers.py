@@ -195,7 +195,9 @@ class FReLU(keras.layers.Layer):
         self.conv = keras.layers.DepthwiseConv2D(
             kernel_size, padding="same", use_bias=False, dtype=self.dtype_policy,
             name="dw")
-        self.bn = keras.layers.BatchNormalization(dtype=self.dtype_policy, name="bn")
+        # Synchronised over replicas, as every other batch norm of sparta_tf.models.
+        self.bn = keras.layers.BatchNormalization(synchronized=True, dtype=self.dtype_policy,
+                                                  name="bn")
 
     def build(self, input_shape):
         _check_nhwc(self, input_shape)

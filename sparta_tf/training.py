@@ -21,7 +21,6 @@ counters are the whole RNG state: a killed run resumes with the same batches and
 the same noise it would have seen.
 """
 
-import copy
 import dataclasses
 import json
 import math
@@ -92,8 +91,9 @@ class AdversarialModel(keras.Model):
         self.objective = objective
         self.attack = attack
         if objective == "trades":  # the same PGD, maximising the KL to the clean prediction
-            self.attack = copy.copy(attack)
-            self.attack.loss = _soft_ce
+            self.attack = attacks.PGD(attack.eps, attack.steps, attack.step_size,
+                                      attack.random_start, attack.restarts, loss=_soft_ce,
+                                      training=attack.training)  # its checks run again
         self.trades_beta = trades_beta
         self.weight_decay = weight_decay
         sparta_ids = {id(v) for l in model._flatten_layers() if isinstance(l, layers.Sparta)

@@ -238,3 +238,7 @@ def test_non_local_means_config_round_trip():
     layer = layers.NonLocalMeans(embed=False, name="nl")
     clone = layers.NonLocalMeans.from_config(layer.get_config())
     assert (clone.embed, clone.name) == (False, "nl")
+
+
+def test_frelu_batch_norm_is_synchronised_over_replicas():
+    assert layers.FReLU().bn.synchronized

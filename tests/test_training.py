@@ -238,3 +238,11 @@ def test_run_restores_the_dtype_policy_and_evaluates_at_eps_with_a_seeded_pgd(tm
     with pytest.raises(training.SetupError, match="no full batch"):
         training.run(_tiny_config(tmp_path / "small", max_train=20, batch_size=32), verbose=0)
     assert not (tmp_path / "small").exists()
+
+
+def test_trades_keeps_pgds_own_checks():
+    net = models.build("resnet18", 10, "relu", width_multiplier=0.0625)
+    with pytest.raises(ValueError, match="restarts > 1 needs int labels"):
+        training.AdversarialModel(net, "trades", attacks.PGD(8 / 255, 2, restarts=2))
+    model = training.AdversarialModel(net, "trades", attacks.PGD(8 / 255, 2, 0.01))
+    assert (model.attack.eps, model.attack.steps, model.attack.step_size) == (8 / 255, 2, 0.01)
