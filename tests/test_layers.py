@@ -242,3 +242,46 @@ def test_non_local_means_config_round_trip():
 
 def test_frelu_batch_norm_is_synchronised_over_replicas():
     assert layers.FReLU().bn.synchronized
+
+
+def _depthwise_same(x, kernel):
+    """NumPy depthwise cross-correlation, stride 1, SAME zero padding: x [N,H,W,C], kernel
+    [k,k,C,1]; out[n,i,j,c] = sum over (a,b) of x[n, i+a-k//2, j+b-k//2, c] * kernel[a,b,c,0]."""
+    k = kernel.shape[0]
+    padded = np.pad(x, [(0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)])
+    out = np.zeros_like(x)
+    for a in range(k):
+        for b in range(k):
+            out += padded[:, a:a + x.shape[1], b:b + x.shape[2], :] * kernel[a, b, :, 0]
+    return out
+
+
+@pytest.mark.parametrize("shape,kernel_size", [((2, 5, 7, 3), 3), ((1, 4, 4, 2), 5),
+                                                ((1, 1, 1, 2), 3)])
+def test_sparta_forward_matches_a_numpy_reference(shape, kernel_size):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=shape)
+    kernel = rng.normal(size=(kernel_size, kernel_size, shape[-1], 1))  # not symmetric
+    bias = rng.normal(size=shape[-1])
+    z = _depthwise_same(x, kernel) + bias
+    expected = x * (1 / (1 + np.exp(-z)))
+    for use_custom_gradient in (True, False):
+        layer = layers.Sparta(kernel_size, use_custom_gradient=use_custom_gradient,
+                              dtype="float64")
+        layer.build(shape)
+        layer.kernel.assign(kernel)
+        layer.bias.assign(bias)
+        np.testing.assert_allclose(layer(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_frelu_matches_a_numpy_reference():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 5, 6, 3)).astype("float32")
+    layer = layers.FReLU()
+    layer.build(x.shape)
+    kernel = rng.normal(size=(3, 3, 3, 1)).astype("float32")
+    gamma, beta, mean, var = (rng.uniform(0.5, 2, 3).astype("float32") for _ in range(4))
+    layer.conv.kernel.assign(kernel)
+    layer.bn.set_weights([gamma, beta - 1, mean, var])
+    z = (_depthwise_same(x, kernel) - mean) / np.sqrt(var + layer.bn.epsilon) * gamma + beta - 1
+    np.testing.assert_allclose(layer(x, training=False), np.maximum(x, z), rtol=1e-5, atol=1e-5)
