@@ -207,13 +207,13 @@ def _run(app, *args):
 @pytest.mark.parametrize("args,needles", [
     (["--width_multiplier=0.125"], ["error:", "(3, 3, 4, 1)", "(3, 3, 8, 1)", "sparta_s1"]),
     (["--sparta_sharing=layer"], ["error:", "sharings differ"]),
-    (["--activation=relu"], ["--sparta_from", "--activation=sparta"]),
+    (["--activation=relu", "--sparta_sharing=layer"], ["--sparta_from", "--activation=sparta"]),
 ])
 def test_trainer_refuses_a_source_that_does_not_fit_and_writes_nothing(tmp_path, args,
                                                                        needles):
     _, path = _source(tmp_path)
     out = _run("train", f"--sparta_from={path}", "--model=resnet34", "--max_train=64",
-               "--max_test=8", "--width_multiplier=0.0625", "--sparta_sharing=stage", *args,
+               "--batch_size=32", "--max_test=8", "--width_multiplier=0.0625", "--sparta_sharing=stage", *args,
                f"--model_dir={tmp_path / 'run'}")
     assert out.returncode != 0
     assert all(n in out.stderr for n in needles), out.stderr[-2000:]
