@@ -110,7 +110,7 @@ def arm_overrides(arm, base):
         return {**fields, "activation": "sparta", "sparta_from": base.sparta_from,
                 "sparta_from_sha256": base.sparta_from_sha256}
     activation, _, denoise = arm.rpartition("_")
-    if denoise in models.DENOISE and activation in activations_lib.NAMES:
+    if denoise in models.DENOISE and denoise != "none" and activation in activations_lib.NAMES:
         return {**fields, "activation": activation, "denoise": denoise}
     if arm not in activations_lib.NAMES:
         raise ValueError(f"Unknown arm {arm!r}: an activation out of "

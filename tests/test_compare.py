@@ -256,8 +256,9 @@ def test_arms_other_than_activations():
     assert fresh.sparta_from is None and fresh.denoise == "none"
     with pytest.raises(ValueError, match="set sparta_from"):
         compare.arm_overrides("sparta_transfer", training.TrainConfig())
-    with pytest.raises(ValueError, match="relu_nonlocal"):
-        compare.arm_overrides("relu_median", base)
+    for unknown in ("relu_median", "relu_none"):
+        with pytest.raises(ValueError, match="relu_nonlocal"):
+            compare.arm_overrides(unknown, base)
 
 
 def test_trainer_reuses_the_grid_and_writes_the_reports(grid):
