@@ -110,9 +110,13 @@ class AdversarialModel(keras.Model):
 
     @property
     def metrics(self):
-        if self.objective == "standard":
-            return [self.loss_tracker, self.clean_acc]
-        return [self.loss_tracker, self.clean_acc, self.adv_acc]
+        """What the progress bar and metrics.jsonl show: the loss, and the accuracy on the
+        batch of each kind of image that the loss sees (clean for `standard`, adversarial for
+        `pgd`, both for `trades`), from the logits of the loss itself: training mode (batch
+        statistics), before the step's update. No forward pass runs for a metric alone."""
+        shown = {"standard": [self.clean_acc], "pgd": [self.adv_acc],
+                 "trades": [self.clean_acc, self.adv_acc]}[self.objective]
+        return [self.loss_tracker, *shown]
 
     def call(self, x, training=False):
         return self.model(x, training=training)
@@ -152,10 +156,9 @@ class AdversarialModel(keras.Model):
                  for g, s in zip(tape.gradient(scaled, variables), self.gradient_scale)]
         self.optimizer.apply(grads, variables)
         self.loss_tracker.update_state(loss)
-        if self.objective == "standard":
+        if self.objective != "pgd":
             self.clean_acc.update_state(y, logits)
-        else:
-            self.clean_acc.update_state(y, self.model(x, training=False))
+        if self.objective != "standard":
             self.adv_acc.update_state(y, adv_logits)
         logs = {m.name: m.result() for m in self.metrics}
         if self.logs_as_vectors:  # see `run`: for Keras' multi-worker reduce over axis 0
