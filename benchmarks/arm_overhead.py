@@ -19,7 +19,7 @@ import time
 from absl import app, flags
 
 flags.DEFINE_list("arms", ["relu", "sparta", "relu_nonlocal", "relu_mean"],
-                  "Arms of sparta_tf.compare to time; the first is the reference.")
+                  "Arms of sparta_tf.experiments.compare to time; the first is the reference.")
 flags.DEFINE_float("width_multiplier", 0.25, "ResNet-18 width.")
 flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_integer("pgd_steps", 3, "PGD steps of the train step.")
@@ -44,7 +44,8 @@ def main(argv):
     import keras
     import numpy as np
     import tensorflow as tf
-    from sparta_tf import compare, training
+    from sparta_tf import training
+    from sparta_tf.experiments import compare
 
     rng = np.random.default_rng(0)
     x = tf.constant(rng.uniform(size=(FLAGS.batch_size, 32, 32, 3)).astype("float32"))

@@ -18,15 +18,18 @@ taken within a round. Writes `benchmark.json` and `BENCHMARKS.md` (the machine n
 - `eager_cleverhans/<activation>/w<first width>`: an eager loop that attacks each batch with
   cleverhans's `projected_gradient_descent` and then takes an eager gradient step: what the
   compiled step replaces;
-- end to end: `sparta-train`'s own img/s (`training.run`, 2 epochs on the bundled sample,
-  the second epoch's img/s, so no tracing) against its step's;
-- memory: each of sparta and sparta_autodiff at the first width in a fresh process, its
-  peak resident memory (CPU) or peak GPU memory after some steps.
+- end to end: `sparta-train`'s own img/s (`training.run`, 3 epochs of 16 batches of the
+  bundled sample, the median of epochs 2 and 3, so no tracing) against its compiled
+  step's, timed right after it in the same process;
+- memory: each of sparta and sparta_autodiff at the first width in a fresh process, the
+  most that TensorFlow's allocator held during one step (GPU or CPU), and the peak
+  resident memory.
+
+`benchmarks/profile_step.py` says where a step's time goes, op type by op type.
 """
 
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -35,6 +38,8 @@ import tempfile
 import time
 
 from absl import app, flags
+
+from machine import machine
 
 flags.DEFINE_list("activations", ["relu", "silu", "sparta"], "Activations of the AT step.")
 flags.DEFINE_list("widths", ["0.25", "1.0"], "ResNet-18 width multipliers.")
@@ -47,19 +52,6 @@ flags.DEFINE_bool("end_to_end", True, "Also time sparta-train's own loop.")
 flags.DEFINE_string("output_dir", None, "Where to write benchmark.json and BENCHMARKS.md.")
 flags.DEFINE_string("memory_of", None, "Internal: measure this configuration's memory.")
 FLAGS = flags.FLAGS
-
-
-def _machine():
-    import tensorflow as tf
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        return tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or "unknown CPU"
-    return f"{name}, {os.cpu_count()} cores, no GPU"
 
 
 def _model(activation, width, objective="pgd", jit=False):
@@ -155,17 +147,28 @@ def _ratios(seconds, a, b, scale=1.0):
     return _spread([scale * x / y for x, y in zip(seconds[a], seconds[b])])
 
 
-def _end_to_end(width):
-    """sparta-train's own img/s in its second epoch (sparta, the bundled sample)."""
+def _end_to_end(width, batches=16):
+    """sparta-train's own img/s (`training.run`: sparta, the bundled sample, epochs 2 and 3,
+    so no tracing) and, right after it in the same process, its compiled step's img/s over
+    as many steps in a row: the cost of the input pipeline and the callbacks."""
+    import keras
     from sparta_tf import training
     with tempfile.TemporaryDirectory() as model_dir:
         config = training.TrainConfig(
             model_dir=model_dir, width_multiplier=width, batch_size=FLAGS.batch_size,
-            max_train=FLAGS.batch_size * 8, max_test=10, epochs=2, eval_pgd_steps=0,
+            max_train=FLAGS.batch_size * batches, max_test=10, epochs=3, eval_pgd_steps=0,
             pgd_steps=FLAGS.pgd_steps, checkpoint_every=0, mixed_precision=FLAGS.mixed_precision)
         training.run(config, verbose=0)
         with open(os.path.join(model_dir, "metrics.jsonl")) as f:
-            return [json.loads(line) for line in f][-1]["img/s"]
+            train = statistics.median(json.loads(line)["img/s"] for line in list(f)[1:])
+    step, batch = _compiled_step(_model("sparta", width)), _batch()
+    for _ in range(2):
+        keras.ops.convert_to_numpy(step(batch)["loss"])
+    start = time.perf_counter()
+    for _ in range(batches):
+        keras.ops.convert_to_numpy(step(batch)["loss"])
+    step_img_s = batches * FLAGS.batch_size / (time.perf_counter() - start)
+    return {"train_img_s": train, "step_img_s": step_img_s, "fraction": train / step_img_s}
 
 
 def _memory(name):
@@ -177,18 +180,23 @@ def _memory(name):
 
 
 def _measure_memory(name):
+    """The most memory that TensorFlow's allocator held during one step, above what it held
+    before it (weights, optimizer slots and the batch): mostly what the forward passes keep
+    for the backward. On the CPU too (`tf.config.experimental.get_memory_info`)."""
     import keras
     import tensorflow as tf
     _, activation, width = name.split("/")
     step = _compiled_step(_model(activation, float(width[1:])))
-    gpus = tf.config.list_physical_devices("GPU")
+    device = "GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0"
     batch = _batch()
-    for _ in range(3):
+    for _ in range(2):
         keras.ops.convert_to_numpy(step(batch)["loss"])
-    result = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if gpus:
-        result["peak_gpu_mib"] = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
-    print(json.dumps(result))
+    tf.config.experimental.reset_memory_stats(device)
+    before = tf.config.experimental.get_memory_info(device)["current"]
+    keras.ops.convert_to_numpy(step(batch)["loss"])
+    peak = tf.config.experimental.get_memory_info(device)["peak"]
+    print(json.dumps({"device": device, "step_peak_mib": (peak - before) / 2**20,
+                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
 def _markdown(report):
@@ -205,14 +213,23 @@ def _markdown(report):
         lines.append(f"| {name} | {r['median']:.2f} | {r['min']:.2f} | {r['max']:.2f} |")
     if report.get("end_to_end"):
         e = report["end_to_end"]
-        lines += ["", f"End to end: `sparta-train` ran at {e['train_img_s']:.1f} img/s in its "
-                      f"second epoch, its step alone at {e['step_img_s']:.1f} img/s: "
-                      f"{e['fraction']:.2f} of the step."]
+        lines += ["", f"End to end: `sparta-train` ran at {e['train_img_s']:.1f} img/s "
+                      f"(epochs 2 and 3), its compiled step alone, right after, at "
+                      f"{e['step_img_s']:.1f} img/s: {e['fraction']:.2f} of the step."]
     if report.get("memory"):
-        lines += ["", "| memory | peak resident (MiB) | peak GPU (MiB) |", "| --- | ---: | ---: |"]
+        lines += ["", "Memory, each in a fresh process: the most that TensorFlow's allocator "
+                      "held during one step above what it held before it (mostly what the "
+                      "forward passes keep for the backward), and the process's peak "
+                      "resident memory.", "",
+                  "| memory | device | step peak (MiB) | peak resident (MiB) |",
+                  "| --- | --- | ---: | ---: |"]
         for name, m in report["memory"].items():
-            gpu = f"{m['peak_gpu_mib']:.0f}" if "peak_gpu_mib" in m else "-"
-            lines.append(f"| {name} | {m['peak_rss_mib']:.0f} | {gpu} |")
+            lines.append(f"| {name} | {m['device']} | {m['step_peak_mib']:.1f} | "
+                         f"{m['peak_rss_mib']:.0f} |")
+        first = list(report["memory"].values())
+        if len(first) == 2 and first[1]["step_peak_mib"] > 0:
+            lines.append(f"\nCustom gradient / autodiff, step peak: "
+                         f"{first[0]['step_peak_mib'] / first[1]['step_peak_mib']:.2f}.")
     return "\n".join(lines) + "\n"
 
 
@@ -238,7 +255,7 @@ def main(argv):
             seconds, f"eager_cleverhans/{activation}/{first}", f"at/{activation}/{first}")
         ratios[f"XLA / no XLA, {activation}, {first}"] = _ratios(
             seconds, f"jit/{activation}/{first}", f"at/{activation}/{first}")
-    report = {"machine": _machine(), "command": " ".join(["python", *sys.argv]),
+    report = {"machine": machine(), "command": " ".join(["python", *sys.argv]),
               "batch_size": FLAGS.batch_size, "pgd_steps": k, "rounds": FLAGS.rounds,
               "steps": FLAGS.steps, "mixed_precision": FLAGS.mixed_precision,
               "seconds_per_step": {n: _spread(s) for n, s in seconds.items()},
@@ -246,10 +263,7 @@ def main(argv):
               "memory": {n: _memory(n) for n in (f"at/sparta/{first}",
                                                  f"at/sparta_autodiff/{first}")}}
     if FLAGS.end_to_end:
-        train = _end_to_end(float(FLAGS.widths[0]))
-        step = FLAGS.batch_size / report["seconds_per_step"][f"at/sparta/{first}"]["median"]
-        report["end_to_end"] = {"train_img_s": train, "step_img_s": step,
-                                "fraction": train / step}
+        report["end_to_end"] = _end_to_end(float(FLAGS.widths[0]))
     print(_markdown(report))
     if FLAGS.output_dir:
         os.makedirs(FLAGS.output_dir, exist_ok=True)

@@ -11,7 +11,8 @@ giving them is an error that points to `--activations`, `--seeds` and `--objecti
 from absl import flags
 
 from flags import core
-from sparta_tf import activations, compare, training
+from sparta_tf import activations, training
+from sparta_tf.experiments import compare
 
 FLAGS = flags.FLAGS
 _ARMS = activations.NAMES + ("swish",) + compare.EXTRA_ARMS
@@ -94,15 +95,16 @@ def define_transfer():
     flags.mark_flag_as_required("sparta_from")
 
 
-def grid():
-    """The keyword arguments of `compare.run_grid` that the parsed flags give, but `base`."""
+def grid(base):
+    """The keyword arguments of `compare.run_grid` for the recipe `base` (`core.train_config`),
+    but `base` itself."""
     return dict(
         activations=list(dict.fromkeys(
             a if a in compare.EXTRA_ARMS else activations.canonical_name(a)
             for a in FLAGS.activations)),
         seeds=[int(s) for s in FLAGS.seeds], objectives=FLAGS.objectives,
-        root=FLAGS.model_dir, make_plots=FLAGS.plots, overwrite=FLAGS.overwrite,
+        root=base.model_dir, make_plots=FLAGS.plots, overwrite=FLAGS.overwrite,
         report_only=FLAGS.report_only,
         settings=compare.EvalSettings(
-            eps=FLAGS.eps, pgd_steps=FLAGS.eval_pgd_steps, autoattack=FLAGS.autoattack,
+            eps=base.eps, pgd_steps=base.eval_pgd_steps, autoattack=FLAGS.autoattack,
             eps_curve=tuple(core.PixelParser().parse(e) for e in FLAGS.eps_curve)))

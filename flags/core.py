@@ -50,7 +50,8 @@ def _valid_dataset(value):
     return value == "bundled" or value in data.TFDS_NAMES or os.path.exists(value)
 
 
-def define_data():
+def define_data(training_split=True):
+    """The data flags; `training_split=False` leaves out --max_train (evaluation)."""
     flags.DEFINE_string(
         "dataset", _D.dataset,
         f"'bundled' (the CIFAR-10 sample in the package), a tfds name {data.TFDS_NAMES}, "
@@ -59,8 +60,9 @@ def define_data():
         "dataset", _valid_dataset,
         message=f"must be 'bundled', one of {data.TFDS_NAMES}, or an existing path")
     flags.DEFINE_string("data_dir", _D.data_dir, "tfds data_dir, or cache for a .tar.gz.")
-    flags.DEFINE_integer("max_train", _D.max_train, "Class-balanced training subset size.",
-                         lower_bound=1)
+    if training_split:
+        flags.DEFINE_integer("max_train", _D.max_train, "Class-balanced training subset size.",
+                             lower_bound=1)
     flags.DEFINE_integer("max_test", _D.max_test, "Class-balanced test subset size.",
                          lower_bound=1)
     flags.DEFINE_integer("seed", _D.seed, "Seed of data order, augmentation and attacks.")
@@ -175,17 +177,17 @@ def for_help(app_module):
         FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
 
 
-def apply_preset():
-    """Sets the --config preset's values on the flags not given on the command line."""
-    for name, value in PRESETS[FLAGS.config].items():
-        if not FLAGS[name].present:
-            FLAGS[name].value = value
+def given_or(name, fallback):
+    """The value of flag `name` if given on the command line, else `fallback`."""
+    return FLAGS[name].value if FLAGS[name].present else fallback
 
 
 def train_config():
-    """The `training.TrainConfig` that the parsed flags describe."""
-    apply_preset()
-    values = {name: FLAGS[name].value for name in training.TrainConfig.__dataclass_fields__
+    """The `training.TrainConfig` that the parsed flags describe: the defaults, then the
+    --config preset, then the flags given on the command line. No flag is changed."""
+    preset = PRESETS[FLAGS.config]
+    values = {name: given_or(name, preset.get(name, FLAGS[name].value))
+              for name in training.TrainConfig.__dataclass_fields__
               if name in FLAGS}  # sparta_from_sha256 is computed, not given
     values["lr_decay_epochs"] = tuple(float(e) for e in values["lr_decay_epochs"])
     values["activation"] = activations.canonical_name(values["activation"])
@@ -203,8 +205,8 @@ def define_evaluation():
     --eps, --dataset, --data_dir, --max_test (alias --num_examples: the examples, a
     class-balanced sample) and --seed default to the model_dir's config.json where the model has one.
     """
-    define_data()
-    define_attack()
+    define_data(training_split=False)
+    _pixels("eps", _D.eps, "L-inf budget in pixels")
     flags.register_validator("eps", lambda eps: eps > 0, message="must be > 0 to evaluate")
     flags.DEFINE_string("model_path", None,
                         "The model: a model_dir (with model.keras), a .keras file, or an "

@@ -272,3 +272,9 @@ def _augment(image, key):
 def _to_float(image):
     """uint8 pixels to float32 in [0, 1]."""
     return tf.cast(image, tf.float32) / 255.0
+
+
+def pixels(x):
+    """Float32 pixels in [0, 1] (a NumPy array) from uint8 images or floats."""
+    x = np.asarray(x)
+    return (x / 255.0 if x.dtype == np.uint8 else x).astype(np.float32)

@@ -35,7 +35,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from sparta_tf import layers  # noqa: F401  (registers Sparta and FReLU for loading)
+from sparta_tf import layers, model_dir  # noqa: F401  (layers registers Sparta and FReLU)
 
 METADATA = os.path.join("assets.extra", "sparta_tf.json")
 
@@ -75,7 +75,7 @@ def class_names_beside(model_path):
     Returns: the list, or None where there is none.
     """
     folder = model_path if os.path.isdir(model_path) else os.path.dirname(model_path)
-    path = os.path.join(folder, "class_names.json")
+    path = os.path.join(folder, model_dir.CLASS_NAMES)
     if not os.path.isfile(path):
         return None
     with open(path) as f:

@@ -32,7 +32,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from sparta_tf import attacks, data, evaluation, layers, models, transfer
+from sparta_tf import attacks, data, evaluation, layers, model_dir, models, transfer
 
 OBJECTIVES = ("standard", "pgd", "trades")
 STRATEGIES = ("mirrored", "multi_worker")
@@ -207,12 +207,23 @@ class TrainConfig:
     checkpoint_every: int = 100
     eval_pgd_steps: int = 20  # 0: no PGD evaluation after training
 
-    # A model_dir whose config differs in one of these holds another experiment.
-    IDENTITY = ("dataset", "max_train", "model", "activation", "width_multiplier",
-                "sparta_sharing", "sparta_kernel_size", "sparta_beta0", "objective", "eps",
-                "pgd_steps", "pgd_step_size", "trades_beta", "batch_size", "seed",
-                "sparta_lr_multiplier", "sparta_normalize_gate_input", "sparta_from_sha256",
-                "denoise")
+    # The fields that may change when a run resumes: where things are, how long it trains,
+    # how often it saves, how it is evaluated at the end, how the step is compiled and
+    # distributed. Every other field is the experiment's identity (`identity`): a model_dir
+    # whose config differs in one of them holds another experiment.
+    RESUMABLE = ("model_dir", "data_dir", "max_test", "epochs", "checkpoint_every",
+                 "eval_pgd_steps", "jit_compile", "strategy", "sparta_from")
+
+    def identity(self):
+        """The experiment this config describes: every field but `RESUMABLE`, as in JSON.
+
+        A dataset given as a path counts by its name (`cifar10-jpeg.tar.gz`), not by where
+        it lies: the same archive moved to another folder or machine is the same data.
+        """
+        values = {k: v for k, v in json.loads(json.dumps(self.to_json())).items()
+                  if k not in self.RESUMABLE}
+        values["dataset"] = os.path.basename(os.path.normpath(values["dataset"]))
+        return values
 
     def activation_kwargs(self):
         if self.activation != "sparta":
@@ -228,6 +239,12 @@ class TrainConfig:
     def complete(cls, stored):
         """A stored config.json with the defaults of the fields added after it was written."""
         return {**json.loads(json.dumps(cls().to_json())), **stored}
+
+    @classmethod
+    def from_stored(cls, stored):
+        """The config of a stored config.json (or part of one; defaults for the rest)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in cls.complete(stored).items() if k in fields})
 
 
 def make_strategy(name):
@@ -271,9 +288,9 @@ def _prepare_model_dir(config, overwrite, chief=True):
     resume = os.path.exists(path)
     if resume:
         with open(path) as f:
-            old = TrainConfig.complete(json.load(f))
-        new = json.loads(json.dumps(config.to_json()))  # tuples -> lists, as on disk
-        diff = {k: (old.get(k), new[k]) for k in TrainConfig.IDENTITY if old.get(k) != new[k]}
+            old = TrainConfig.from_stored(json.load(f)).identity()
+        new = config.identity()
+        diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
         if diff:
             lines = "\n".join(f"  {k}: {a!r} in model_dir, {b!r} now" for k, (a, b) in diff.items())
             raise ConfigMismatchError(
@@ -495,20 +512,17 @@ def _run(config, overwrite, verbose):
                **{k: float(v[-1]) for k, v in history.history.items()}}
         _log_epoch(config.model_dir, writer, row)
     if not chief:
-        model.model.save(os.path.join(private, "model.keras"))  # its share of the save
+        model.model.save(os.path.join(private, model_dir.MODEL))  # its share of the save
         shutil.rmtree(private, ignore_errors=True)
         return None
     return finish(config, model.model, ds)
 
 
-CLASS_NAMES_FILE = "class_names.json"
-
-
 def finish(config, net, ds):
     """Saves `net` as model_dir/model.keras (and the class names beside it), then evaluates
     clean and PGD accuracy."""
-    net.save(os.path.join(config.model_dir, "model.keras"))
-    with open(os.path.join(config.model_dir, CLASS_NAMES_FILE), "w") as f:
+    net.save(os.path.join(config.model_dir, model_dir.MODEL))
+    with open(os.path.join(config.model_dir, model_dir.CLASS_NAMES), "w") as f:
         json.dump(ds.class_names, f)
     x, y = ds.x_test, ds.y_test
     results = {"clean_acc": evaluation.accuracy(net, x, y)}

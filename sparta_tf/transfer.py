@@ -28,13 +28,12 @@ This module imports nothing of `sparta_tf` but `layers`.
 """
 
 import hashlib
-import os
 import re
 
 import keras
 import numpy as np
 
-from sparta_tf import layers
+from sparta_tf import layers, model_dir
 
 _STAGE_SHARED = re.compile(r"sparta_s\d+(_c\d+)?")
 _PER_LAYER = re.compile(r"sparta_s(\d+)b(\d+)_(\w+)")
@@ -47,13 +46,7 @@ class TransferError(ValueError):
 
 def load(path):
     """The Keras model of a `sparta-train` model_dir (its model.keras) or of a `.keras` file."""
-    path = os.fspath(path)
-    file = os.path.join(path, "model.keras") if os.path.isdir(path) else path
-    if not (file.endswith(".keras") and os.path.isfile(file)):
-        raise FileNotFoundError(
-            f"No trained Sparta at {path!r}: expected a .keras file or a model_dir of "
-            "sparta-train that holds model.keras (written when its training has finished).")
-    return keras.models.load_model(file)
+    return keras.models.load_model(model_dir.keras_file(path))
 
 
 def sparta_layers(model):

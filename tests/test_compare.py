@@ -1,10 +1,11 @@
-"""Tests of sparta_tf.compare, sparta_tf.plots, flags/compare.py and trainers/compare.py.
+"""Tests of sparta_tf.experiments.compare, sparta_tf.plots, flags/compare.py and trainers/compare.py.
 
 One tiny grid (ResNet-18 at width 1/16, 64 training images, 1 epoch of PGD-1 AT
 and of standard training, relu and sparta, one seed, 20 test images) is trained
 once for the module; the rerun and the trainer reuse it, so both must skip it.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -18,7 +19,8 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
-from sparta_tf import compare, models, plots, training
+from sparta_tf import models, plots, training
+from sparta_tf.experiments import compare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(dataset="bundled", max_train=64, max_test=20, width_multiplier=0.0625, epochs=1,
@@ -87,8 +89,14 @@ def test_grid_writes_the_table_per_objective(grid):
         assert header == ["activation", "clean", "PGD-1", "AutoAttack", "n"]
         assert list(rows) == ["relu", "sparta"]
         for clean, pgd, autoattack, n in rows.values():
-            assert 0 <= float(clean) <= 100 and 0 <= float(pgd) <= 100
             assert autoattack == "-" and n == "1"
+    # The numbers are those that each cell stored (one seed: the mean is the value).
+    for title, objective in (("PGD-1 adversarial training", "pgd"),
+                             ("Standard training", "standard")):
+        for arm, (clean, pgd, _, _) in tables[title][1].items():
+            with open(os.path.join(root, objective, arm, "seed0", compare.EVAL_FILE)) as f:
+                stored = json.load(f)["results"]
+            assert (clean, pgd) == (f"{100 * stored['clean']:.1f}", f"{100 * stored['pgd']:.1f}")
     summary = results["summary"][0]
     assert summary["eps_curve"][0][1] == summary["clean"]["mean"]  # eps 0 is clean
     # Seed by seed, and the eps curve, from the cells (one seed: the means above).
@@ -310,3 +318,18 @@ def test_ablation_table_names_what_each_variant_changes(grid):
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[3].startswith("| the baseline's settings |")
+
+
+def test_a_stored_evaluation_is_reused_by_the_runs_identity_alone(tmp_path):
+    config = compare.cell_config(training.TrainConfig(**TINY), str(tmp_path), "pgd", "relu", 0)
+    os.makedirs(config.model_dir)
+    with open(os.path.join(config.model_dir, compare.EVAL_FILE), "w") as f:
+        json.dump({**compare._key(config, SETTINGS), "results": {"clean": 0.5}}, f)
+    same = [dict(data_dir="/elsewhere"), dict(jit_compile=True), dict(checkpoint_every=7)]
+    other = [dict(lr=0.05), dict(momentum=0.5), dict(mixed_precision="mixed_bfloat16"),
+             dict(epochs=2), dict(max_test=10)]
+    for change in same:
+        assert compare.stored_results(dataclasses.replace(config, **change), SETTINGS) == {
+            "clean": 0.5}, change
+    for change in other:
+        assert compare.stored_results(dataclasses.replace(config, **change), SETTINGS) is None

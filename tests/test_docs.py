@@ -1,11 +1,21 @@
-"""The README's commands are the ones CI and users run."""
+"""The docs say what the code and the committed results say.
 
+The README is the front page; docs/ holds the guide, the results and their commands. Their
+commands are the ones users run: the flags they name exist, no path of the development
+machines appears in them, their links lead to files, and the README's headline table is the
+committed comparison's.
+"""
+
+import glob
+import json
 import os
 import re
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAGES = ["README.md", "BUILD.md", *sorted(
+    os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 
 
 def _read(*path):
@@ -26,14 +36,48 @@ def test_ci_runs_the_readme_test_command():
     assert "pytest" in tests and "sparta-train" in main
 
 
-def test_readme_flags_exist():
-    """Every --flag that the README names is a flag of one of the trainers."""
+def test_the_flags_that_the_docs_name_exist():
+    """Every --flag that the README or a page of docs/ names is a flag of a trainer."""
     defined = set()
     for trainer in ("train", "evaluate", "compare", "transfer", "export"):
         out = subprocess.run([sys.executable, "-m", f"trainers.{trainer}", "--helpfull"],
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
         defined |= set(re.findall(r"--(?:\[no\])?([a-z_0-9]+)", out.stdout))
     assert {"model_dir", "eps", "model_path", "activations"} <= defined
-    named = set(re.findall(r"`(?:sparta-\w+ )?--([a-z_0-9]+)", _read("README.md")))
-    missing = sorted(n for n in named if n not in defined and n[2:] not in defined)
-    assert not missing, f"README names flags that do not exist: {missing}"
+    for page in PAGES:
+        text = _read(page)
+        named = set(re.findall(r"`(?:sparta-\w+ )?--([a-z_0-9]+)", text))
+        # The indented commands of the apps, with their continuation lines.
+        for command in re.findall(r"^ {4}\S*sparta-\w+(?:.*\\\n)*.*$", text, re.M):
+            named |= set(re.findall(r"\s--([a-z_0-9]+)", command))
+        missing = sorted(n for n in named if n not in defined and n[2:] not in defined)
+        assert not missing, f"{page} names flags that do not exist: {missing}"
+
+
+def test_no_page_names_a_path_of_the_development_machines():
+    for page in PAGES:
+        found = re.findall(r"/work/\S*", _read(page))
+        assert not found, f"{page} names {found}: write a placeholder such as $DATA"
+
+
+def test_the_links_of_the_docs_lead_to_files():
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", _read(page)):
+            if target.startswith(("http://", "https://")):
+                continue
+            path = os.path.normpath(os.path.join(ROOT, os.path.dirname(page), target))
+            assert os.path.exists(path), f"{page} links to {target}, which does not exist"
+
+
+def test_the_readmes_headline_table_is_the_committed_grid():
+    with open(os.path.join(ROOT, "results", "compare_r18w025", "comparison.json")) as f:
+        summary = [r for r in json.load(f)["summary"] if r["objective"] == "pgd"]
+    names = {"sparta": "Sparta", "relu": "ReLU", "silu": "SiLU", "softplus": "Softplus",
+             "gelu": "GELU", "elu": "ELU", "prelu": "PReLU", "frelu": "FReLU"}
+    readme = _read("README.md")
+    assert "| PGD-3 AT | clean | PGD-20 |" in readme
+    for row in summary:
+        cells = [f"{100 * row[m]['mean']:.1f} ± {100 * row[m]['std']:.1f}"
+                 for m in ("clean", "pgd")]
+        assert f"| {names[row['activation']]} | {cells[0]} | {cells[1]} |" in readme, row
+    assert len(summary) == len(names)

@@ -83,3 +83,11 @@ def test_bad_input_is_an_error_without_traceback(args, message):
     assert out.returncode != 0
     assert message in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("flag", ["--pgd_steps=3", "--pgd_step_size=0.01", "--max_train=10"])
+def test_flags_it_does_not_use_do_not_exist(flag):
+    out = _evaluate("--model_path=x.keras", flag)
+    assert out.returncode != 0
+    assert f"Unknown command line flag '{flag[2:].split('=')[0]}'" in out.stderr
+    assert "Traceback" not in out.stderr

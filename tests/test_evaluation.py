@@ -1,4 +1,6 @@
-"""Tests of sparta_tf.evaluation: accuracy, AutoAttack via ART, the masking checks, loading.
+"""Tests of sparta_tf.evaluation and sparta_tf.autoattack: accuracy, AutoAttack via ART, the
+robustness report on a normal and a masked model, loading. Each masking check alone, on
+reports built to fail it: tests/test_masking.py.
 
 Tiny models built here (two convolutions on 8x8x3 images, or a 1/16-wide Sparta
 ResNet-18 on 16x16x3) and 16-32 random images keep the file fast on 2 CPU cores.
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from sparta_tf import attacks, evaluation, export, layers, models
+from sparta_tf import attacks, autoattack, evaluation, export, layers, models
 
 SHAPE = (8, 8, 3)
 
@@ -99,8 +101,8 @@ def test_autoattack_through_art():
     eps = 4 / 255
     clean = evaluation.accuracy(model, x, y)
     pgd = evaluation.accuracy(model, x, y, attacks.PGD(eps, 20))
-    aa = evaluation.autoattack(model, x, y, eps, batch_size=16, iterations=5, queries=50,
-                               verbose=False)
+    aa = autoattack.robust_accuracy(model, x, y, eps, batch_size=16, iterations=5, queries=50,
+                                    verbose=False)
     print(f"clean {clean}, PGD-20 {pgd}, AutoAttack {aa}")
     assert clean == 14 / 16
     assert list(aa["after"]) == ["apgd-ce", "apgd-t", "square"]
@@ -109,7 +111,7 @@ def test_autoattack_through_art():
     assert aa["accuracy"] < clean               # it broke something
     assert aa["accuracy"] <= pgd + 2 / 16       # about as strong as PGD-20, or stronger
     with pytest.raises(ValueError, match="fab"):
-        evaluation.autoattack(model, x, y, eps, attacks=("fab-t",))
+        autoattack.robust_accuracy(model, x, y, eps, attacks=("fab-t",))
 
 
 # --- the gradient-masking checks --------------------------------------------------
@@ -189,9 +191,9 @@ def test_load_model_from_keras_and_savedmodel(tmp_path):
 
     # ART differentiates eagerly, on ever smaller subsets of x. Run eagerly at a new batch
     # size, the backward pass of a ResNet (Keras or SavedModel) corrupts the heap of TF 2.21
-    # on the CPU (oneDNN) in about half the runs; autoattack() hands ART the model through
+    # on the CPU (oneDNN) in about half the runs; robust_accuracy() hands ART the model through
     # _compiled, whose backward pass is a graph. The reference is a graph too.
-    compiled = evaluation._compiled(saved)
+    compiled = autoattack._compiled(saved)
     reference = tf.function(gradient, reduce_retracing=True)
     for n in (12, 5, 1):
         np.testing.assert_allclose(gradient(compiled, x[:n]), reference(model, x[:n]),

@@ -217,4 +217,4 @@ def test_export_app(exported, tmp_path):
     assert out.returncode != 0 and "Version 1 exists already" in out.stderr
     assert "Traceback" not in out.stderr and export.versions(base) == [1]
     out = _app("export", f"--model_path={tmp_path / 'none'}", f"--export_dir={base}")
-    assert out.returncode != 0 and "no model at" in out.stderr
+    assert out.returncode != 0 and "No model at" in out.stderr

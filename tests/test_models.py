@@ -160,12 +160,18 @@ def test_normalisation_uses_mean_and_std():
         default(np.array([[models.CIFAR10_MEAN]], "float32")), 0, atol=1e-6)
 
 
-def test_inference_is_deterministic():
+def test_inference_depends_on_each_image_alone():
     model = models.build("resnet18", 10, "sparta", TINY)
-    x = np.full((2, 32, 32, 3), 0.5, "float32")
-    first = np.array(model(x, training=False))
-    np.testing.assert_array_equal(model(x, training=False), first)
-    np.testing.assert_array_equal(first[0], first[1])
+    x = np.random.default_rng(0).uniform(size=(4, 32, 32, 3)).astype("float32")
+    together = np.array(model(x, training=False))
+    np.testing.assert_array_equal(model(x, training=False), together)  # no randomness
+    alone = np.concatenate([model(x[i:i + 1], training=False) for i in range(4)])
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)  # no batch statistics
+    # What this guards against: in training mode BN uses the batch's statistics, so an
+    # image's logits change with the other images of its batch.
+    others = np.concatenate([x[:1], 1 - x[1:]])
+    assert not np.allclose(model(x, training=True)[0], model(others, training=True)[0],
+                           atol=1e-4)
 
 
 def test_input_gradient_is_the_same_with_and_without_the_custom_gradient():

@@ -12,8 +12,9 @@ TINY = ["--max_train=256", "--max_test=20", "--width_multiplier=0.0625", "--epoc
 
 
 def _train(*args):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as a user's
     return subprocess.run([sys.executable, "-m", "trainers.train", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=env)
 
 
 @pytest.mark.parametrize("flag,needle", [
@@ -43,6 +44,9 @@ def test_paper_preset_on_tiny_data_and_overrides(tmp_path):
     assert config["width_multiplier"] == 0.0625 and config["sparta_normalize_gate_input"]
     assert os.path.exists(tmp_path / "export" / "1" / "saved_model.pb")
     assert "pgd1" in out.stdout and "exported" in out.stdout
+    # No TensorFlow start-up noise: only the app's own output.
+    for noise in ("oneDNN", "cuInit", "cuda drivers", "absl::InitializeLog", "I0000", "E0000"):
+        assert noise not in out.stderr + out.stdout, noise
 
 
 def test_other_configuration_in_model_dir_is_refused(tmp_path):
@@ -63,3 +67,15 @@ def test_help_shows_the_usage_and_the_flags(command):
     assert "Adversarially train a network" in out.stdout and "Try --helpfull" in out.stdout
     for flag in ("--model_dir", "--activation", "--sparta_from", "--strategy", "--eps"):
         assert flag in out.stdout, flag
+
+
+def test_the_preset_makes_the_config_without_changing_a_flag():
+    code = ("import json, sys; from flags import core; core.define_training(); "
+            "core.FLAGS(['x', '--config=paper', '--epochs=2']); c = core.train_config(); "
+            "print(json.dumps([c.pgd_steps, c.epochs, c.width_multiplier, "
+            "core.FLAGS.pgd_steps, core.FLAGS.epochs, core.FLAGS.width_multiplier]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # The config: the preset, then the flag given. The flags: as parsed, untouched.
+    assert json.loads(out.stdout.splitlines()[-1]) == [10, 2, 1.0, 3, 2, 0.25]

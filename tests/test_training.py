@@ -138,6 +138,37 @@ def test_config_mismatch_is_refused_unless_overwrite(tmp_path):
     assert not training._prepare_model_dir(other, overwrite=True)
 
 
+@pytest.mark.parametrize("field, value", [
+    ("lr", 0.05), ("lr_schedule", "cosine"), ("lr_decay_epochs", (1.0,)), ("momentum", 0.5),
+    ("weight_decay", 0.0), ("sparta_weight_decay", False), ("mixed_precision", "mixed_bfloat16"),
+    ("sparta_custom_gradient", False), ("max_train", 96)])
+def test_every_field_of_the_recipe_is_the_experiments_identity(tmp_path, field, value):
+    training._prepare_model_dir(_tiny_config(tmp_path / "run"), overwrite=False)
+    with pytest.raises(training.ConfigMismatchError, match=f"{field}: "):
+        training._prepare_model_dir(_tiny_config(tmp_path / "run", **{field: value}), False)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("epochs", 3), ("checkpoint_every", 0), ("eval_pgd_steps", 0), ("max_test", 10),
+    ("data_dir", "/elsewhere"), ("jit_compile", True), ("strategy", "multi_worker")])
+def test_only_the_resumable_fields_may_change_on_resume(tmp_path, field, value):
+    training._prepare_model_dir(_tiny_config(tmp_path / "run"), overwrite=False)
+    assert training._prepare_model_dir(_tiny_config(tmp_path / "run", **{field: value}), False)
+    assert set(training.TrainConfig.RESUMABLE) == {
+        "model_dir", "data_dir", "max_test", "epochs", "checkpoint_every", "eval_pgd_steps",
+        "jit_compile", "strategy", "sparta_from"}
+
+
+def test_a_dataset_archive_counts_by_its_name_not_its_folder(tmp_path):
+    first = _tiny_config(tmp_path / "run", dataset="/data/a/cifar10-jpeg.tar.gz")
+    training._prepare_model_dir(first, overwrite=False)
+    moved = _tiny_config(tmp_path / "run", dataset="/elsewhere/cifar10-jpeg.tar.gz")
+    assert training._prepare_model_dir(moved, overwrite=False)
+    other = _tiny_config(tmp_path / "run", dataset="/elsewhere/gtsrb-32.tar.gz")
+    with pytest.raises(training.ConfigMismatchError, match="dataset: 'cifar10-jpeg.tar.gz'"):
+        training._prepare_model_dir(other, overwrite=False)
+
+
 def test_a_config_written_before_a_field_existed_takes_its_default(tmp_path):
     config = _tiny_config(tmp_path / "run")
     training._prepare_model_dir(config, overwrite=False)

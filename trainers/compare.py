@@ -19,7 +19,8 @@ from absl import app, logging
 
 from flags import compare as compare_flags
 from flags import core
-from sparta_tf import compare, data, training, transfer
+from sparta_tf import data, training, transfer
+from sparta_tf.experiments import compare
 
 
 def main(argv):
@@ -27,7 +28,8 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # keep TF's INFO lines off the progress output
     try:
-        results = compare.run_grid(core.train_config(), **compare_flags.grid())
+        base = core.train_config()
+        results = compare.run_grid(base, **compare_flags.grid(base))
     except (training.ConfigMismatchError, training.NonFiniteLossError,
             data.DatasetUnavailableError, data.BadDataError, FileNotFoundError,
             transfer.TransferError) as e:
@@ -35,7 +37,7 @@ def main(argv):
     print(compare.table(results))
     written = ["comparison.md", "comparison.json"]
     written += [os.path.basename(path) for path in results["plots"]]
-    print(f"Wrote {', '.join(written)} to {core.FLAGS.model_dir}")
+    print(f"Wrote {', '.join(written)} to {base.model_dir}")
 
 
 def run(define_flags=compare_flags.define_compare, app_module=sys.modules[__name__]):

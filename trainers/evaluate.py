@@ -16,7 +16,7 @@ import sys
 from absl import app, flags
 
 from flags import core
-from sparta_tf import data, evaluation
+from sparta_tf import data, evaluation, model_dir
 
 FLAGS = core.FLAGS
 core.define_evaluation()
@@ -29,28 +29,28 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     path = FLAGS.model_path
-    config = os.path.join(path, "config.json")
-    if os.path.isfile(config):
-        with open(config) as f:
+    trained = {}
+    if os.path.isfile(os.path.join(path, "config.json")):
+        with open(os.path.join(path, "config.json")) as f:
             trained = json.load(f)
-        for name in FROM_CONFIG:
-            if not FLAGS[name].present and name in trained:
-                FLAGS[name].value = trained[name]
+    # The flags given, else the model_dir's config, else the flags' defaults.
+    given = {name: core.given_or(name, trained.get(name, FLAGS[name].value))
+             for name in FROM_CONFIG}
     try:
         model = evaluation.load_model(path)
-        ds = data.load(FLAGS.dataset, FLAGS.data_dir, max_train=1,  # only the test split is used
-                       max_test=FLAGS.max_test, seed=FLAGS.seed)
+        ds = data.load(given["dataset"], given["data_dir"], max_train=1,  # the test split only
+                       max_test=given["max_test"], seed=given["seed"])
     except (FileNotFoundError, ValueError, data.DatasetUnavailableError) as e:
         sys.exit(f"error: {e}")
     report = evaluation.robustness_report(
-        model, ds.x_test, ds.y_test, FLAGS.eps, steps=[int(s) for s in FLAGS.eval_steps],
+        model, ds.x_test, ds.y_test, given["eps"], steps=[int(s) for s in FLAGS.eval_steps],
         restarts=FLAGS.pgd_restarts, run_autoattack=FLAGS.autoattack,
         autoattack_iterations=FLAGS.autoattack_iterations, square_queries=FLAGS.square_queries,
-        batch_size=FLAGS.batch_size, seed=FLAGS.seed)
-    report.update(model=path, dataset=FLAGS.dataset)
+        batch_size=FLAGS.batch_size, seed=given["seed"])
+    report.update(model=path, dataset=given["dataset"])
     markdown = evaluation.to_markdown(report)
     output_dir = FLAGS.output_dir or (
-        path if os.path.isfile(os.path.join(path, "model.keras"))
+        path if os.path.isfile(os.path.join(path, model_dir.MODEL))
         else os.path.dirname(os.path.abspath(path)))
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "eval.json"), "w") as f:

@@ -9,13 +9,12 @@ and `serve_image_bytes` (JPEG or PNG bytes), both returning logits, probabilitie
 and class_names (see sparta_tf/export.py). An existing version is never overwritten.
 """
 
-import os
 import sys
 
 from absl import app, logging
 
 from flags import core
-from sparta_tf import export
+from sparta_tf import export, model_dir
 
 
 def main(argv):
@@ -23,12 +22,10 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     flags = core.FLAGS
-    model_path = flags.model_path
-    if os.path.isdir(model_path):
-        model_path = os.path.join(model_path, "model.keras")
-    if not (model_path.endswith(".keras") and os.path.isfile(model_path)):
-        sys.exit(f"error: no model at {flags.model_path}: expected a .keras file or a "
-                 "model_dir of sparta-train that holds model.keras.")
+    try:
+        model_path = model_dir.keras_file(flags.model_path)
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
     class_names = flags.class_names or export.class_names_beside(model_path)
     if not class_names:
         sys.exit(f"error: no class names beside {model_path} (sparta-train writes "

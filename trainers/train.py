@@ -15,7 +15,7 @@ import tensorflow as tf
 from absl import app, logging
 
 from flags import core
-from sparta_tf import data, export, training, transfer
+from sparta_tf import data, export, model_dir, training, transfer
 
 core.define_training()
 
@@ -39,7 +39,7 @@ def main(argv):
     if results is None:  # a worker of a multi-worker job: the chief writes the model
         print("This worker is done; the chief saves, evaluates and exports the model.")
         return
-    model_path = os.path.join(config.model_dir, "model.keras")
+    model_path = os.path.join(config.model_dir, model_dir.MODEL)
     try:
         export_dir = export.export_if_changed(model_path,
                                               os.path.join(config.model_dir, "export"),

@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from sparta_tf import activations as activations_lib
-from sparta_tf import attacks, data, evaluation, models, plots, training
+from sparta_tf import attacks, autoattack, data, evaluation, model_dir, models, plots, training
 
 EVAL_FILE = "compare_eval.json"
 METRICS = ("clean", "pgd", "autoattack")
@@ -48,7 +48,7 @@ class EvalSettings:
         eps: the L-inf budget of PGD and AutoAttack, in pixels.
         pgd_steps: the steps of the PGD (step size 2.5 * eps / steps, one
             random start).
-        autoattack: also run `evaluation.autoattack` (APGD-CE, APGD-T, Square).
+        autoattack: also run `autoattack.robust_accuracy` (APGD-CE, APGD-T, Square).
         autoattack_iterations, square_queries: its sizes (100 and 5000 are
             standard AutoAttack's).
         eps_curve: the budgets of the robust accuracy against eps curve (PGD
@@ -82,7 +82,7 @@ def evaluate(model, x, y, settings, verbose=False):
                "pgd": acc(_pgd(settings.eps, settings), f"PGD-{settings.pgd_steps}"),
                "autoattack": None}
     if settings.autoattack:
-        results["autoattack"] = evaluation.autoattack(
+        results["autoattack"] = autoattack.robust_accuracy(
             model, x, y, settings.eps, settings.batch_size,
             iterations=settings.autoattack_iterations, queries=settings.square_queries,
             verbose=verbose)["accuracy"]
@@ -133,8 +133,10 @@ def cell_config(base, root, objective, arm, seed):
 
 
 def _key(config, settings):
-    """What a cell's stored evaluation must match to be reused (JSON-normalised)."""
-    train = {k: v for k, v in config.to_json().items() if k != "model_dir"}
+    """What a cell's stored evaluation must match to be reused (JSON-normalised): the
+    training run's identity (`TrainConfig.identity`, as for resuming), how long it trained,
+    and the test images and settings of the evaluation."""
+    train = {**config.identity(), "epochs": config.epochs, "max_test": config.max_test}
     return json.loads(json.dumps({"config": train, "settings": dataclasses.asdict(settings)}))
 
 
@@ -149,9 +151,9 @@ def stored_results(config, settings):
     with open(path) as f:
         stored = json.load(f)
     key = _key(config, settings)
-    # A cell stored before a TrainConfig field existed had that field's default.
-    stored["config"] = {k: v for k, v in training.TrainConfig.complete(
-        stored.get("config", {})).items() if k in key["config"]}
+    # Read as a config: a field added since the cell was stored takes its default.
+    stored["config"] = _key(training.TrainConfig.from_stored(stored.get("config", {})),
+                            settings)["config"]
     return stored["results"] if {k: stored.get(k) for k in key} == key else None
 
 
@@ -253,7 +255,7 @@ def table(results):
              f"Test accuracy (%) on {results['test_examples']} test images at L-inf eps "
              f"{evaluation.eps_text(s['eps'])}: PGD-{s['pgd_steps']} "
              f"(step 2.5 eps / {s['pgd_steps']}, 1 random start)"
-             + (" and AutoAttack (APGD-CE, APGD-T, Square; `sparta_tf.evaluation.autoattack`)."
+             + (" and AutoAttack (APGD-CE, APGD-T, Square; `sparta_tf.autoattack`)."
                 if s["autoattack"] else "; AutoAttack not run.")
              + " Mean ± sample std over n seeds.", ""]
     if any(c["activation"] == TRANSFER_ARM for c in results["cells"]):
@@ -308,7 +310,7 @@ def _pictures(results, x, y, root, settings):
     first = {c["activation"]: c for c in results["cells"]
              if c["objective"] == objective and c["seed"] == results["cells"][0]["seed"]}
     missing = [c["model_dir"] for c in first.values()
-               if not os.path.isfile(os.path.join(c["model_dir"], "model.keras"))]
+               if not os.path.isfile(os.path.join(c["model_dir"], model_dir.MODEL))]
     if missing:  # e.g. a clone where only the cells' JSON files were committed
         logging.getLogger(__name__).warning(
             "No model.keras in %s: no attention, gate or activation-change plot.",
