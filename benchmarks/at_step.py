@@ -20,7 +20,7 @@ taken within a round. Writes `benchmark.json` and `BENCHMARKS.md` (the machine n
   compiled step replaces;
 - end to end: `sparta-train`'s own img/s (`training.run`, 3 epochs of 16 batches of the
   bundled sample, the median of epochs 2 and 3, so no tracing) against its compiled
-  step's, timed right after it in the same process;
+  step's, timed right after it, in a fresh process;
 - memory: each of sparta and sparta_autodiff at the first width in a fresh process, the
   most that TensorFlow's allocator held during one step (GPU or CPU), and the peak
   resident memory.
@@ -39,7 +39,7 @@ import time
 
 from absl import app, flags
 
-from machine import machine
+import report as report_lib
 
 flags.DEFINE_list("activations", ["relu", "silu", "sparta"], "Activations of the AT step.")
 flags.DEFINE_list("widths", ["0.25", "1.0"], "ResNet-18 width multipliers.")
@@ -51,6 +51,7 @@ flags.DEFINE_string("mixed_precision", "float32", "Keras dtype policy.")
 flags.DEFINE_bool("end_to_end", True, "Also time sparta-train's own loop.")
 flags.DEFINE_string("output_dir", None, "Where to write benchmark.json and BENCHMARKS.md.")
 flags.DEFINE_string("memory_of", None, "Internal: measure this configuration's memory.")
+flags.DEFINE_bool("end_to_end_only", False, "Internal: measure the end-to-end figures.")
 FLAGS = flags.FLAGS
 
 
@@ -147,7 +148,15 @@ def _ratios(seconds, a, b, scale=1.0):
     return _spread([scale * x / y for x, y in zip(seconds[a], seconds[b])])
 
 
-def _end_to_end(width, batches=16):
+def _end_to_end():
+    """`_measure_end_to_end` in a fresh process, as `sparta-train` runs."""
+    out = subprocess.run([sys.executable, __file__, "--end_to_end_only",
+                          *[a for a in sys.argv[1:] if not a.startswith("--output_dir")]],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _measure_end_to_end(width, batches=16):
     """sparta-train's own img/s (`training.run`: sparta, the bundled sample, epochs 2 and 3,
     so no tracing) and, right after it in the same process, its compiled step's img/s over
     as many steps in a row: the cost of the input pipeline and the callbacks."""
@@ -168,7 +177,8 @@ def _end_to_end(width, batches=16):
     for _ in range(batches):
         keras.ops.convert_to_numpy(step(batch)["loss"])
     step_img_s = batches * FLAGS.batch_size / (time.perf_counter() - start)
-    return {"train_img_s": train, "step_img_s": step_img_s, "fraction": train / step_img_s}
+    print(json.dumps({"train_img_s": train, "step_img_s": step_img_s,
+                      "fraction": train / step_img_s}))
 
 
 def _memory(name):
@@ -239,6 +249,8 @@ def main(argv):
     keras.config.set_dtype_policy(FLAGS.mixed_precision)
     if FLAGS.memory_of:
         return _measure_memory(FLAGS.memory_of)
+    if FLAGS.end_to_end_only:
+        return _measure_end_to_end(float(FLAGS.widths[0]))
     seconds = _time(_configurations())
     k, first = FLAGS.pgd_steps, f"w{float(FLAGS.widths[0]):g}"
     ratios = {}
@@ -255,7 +267,7 @@ def main(argv):
             seconds, f"eager_cleverhans/{activation}/{first}", f"at/{activation}/{first}")
         ratios[f"XLA / no XLA, {activation}, {first}"] = _ratios(
             seconds, f"jit/{activation}/{first}", f"at/{activation}/{first}")
-    report = {"machine": machine(), "command": " ".join(["python", *sys.argv]),
+    report = {"machine": report_lib.machine(), "command": " ".join(["python", *sys.argv]),
               "batch_size": FLAGS.batch_size, "pgd_steps": k, "rounds": FLAGS.rounds,
               "steps": FLAGS.steps, "mixed_precision": FLAGS.mixed_precision,
               "seconds_per_step": {n: _spread(s) for n, s in seconds.items()},
@@ -263,14 +275,8 @@ def main(argv):
               "memory": {n: _memory(n) for n in (f"at/sparta/{first}",
                                                  f"at/sparta_autodiff/{first}")}}
     if FLAGS.end_to_end:
-        report["end_to_end"] = _end_to_end(float(FLAGS.widths[0]))
-    print(_markdown(report))
-    if FLAGS.output_dir:
-        os.makedirs(FLAGS.output_dir, exist_ok=True)
-        with open(os.path.join(FLAGS.output_dir, "benchmark.json"), "w") as f:
-            json.dump(report, f, indent=2)
-        with open(os.path.join(FLAGS.output_dir, "BENCHMARKS.md"), "w") as f:
-            f.write(_markdown(report))
+        report["end_to_end"] = _end_to_end()
+    report_lib.write(report, _markdown(report), FLAGS.output_dir, "benchmark.json", "BENCHMARKS.md")
 
 
 if __name__ == "__main__":

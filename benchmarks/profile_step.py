@@ -12,14 +12,13 @@ time of a step; the columns compare with one another. Writes `profile.json` and
 
 import collections
 import glob
-import json
 import os
 import sys
 import tempfile
 
 from absl import app, flags
 
-from machine import machine
+import report as report_lib
 
 flags.DEFINE_list("activations", ["relu", "sparta"],
                   "Activations to profile (sparta_autodiff: Sparta without its custom gradient).")
@@ -30,6 +29,8 @@ flags.DEFINE_integer("steps", 3, "Traced steps per activation.")
 flags.DEFINE_integer("top", 14, "Op types shown in the table.")
 flags.DEFINE_string("output_dir", None, "Where to write profile.json and PROFILE.md.")
 FLAGS = flags.FLAGS
+# Events that enclose the ops of a function call rather than being ops of their own.
+ENCLOSING = ("Process",)
 
 
 def _ms_by_op_type(logdir):
@@ -46,8 +47,9 @@ def _ms_by_op_type(logdir):
             continue
         for event in line.events:
             name = host.event_metadata[event.metadata_id].name
-            if ":" in name:  # "scope/op_name:OpType"; others enclose the ops
-                totals[name.rsplit(":", 1)[1]] += event.duration_ps / 1e9
+            op_type = name.rsplit(":", 1)[1] if ":" in name else None  # "scope/op:OpType"
+            if op_type not in (None, *ENCLOSING):
+                totals[op_type] += event.duration_ps / 1e9
     return totals
 
 
@@ -80,7 +82,8 @@ def _profile(activation):
 
 def _markdown(report):
     names = list(report["ms_per_step"])
-    per = report["ms_per_step"]
+    per = {n: {op: ms for op, ms in p.items() if op not in ENCLOSING}
+           for n, p in report["ms_per_step"].items()}
     ops = sorted({op for p in per.values() for op in p},
                  key=lambda op: -max(p.get(op, 0) for p in per.values()))
     lines = [f"# Where the AT step's time goes, by op type: {report['machine']}", "",
@@ -103,17 +106,11 @@ def _markdown(report):
 
 def main(argv):
     del argv
-    report = {"machine": machine(), "command": " ".join(["python", *sys.argv]),
+    report = {"machine": report_lib.machine(), "command": " ".join(["python", *sys.argv]),
               "width": FLAGS.width, "batch_size": FLAGS.batch_size,
               "pgd_steps": FLAGS.pgd_steps, "steps": FLAGS.steps, "top": FLAGS.top,
               "ms_per_step": {a: _profile(a) for a in FLAGS.activations}}
-    print(_markdown(report))
-    if FLAGS.output_dir:
-        os.makedirs(FLAGS.output_dir, exist_ok=True)
-        with open(os.path.join(FLAGS.output_dir, "profile.json"), "w") as f:
-            json.dump(report, f, indent=2)
-        with open(os.path.join(FLAGS.output_dir, "PROFILE.md"), "w") as f:
-            f.write(_markdown(report))
+    report_lib.write(report, _markdown(report), FLAGS.output_dir, "profile.json", "PROFILE.md")
 
 
 if __name__ == "__main__":

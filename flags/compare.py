@@ -78,6 +78,11 @@ def define_compare(model_dir="runs/compare", arms=activations.NAMES,
                       "Train and evaluate nothing: write the reports of the finished cells "
                       "(their evaluation stored in compare_eval.json) and list the others.")
     core.define_autoattack()
+    flags.DEFINE_integer("square_examples", None,
+                         "Unset: AutoAttack's Square runs on every test image, last in the "
+                         "chain. N: AutoAttack is APGD-CE and APGD-T on every test image, and "
+                         "Square runs alone on a class-balanced N of them, for the masking "
+                         "check (Square is the costly attack on a CPU).", lower_bound=1)
     flags.DEFINE_bool("plots", True,
                       "Write the PNGs: robust accuracy against eps, Sparta's attention "
                       "maps, the activation change of ReLU against Sparta.")
@@ -107,4 +112,5 @@ def grid(base):
         report_only=FLAGS.report_only,
         settings=compare.EvalSettings(
             eps=base.eps, pgd_steps=base.eval_pgd_steps, autoattack=FLAGS.autoattack,
+            square_examples=FLAGS.square_examples,
             eps_curve=tuple(core.PixelParser().parse(e) for e in FLAGS.eps_curve)))

@@ -82,7 +82,8 @@ def robust_accuracy(model, x, y, eps, batch_size=256, attacks=ATTACKS, iteration
         verbose: show ART's progress bars.
 
     Returns: `{"accuracy": robust accuracy, "after": {name: the accuracy
-        after that attack and the ones before it}}`.
+        after that attack and the ones before it}, "robust": a bool array, the
+        examples that every attack failed on}`.
     """
     from art.attacks.evasion import AutoProjectedGradientDescent, SquareAttack
     from art.attacks.evasion.auto_attack import run_attack
@@ -124,4 +125,4 @@ def robust_accuracy(model, x, y, eps, batch_size=256, attacks=ATTACKS, iteration
                 x_adv, robust = run_attack(x_adv, onehot[target], robust, attack, classifier,
                                            norm=np.inf, eps=eps)
         after[name] = float(robust.mean())
-    return {"accuracy": float(robust.mean()), "after": after}
+    return {"accuracy": float(robust.mean()), "after": after, "robust": robust}

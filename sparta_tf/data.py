@@ -91,8 +91,8 @@ def load(dataset="bundled", data_dir=None, max_train=None, max_test=None, seed=0
             "train/<class>/<image> and test/<class>/<image> files.")
     x_train, y_train = _read_split(builder, "train")
     x_test, y_test = _read_split(builder, "test")
-    train = _balanced_subset(y_train, max_train, seed)
-    test = _balanced_subset(y_test, max_test, seed)
+    train = balanced_subset(y_train, max_train, seed)
+    test = balanced_subset(y_test, max_test, seed)
     return Data(name=dataset, x_train=x_train[train], y_train=y_train[train],
                 x_test=x_test[test], y_test=y_test[test],
                 class_names=list(builder.info.features["label"].names))
@@ -200,7 +200,7 @@ def _extract(archive, data_dir=None):
     return target
 
 
-def _balanced_subset(labels, max_examples, seed):
+def balanced_subset(labels, max_examples, seed):
     """Sorted indices of at most `max_examples` labels, drawn at random class by class.
 
     Every class gets the same count (give or take one); a class with too few examples gives

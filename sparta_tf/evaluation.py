@@ -1,13 +1,13 @@
 """Robustness evaluation: accuracy under attack, AutoAttack, masking checks, reports.
 
 - `accuracy(model, x, y, attack)`: top-1 accuracy, clean or after an attack of
-  `sparta_tf.attacks` (the project's one PGD; FGSM is its 1-step case).
-- `autoattack(model, x, y, eps)`: AutoAttack (Croce & Hein, ICML 2020) at L-inf
-  `eps`, with the attacks of the Adversarial Robustness Toolbox (ART).
+  `sparta_tf.attacks` (the project's one PGD; FGSM is its 1-step case), and
+  `correct(...)`, the same example by example.
 - `robustness_report(model, x, y, eps)`: clean, FGSM, PGD-20/100 with the CE and
   CW losses, Square and AutoAttack, and the gradient-masking sanity checks of
   Carlini et al., "On Evaluating Adversarial Robustness" (arXiv:1902.06705,
-  2019). `to_markdown(report)` renders it.
+  2019; `sparta_tf.masking`). `to_markdown(report)` renders it. AutoAttack
+  itself is `sparta_tf.autoattack`.
 - `load_model(path)`: a model_dir, a `.keras` file or an exported SavedModel.
 
 Models take pixels in [0, 1] and return logits. This module imports no absl.
@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 # `layers` registers Sparta and FReLU with Keras, so that `.keras` files load.
 from sparta_tf import attacks, autoattack, data, layers, masking, model_dir  # noqa: F401
 
-def accuracy(model, x, y, attack=None, batch_size=256, progress=None):
-    """Top-1 accuracy of `model` on (x, y), after `attack` if one is given.
+def correct(model, x, y, attack=None, batch_size=256, progress=None):
+    """Which examples `model` classifies correctly, after `attack` if one is given.
 
     Args:
         model: a callable `model(x, training=False)` from pixels in [0, 1] to
@@ -35,22 +35,28 @@ def accuracy(model, x, y, attack=None, batch_size=256, progress=None):
             `attacks.PGD`.
         batch_size: examples per batch.
         progress: None, or the label of a progress bar to show.
+
+    Returns: a bool array, one entry per example.
     """
     @tf.function
-    def correct(xb, yb):
+    def hits(xb, yb):
         if attack is not None:
             xb = attack(model, xb, yb)
-        pred = tf.argmax(model(xb, training=False), axis=-1, output_type=tf.int32)
-        return tf.reduce_sum(tf.cast(pred == yb, tf.int32))
+        return tf.argmax(model(xb, training=False), axis=-1, output_type=tf.int32) == yb
 
     x, y = data.pixels(x), np.asarray(y, np.int32)
-    hits = 0
+    out = []
     with tqdm(total=len(x), desc=progress, unit="img", disable=progress is None) as bar:
         for i in range(0, len(x), batch_size):
             xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-            hits += int(correct(tf.constant(xb), tf.constant(yb)))
+            out.append(hits(tf.constant(xb), tf.constant(yb)).numpy())
             bar.update(len(xb))
-    return hits / len(x)
+    return np.concatenate(out)
+
+
+def accuracy(model, x, y, attack=None, batch_size=256, progress=None):
+    """Top-1 accuracy of `model` on (x, y), after `attack` if one is given (see `correct`)."""
+    return float(correct(model, x, y, attack, batch_size, progress).mean())
 
 
 def load_model(path):

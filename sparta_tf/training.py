@@ -303,6 +303,18 @@ def _prepare_model_dir(config, overwrite, chief=True):
     return resume
 
 
+def finished(config):
+    """Whether `config.model_dir` holds this experiment trained to the end: its model.keras,
+    and a config.json of the same identity and the same epochs (checkpoints or not)."""
+    path = os.path.join(config.model_dir, "config.json")
+    if not (os.path.isfile(path) and os.path.isfile(os.path.join(config.model_dir,
+                                                                 model_dir.MODEL))):
+        return False
+    with open(path) as f:
+        stored = TrainConfig.from_stored(json.load(f))
+    return stored.identity() == config.identity() and stored.epochs == config.epochs
+
+
 def learning_rate(config, steps_per_epoch):
     """Per-step schedule: piecewise (/10 at each of lr_decay_epochs) or cosine."""
     total = config.epochs * steps_per_epoch

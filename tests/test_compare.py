@@ -231,6 +231,28 @@ def test_evaluate_with_autoattack():
     results = compare.evaluate(model, x, y, settings)
     assert results["clean"] == 1.0 and results["eps_curve"] == [[0.0, 1.0]]
     assert 0 <= results["autoattack"] <= results["pgd"] + 0.25
+    assert "square_check" not in results  # Square ran in the chain, on every image
+    assert compare.unpack(results["per_image"]["autoattack"]).mean() == results["autoattack"]
+    # Square alone on a class-balanced subset, for the masking check; APGD on every image.
+    subset = dataclasses.replace(settings, square_examples=4)
+    checked = compare.evaluate(model, x, y, subset)
+    assert checked["square_check"]["examples"] == 4
+    assert 0 <= checked["square_check"]["square"] <= 1
+    markdown = "\n".join(compare._square_check(
+        [{"objective": "pgd", "activation": "sparta", "seed": 0, **checked}], "pgd", "PGD-2", 5))
+    assert "class-balanced 4 of the test images" in markdown
+
+
+def test_a_cell_stored_before_a_setting_existed_is_reused(tmp_path):
+    config = compare.cell_config(training.TrainConfig(**TINY), str(tmp_path), "pgd", "relu", 0)
+    os.makedirs(config.model_dir)
+    key = compare._key(config, SETTINGS)
+    del key["settings"]["square_examples"]  # as stored before the setting existed
+    with open(os.path.join(config.model_dir, compare.EVAL_FILE), "w") as f:
+        json.dump({**key, "results": {"clean": 0.5}}, f)
+    assert compare.stored_results(config, SETTINGS) == {"clean": 0.5}
+    assert compare.stored_results(config, dataclasses.replace(SETTINGS, square_examples=9)) \
+        is None
 
 
 def test_summary_and_cell_config():
@@ -333,3 +355,61 @@ def test_a_stored_evaluation_is_reused_by_the_runs_identity_alone(tmp_path):
             "clean": 0.5}, change
     for change in other:
         assert compare.stored_results(dataclasses.replace(config, **change), SETTINGS) is None
+
+
+def test_cells_keep_which_images_they_got_right(grid):
+    _, results, _ = grid
+    for cell in results["cells"]:
+        for metric in ("clean", "pgd"):
+            hits = compare.unpack(cell["per_image"][metric])
+            assert hits.dtype == bool and len(hits) == results["test_examples"]
+            assert hits.mean() == cell[metric]
+        assert cell["per_image"]["autoattack"] is None  # not run in this grid
+
+
+def test_pack_and_unpack_round_trip():
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 8, 2000):
+        hits = rng.random(n) < 0.3
+        np.testing.assert_array_equal(compare.unpack(compare.pack(hits)), hits)
+
+
+def _cells(hits_by_arm):
+    return [{"objective": "pgd", "activation": arm, "seed": seed,
+             "per_image": {"pgd": compare.pack(h), "autoattack": None}}
+            for arm, by_seed in hits_by_arm.items() for seed, h in enumerate(by_seed)]
+
+
+def test_paired_differences_and_their_interval():
+    rng = np.random.default_rng(1)
+    n = 2000
+    base = [rng.random(n) < 0.3 for _ in range(3)]
+    # b: the same images right as a, plus 5% more of the images at every seed.
+    more = [h | (rng.random(n) < 0.05 / 0.7) for h in base]
+    p = compare.paired(_cells({"a": more, "b": base}), "pgd", "a", "b", "pgd")
+    assert p["seeds"] == 3 and p["images"] == n
+    for s in range(3):
+        assert p["by_seed"][s] == pytest.approx((more[s].astype(int) - base[s]).mean())
+    assert 0.03 < p["low"] < p["mean"] < p["high"] < 0.07
+    # Two arms that differ by chance alone: the interval holds 0.
+    noise = [rng.random(n) < 0.3 for _ in range(3)]
+    q = compare.paired(_cells({"a": noise, "b": base}), "pgd", "a", "b", "pgd")
+    assert q["low"] < 0 < q["high"] and q["high"] - q["low"] < 0.06
+    assert compare.paired(_cells({"a": more, "b": base}), "pgd", "a", "b", "autoattack") is None
+    markdown = "\n".join(compare._paired_table(_cells({"sparta": more, "relu": base}), "pgd",
+                                               ["sparta", "relu"], "PGD-20"))
+    assert "| sparta - relu | PGD-20 |" in markdown
+
+
+def test_a_finished_cell_is_evaluated_anew_not_retrained(grid, tmp_path):
+    root = str(tmp_path / "copy")
+    shutil.copytree(grid[0], root)
+    trained = {p: os.path.getmtime(p) for p in _mtimes(root) if p.endswith("model.keras")}
+    other = dataclasses.replace(SETTINGS, eps_curve=(0.0,))  # other settings: evaluate again
+    again = compare.run_grid(training.TrainConfig(**TINY), activations=["relu"], seeds=[0],
+                             objectives=["pgd"], root=root, settings=other, make_plots=False,
+                             verbose=0)
+    assert again["cells"][0]["eps_curve"] == [[0.0, again["cells"][0]["clean"]]]
+    assert {p: os.path.getmtime(p) for p in trained} == trained  # no training ran
+    metrics = os.path.join(root, "pgd", "relu", "seed0", "metrics.jsonl")
+    assert len(open(metrics).readlines()) == TINY["epochs"]

@@ -51,6 +51,11 @@ class EvalSettings:
         autoattack: also run `autoattack.robust_accuracy` (APGD-CE, APGD-T, Square).
         autoattack_iterations, square_queries: its sizes (100 and 5000 are
             standard AutoAttack's).
+        square_examples: None: Square is the last attack of AutoAttack's chain,
+            on every test image. A number N: AutoAttack is APGD-CE and APGD-T
+            (the worst case per image) on every test image, and Square (black
+            box, the costly one on a CPU) runs alone on a class-balanced N of
+            them, for the masking check: it must not beat PGD there.
         eps_curve: the budgets of the robust accuracy against eps curve (PGD
             with `pgd_steps` steps at each); empty for none.
         batch_size: examples per batch.
@@ -65,6 +70,7 @@ class EvalSettings:
     eps_curve: tuple = ()
     batch_size: int = 256
     seed: int = 0
+    square_examples: int | None = None
 
 
 def _pgd(eps, settings):
@@ -73,22 +79,50 @@ def _pgd(eps, settings):
 
 
 def evaluate(model, x, y, settings, verbose=False):
-    """Accuracies of `model` on (x, y): clean, PGD, AutoAttack (or None), eps curve."""
-    def acc(attack=None, label=None):
-        return evaluation.accuracy(model, x, y, attack, settings.batch_size,
-                                   label if verbose else None)
+    """Accuracies of `model` on (x, y): clean, PGD, AutoAttack (or None), eps curve, and
+    `per_image`: which test images each of clean, PGD and AutoAttack got right (`pack`), for
+    the paired comparisons."""
+    def correct(attack=None, label=None):
+        return evaluation.correct(model, x, y, attack, settings.batch_size,
+                                  label if verbose else None)
 
-    results = {"clean": acc(label="clean"),
-               "pgd": acc(_pgd(settings.eps, settings), f"PGD-{settings.pgd_steps}"),
-               "autoattack": None}
-    if settings.autoattack:
-        results["autoattack"] = autoattack.robust_accuracy(
-            model, x, y, settings.eps, settings.batch_size,
+    hits = {"clean": correct(label="clean"),
+            "pgd": correct(_pgd(settings.eps, settings), f"PGD-{settings.pgd_steps}"),
+            "autoattack": None}
+    def robust(x, y, chain):
+        return autoattack.robust_accuracy(
+            model, x, y, settings.eps, settings.batch_size, chain,
             iterations=settings.autoattack_iterations, queries=settings.square_queries,
-            verbose=verbose)["accuracy"]
-    results["eps_curve"] = [[eps, acc(_pgd(eps, settings), f"PGD at eps {eps:.4g}")]
+            verbose=verbose)["robust"]
+
+    square = None
+    if settings.autoattack and settings.square_examples is None:
+        hits["autoattack"] = robust(x, y, autoattack.ATTACKS)
+    elif settings.autoattack:
+        hits["autoattack"] = robust(x, y, ("apgd-ce", "apgd-t"))
+        subset = data.balanced_subset(y, settings.square_examples, settings.seed)
+        square = {"examples": len(subset), "square": float(robust(
+            x[subset], y[subset], ("square",)).mean()),
+                  "pgd": float(hits["pgd"][subset].mean())}
+    results = {m: None if h is None else float(h.mean()) for m, h in hits.items()}
+    if square is not None:
+        results["square_check"] = square
+    results["eps_curve"] = [[eps, float(correct(_pgd(eps, settings),
+                                                f"PGD at eps {eps:.4g}").mean())]
                             for eps in settings.eps_curve]
+    results["per_image"] = {m: None if h is None else pack(h) for m, h in hits.items()}
     return results
+
+
+def pack(hits):
+    """A bool array as a short string: its length and its bits in hex (`unpack` reverses)."""
+    return f"{len(hits)}:{np.packbits(np.asarray(hits, bool)).tobytes().hex()}"
+
+
+def unpack(text):
+    """The bool array of `pack`."""
+    length, bits = text.split(":")
+    return np.unpackbits(np.frombuffer(bytes.fromhex(bits), np.uint8))[:int(length)].astype(bool)
 
 
 TRANSFER_ARM = "sparta_transfer"
@@ -154,11 +188,17 @@ def stored_results(config, settings):
     # Read as a config: a field added since the cell was stored takes its default.
     stored["config"] = _key(training.TrainConfig.from_stored(stored.get("config", {})),
                             settings)["config"]
+    # Settings added since the cell was stored had their defaults then.
+    stored["settings"] = json.loads(json.dumps(
+        {**dataclasses.asdict(EvalSettings()), **stored.get("settings", {})}))
     return stored["results"] if {k: stored.get(k) for k in key} == key else None
 
 
 def run_cell(config, x, y, settings, overwrite=False, verbose="auto"):
     """Trains (or resumes) one cell and evaluates it, unless its evaluation is stored.
+
+    A cell trained to the end (its model.keras there, `training.finished`) whose evaluation
+    is missing or of other settings (AutoAttack added, say) is evaluated, not retrained.
 
     Returns the evaluation (see `evaluate`), also kept in model_dir/compare_eval.json
     with the config and settings it belongs to.
@@ -166,7 +206,8 @@ def run_cell(config, x, y, settings, overwrite=False, verbose="auto"):
     stored = None if overwrite else stored_results(config, settings)
     if stored is not None:
         return stored
-    training.run(config, overwrite=overwrite, verbose=verbose)
+    if overwrite or not training.finished(config):  # else: evaluated anew, not retrained
+        training.run(config, overwrite=overwrite, verbose=verbose)
     model = evaluation.load_model(config.model_dir)
     results = evaluate(model, x, y, settings, verbose=verbose != 0)
     with open(os.path.join(config.model_dir, EVAL_FILE), "w") as f:
@@ -200,6 +241,80 @@ def summarize(cells):
         row["eps_curve"] = curves.mean(axis=0).tolist() if curves.size else []
         rows.append(row)
     return rows
+
+
+def paired(cells, objective, arm, other, metric, reps=2000, seed=0):
+    """`arm` minus `other` in accuracy under `metric`, paired by test image and seed.
+
+    Both arms saw the same test images at the same seeds, so the difference is
+    taken image by image. The 95% interval is a two-level bootstrap: each of
+    `reps` draws resamples the seeds, then the test images, with replacement,
+    and averages the differences; the interval is its 2.5 and 97.5 percentiles.
+    It covers the spread of test images and of seeds; with few seeds the
+    seed level is coarse.
+
+    Returns: `{"by_seed": {seed: difference}, "mean", "low", "high", "seeds",
+        "images"}` (fractions), or None where no seed has both arms' per-image
+        results for `metric`.
+    """
+    at = {(c["activation"], c["seed"]): c for c in cells if c["objective"] == objective}
+
+    def hits(a, s):
+        per_image = at.get((a, s), {}).get("per_image") or {}
+        return None if per_image.get(metric) is None else unpack(per_image[metric])
+
+    seeds = sorted(s for a, s in at if a == arm and hits(arm, s) is not None
+                   and hits(other, s) is not None)
+    if not seeds:
+        return None
+    diffs = np.stack([hits(arm, s).astype(np.int8) - hits(other, s) for s in seeds])
+    rng = np.random.default_rng(seed)
+    boot = [diffs[rng.integers(0, len(seeds), len(seeds))][:, rng.integers(
+        0, diffs.shape[1], diffs.shape[1])].mean() for _ in range(reps)]
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return {"by_seed": {s: float(d.mean()) for s, d in zip(seeds, diffs)},
+            "mean": float(diffs.mean()), "low": float(low), "high": float(high),
+            "seeds": len(seeds), "images": int(diffs.shape[1])}
+
+
+def _paired_table(cells, objective, arms, pgd_name, arm="sparta"):
+    """Rows `| arm - other | metric | seed by seed | mean [95% interval] |` (points)."""
+    rows = []
+    for other in arms:
+        for metric, name in (("clean", "clean"), ("pgd", pgd_name),
+                             ("autoattack", "AutoAttack")):
+            p = paired(cells, objective, arm, other, metric) if other != arm else None
+            if p is not None:
+                by_seed = ", ".join(f"{100 * d:+.2f}" for d in p["by_seed"].values())
+                rows.append(f"| {arm} - {other} | {name} | {by_seed} | "
+                            f"{100 * p['mean']:+.2f} [{100 * p['low']:+.2f}, "
+                            f"{100 * p['high']:+.2f}] |")
+    if not rows:
+        return []
+    return [f"Paired differences, {arm} minus each arm, in points (test images and seeds "
+            "shared; 95% interval of a two-level bootstrap over seeds and test images, "
+            "`paired`): a difference whose interval holds 0 is not one this grid can "
+            "tell from noise.", "",
+            "| pair | accuracy | seed by seed | mean [95% interval] |",
+            "| --- | --- | --- | --- |", *rows]
+
+
+def _square_check(cells, objective, pgd_name, queries):
+    """A line on the masking check of the cells that ran Square on a subset, or none."""
+    checked = [c for c in cells if c["objective"] == objective and c.get("square_check")]
+    if not checked:
+        return []
+    n = checked[0]["square_check"]["examples"]
+    slack = max(0.01, 1 / n)  # as `masking.slack`: 1% or one example
+    failed = [f"{c['activation']} seed {c['seed']} (Square {100 * c['square_check']['square']:.1f}"
+              f" against {100 * c['square_check']['pgd']:.1f})" for c in checked
+              if c["square_check"]["square"] < c["square_check"]["pgd"] - slack]
+    head = (f"Masking check (`black_box_weaker`): Square ({queries} queries, black box) on a "
+            f"class-balanced {n} of the test images, against {pgd_name} on the same images, "
+            f"in {len(checked)} cells: ")
+    return [head + ("**WARNING**, Square beats the white-box attack in "
+                    + "; ".join(failed) if failed else "it never beats the white-box attack")
+            + "."]
 
 
 def _percent(stats):
@@ -245,8 +360,10 @@ def table(results):
 
     Columns: clean, PGD and AutoAttack test accuracy in %, as mean ± sample std
     over the seeds (just the mean for one seed; "-" where not run), and n, the
-    number of seeds. Below it, clean / PGD accuracy seed by seed, and PGD
-    accuracy along the eps curve (mean ± std).
+    number of seeds; ranked by AutoAttack where it ran. Below it, clean / PGD
+    accuracy seed by seed, PGD accuracy along the eps curve (mean ± std), and
+    where the cells kept their per-image results, the paired differences of
+    sparta against each other arm (`paired`).
     """
     s = results["settings"]
     train = results["train"]
@@ -269,6 +386,8 @@ def table(results):
                  "trades": f"TRADES (beta {train['trades_beta']}, PGD-{train['pgd_steps']})",
                  }[objective]
         rows = [r for r in results["summary"] if r["objective"] == objective]
+        if any(r["autoattack"]["mean"] is not None for r in rows):  # ranked by the strongest
+            rows.sort(key=lambda r: -(r["autoattack"]["mean"] or -1.0))
         lines += [f"## {title}", "",
                   f"| activation | clean | PGD-{s['pgd_steps']} | AutoAttack | n |",
                   "| --- | ---: | ---: | ---: | ---: |"]
@@ -278,6 +397,11 @@ def table(results):
         lines += ["", *_seed_by_seed(results["cells"], objective, arms, seeds), ""]
         eps_lines = _eps_table(results["cells"], objective, arms)
         lines += [*eps_lines, ""] if eps_lines else []
+        paired_lines = _paired_table(results["cells"], objective, arms, f"PGD-{s['pgd_steps']}")
+        lines += [*paired_lines, ""] if paired_lines else []
+        square_lines = _square_check(results["cells"], objective, f"PGD-{s['pgd_steps']}",
+                                     s["square_queries"])
+        lines += [*square_lines, ""] if square_lines else []
     if results.get("missing"):
         lines += [f"Not finished, so not in the table: {len(results['missing'])} cells "
                   f"({', '.join(results['missing'])}).", ""]
