@@ -81,3 +81,16 @@ def test_the_readmes_headline_table_is_the_committed_grid():
                  for m in ("clean", "pgd")]
         assert f"| {names[row['activation']]} | {cells[0]} | {cells[1]} |" in readme, row
     assert len(summary) == len(names)
+
+
+def test_the_speeds_that_the_readme_quotes_are_the_committed_benchmarks():
+    with open(os.path.join(ROOT, "results", "benchmarks", "cpu_2core", "benchmark.json")) as f:
+        report = json.load(f)
+    img_s = {a: report["batch_size"] / report["seconds_per_step"][f"at/{a}/w0.25"]["median"]
+             for a in ("relu", "silu", "sparta")}
+    readme = " ".join(_read("README.md").split())
+    assert (f"runs at {img_s['relu']:.0f} img/s with ReLU, {img_s['silu']:.0f} with SiLU "
+            f"and {img_s['sparta']:.0f} with Sparta") in readme
+    ratios = report["ratios"]
+    assert f"Sparta takes {ratios['sparta / relu, AT, w0.25']['median']:.2f} times" in readme
+    assert f"({ratios['sparta / relu, AT, w1']['median']:.2f} at full width)" in readme
