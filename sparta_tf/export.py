@@ -90,10 +90,12 @@ def _serving_functions(model, class_names):
     def outputs(images):
         # A signature's static shape is not enforced when the SavedModel is called, and the
         # network (convolutions, then global pooling) would answer any size: check it.
-        tf.debugging.assert_equal(
+        check = tf.debugging.assert_equal(
             tf.shape(images)[1:], [height, width, channels],
             message=f"images must have shape [batch, {height}, {width}, {channels}] (the "
                     "size the model was trained on), float32 pixels in [0, 1]")
+        with tf.control_dependencies([check]):  # the check runs first, not beside the model
+            images = tf.identity(images)
         logits = tf.cast(model(images, training=False), tf.float32)
         classes = tf.argmax(logits, axis=-1)
         return {"logits": logits, "probabilities": tf.nn.softmax(logits),
@@ -101,11 +103,14 @@ def _serving_functions(model, class_names):
 
     def decode(encoded):
         image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
-        tf.debugging.assert_equal(
+        check = tf.debugging.assert_equal(
             tf.shape(image)[:2], [height, width],
             message=f"serve_image_bytes expects JPEG or PNG images of {height} x {width} "
                     f"pixels ({channels} channels); got another size")
-        return tf.image.convert_image_dtype(image, tf.float32)  # uint8 -> [0, 1]
+        # The result depends on the check, so that no op can meet the wrong size first
+        # (map_fn's write of a 28x28 image into its 32x32 list raced it now and then).
+        with tf.control_dependencies([check]):
+            return tf.image.convert_image_dtype(image, tf.float32)  # uint8 -> [0, 1]
 
     def from_bytes(images):
         pixels = tf.map_fn(decode, images, fn_output_signature=tf.TensorSpec(
