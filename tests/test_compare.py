@@ -255,6 +255,26 @@ def test_a_cell_stored_before_a_setting_existed_is_reused(tmp_path):
         is None
 
 
+def test_an_evaluation_with_autoattack_serves_one_without_it(tmp_path):
+    config = compare.cell_config(training.TrainConfig(**TINY), str(tmp_path), "pgd", "relu", 0)
+    os.makedirs(config.model_dir)
+    strong = dataclasses.replace(SETTINGS, autoattack=True, square_examples=4)
+    results = {"clean": 0.5, "pgd": 0.3, "autoattack": 0.2, "eps_curve": [[0.0, 0.5]],
+               "square_check": {"examples": 4, "square": 0.25, "pgd": 0.25},
+               "per_image": {"clean": "2:c0", "pgd": "2:80", "autoattack": "2:00"}}
+    with open(os.path.join(config.model_dir, compare.EVAL_FILE), "w") as f:
+        json.dump({**compare._key(config, strong), "results": results}, f)
+    assert compare.stored_results(config, strong) == results
+    assert compare.stored_results(config, SETTINGS) == {
+        "clean": 0.5, "pgd": 0.3, "autoattack": None, "eps_curve": [[0.0, 0.5]],
+        "per_image": {"clean": "2:c0", "pgd": "2:80", "autoattack": None}}
+    # Not where anything else differs, nor for AutoAttack of other sizes.
+    for other in (dict(pgd_steps=2), dict(eps_curve=(0.0,)), dict(seed=1)):
+        assert compare.stored_results(config, dataclasses.replace(SETTINGS, **other)) is None
+    for other in (dict(square_examples=None), dict(autoattack_iterations=10)):
+        assert compare.stored_results(config, dataclasses.replace(strong, **other)) is None
+
+
 def test_summary_and_cell_config():
     cells = [{"objective": "pgd", "activation": "relu", "seed": s, "clean": c, "pgd": p,
               "autoattack": None, "eps_curve": [[0.0, c]]}

@@ -174,10 +174,26 @@ def _key(config, settings):
     return json.loads(json.dumps({"config": train, "settings": dataclasses.asdict(settings)}))
 
 
+# The settings that only AutoAttack uses: an evaluation with AutoAttack also serves one
+# without it (its other numbers are the same), so the grid's cells can gain AutoAttack
+# one by one while the tables without it still read them.
+AUTOATTACK_SETTINGS = ("autoattack", "autoattack_iterations", "square_queries",
+                       "square_examples")
+
+
+def _without_autoattack(results):
+    """`results` of `evaluate` as an evaluation without AutoAttack would have them."""
+    results = {k: v for k, v in results.items() if k != "square_check"}
+    per_image = results.get("per_image")
+    return {**results, "autoattack": None,
+            **({"per_image": {**per_image, "autoattack": None}} if per_image else {})}
+
+
 def stored_results(config, settings):
     """The cell's evaluation kept in model_dir/compare_eval.json, or None.
 
-    None also where the stored one belongs to another config or settings.
+    None also where the stored one belongs to another config or settings, except
+    that one with AutoAttack serves `settings` without it (its AutoAttack left out).
     """
     path = os.path.join(config.model_dir, EVAL_FILE)
     if not os.path.isfile(path):
@@ -191,7 +207,13 @@ def stored_results(config, settings):
     # Settings added since the cell was stored had their defaults then.
     stored["settings"] = json.loads(json.dumps(
         {**dataclasses.asdict(EvalSettings()), **stored.get("settings", {})}))
-    return stored["results"] if {k: stored.get(k) for k in key} == key else None
+    if {k: stored.get(k) for k in key} == key:
+        return stored["results"]
+    if settings.autoattack or not stored["settings"]["autoattack"]:
+        return None
+    stored["settings"].update({k: key["settings"][k] for k in AUTOATTACK_SETTINGS})
+    return _without_autoattack(stored["results"]) if {k: stored.get(k) for k in key} == key \
+        else None
 
 
 def run_cell(config, x, y, settings, overwrite=False, verbose="auto"):
