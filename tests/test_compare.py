@@ -108,6 +108,9 @@ def test_grid_writes_the_table_per_objective(grid):
         for arm, (clean, pgd, _, _) in rows.items():
             assert by_seed[title][1][arm] == [f"{clean} / {pgd}"]
             assert curve[title][1][arm][0] == clean
+    # A dataset path is named as the cells' identity counts it: by its file name.
+    elsewhere = {**results, "train": {**results["train"], "dataset": "/a/b/gtsrb-32.tar.gz"}}
+    assert compare.table(elsewhere).splitlines()[0].endswith(" on gtsrb-32.tar.gz, 1 epoch")
 
 
 def test_rerun_skips_finished_cells(grid):
@@ -416,9 +419,13 @@ def test_paired_differences_and_their_interval():
     q = compare.paired(_cells({"a": noise, "b": base}), "pgd", "a", "b", "pgd")
     assert q["low"] < 0 < q["high"] and q["high"] - q["low"] < 0.06
     assert compare.paired(_cells({"a": more, "b": base}), "pgd", "a", "b", "autoattack") is None
-    markdown = "\n".join(compare._paired_table(_cells({"sparta": more, "relu": base}), "pgd",
-                                               ["sparta", "relu"], "PGD-20"))
-    assert "| sparta - relu | PGD-20 |" in markdown
+    arms = {"relu": base, "sparta": more, "sparta_transfer": noise}
+    markdown = "\n".join(compare._paired_table(_cells(arms), "pgd", list(arms), "PGD-20"))
+    by_seed = ", ".join(f"{s}: {100 * (more[s].astype(int) - base[s]).mean():+.2f}"
+                        for s in range(3))
+    assert f"| sparta - relu | PGD-20 | {by_seed} | {100 * p['mean']:+.2f} [" in markdown
+    pairs = re.findall(r"^\| (\S+ - \S+) \| PGD-20 \|", markdown, re.M)
+    assert pairs == ["sparta - relu", "sparta - sparta_transfer", "sparta_transfer - relu"]
 
 
 def test_a_finished_cell_is_evaluated_anew_not_retrained(grid, tmp_path):

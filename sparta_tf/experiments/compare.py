@@ -299,25 +299,30 @@ def paired(cells, objective, arm, other, metric, reps=2000, seed=0):
             "seeds": len(seeds), "images": int(diffs.shape[1])}
 
 
-def _paired_table(cells, objective, arms, pgd_name, arm="sparta"):
-    """Rows `| arm - other | metric | seed by seed | mean [95% interval] |` (points)."""
-    rows = []
-    for other in arms:
-        for metric, name in (("clean", "clean"), ("pgd", pgd_name),
-                             ("autoattack", "AutoAttack")):
-            p = paired(cells, objective, arm, other, metric) if other != arm else None
-            if p is not None:
-                by_seed = ", ".join(f"{100 * d:+.2f}" for d in p["by_seed"].values())
-                rows.append(f"| {arm} - {other} | {name} | {by_seed} | "
-                            f"{100 * p['mean']:+.2f} [{100 * p['low']:+.2f}, "
-                            f"{100 * p['high']:+.2f}] |")
+def _paired_table(cells, objective, arms, pgd_name):
+    """Rows `| arm - other | metric | seed by seed | mean [95% interval] |` (points), for
+    sparta and sparta_transfer (those of `arms`) against each other arm."""
+    rows, done = [], set()
+    for arm in [a for a in ("sparta", TRANSFER_ARM) if a in arms]:
+        for other in arms:
+            if other == arm or frozenset((arm, other)) in done:
+                continue
+            done.add(frozenset((arm, other)))
+            for metric, name in (("clean", "clean"), ("pgd", pgd_name),
+                                 ("autoattack", "AutoAttack")):
+                p = paired(cells, objective, arm, other, metric)
+                if p is not None:
+                    by_seed = ", ".join(f"{s}: {100 * d:+.2f}" for s, d in p["by_seed"].items())
+                    rows.append(f"| {arm} - {other} | {name} | {by_seed} | "
+                                f"{100 * p['mean']:+.2f} [{100 * p['low']:+.2f}, "
+                                f"{100 * p['high']:+.2f}] |")
     if not rows:
         return []
-    return [f"Paired differences, {arm} minus each arm, in points (test images and seeds "
-            "shared; 95% interval of a two-level bootstrap over seeds and test images, "
-            "`paired`): a difference whose interval holds 0 is not one this grid can "
-            "tell from noise.", "",
-            "| pair | accuracy | seed by seed | mean [95% interval] |",
+    return ["Paired differences in points (the same test images and seeds; 95% interval of a "
+            "two-level bootstrap over seeds and test images, `paired`), over the seeds whose "
+            "cells keep which images they got right: a difference whose interval holds 0 is "
+            "not one this grid can tell from noise.", "",
+            "| pair | accuracy | seed: difference | mean [95% interval] |",
             "| --- | --- | --- | --- |", *rows]
 
 
@@ -389,8 +394,9 @@ def table(results):
     """
     s = results["settings"]
     train = results["train"]
+    dataset = os.path.basename(os.path.normpath(train["dataset"]))  # as the cells' identity
     lines = [f"# Activations compared: {train['model']} x{train['width_multiplier']} on "
-             f"{train['dataset']}, {train['epochs']} epoch{'s' * (train['epochs'] != 1)}", "",
+             f"{dataset}, {train['epochs']} epoch{'s' * (train['epochs'] != 1)}", "",
              f"Test accuracy (%) on {results['test_examples']} test images at L-inf eps "
              f"{evaluation.eps_text(s['eps'])}: PGD-{s['pgd_steps']} "
              f"(step 2.5 eps / {s['pgd_steps']}, 1 random start)"
