@@ -1,7 +1,7 @@
 """Parameters and AT step time of the grid's arms, relative to ReLU.
 
     python benchmarks/arm_overhead.py --arms=relu,sparta,relu_nonlocal,relu_mean \
-        --output=results/denoise/overhead.json
+        --output=results/compare_r18w025/arm_overhead.json
 
 Builds each arm's network as `sparta-compare` does (ResNet-18, CIFAR-sized input), and times
 its compiled PGD-AT step (`AdversarialModel.train_step` in one `tf.function`, the same batch
@@ -13,30 +13,18 @@ writes JSON; report the device with every number.
 
 import json
 import os
-import platform
 import time
 
 from absl import app, flags
 
+import common
+
 flags.DEFINE_list("arms", ["relu", "sparta", "relu_nonlocal", "relu_mean"],
                   "Arms of sparta_tf.experiments.compare to time; the first is the reference.")
 flags.DEFINE_float("width_multiplier", 0.25, "ResNet-18 width.")
-flags.DEFINE_integer("batch_size", 128, "Batch size.")
-flags.DEFINE_integer("pgd_steps", 3, "PGD steps of the train step.")
-flags.DEFINE_integer("rounds", 5, "Rounds; every arm runs `steps` steps per round.")
-flags.DEFINE_integer("steps", 3, "Timed steps per arm and round.")
+common.define_step_flags()
 flags.DEFINE_string("output", None, "Where to write the JSON (default: print only).")
 FLAGS = flags.FLAGS
-
-
-def _cpu():
-    """The CPU's model name (Linux), else what `platform` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
-        return names[0]
-    except (OSError, IndexError):
-        return platform.processor() or "unknown"
 
 
 def main(argv):
@@ -75,8 +63,7 @@ def main(argv):
                      "time_vs_ref_median": float(np.median(ratios)),
                      "time_vs_ref_min": float(ratios.min()),
                      "time_vs_ref_max": float(ratios.max())}
-    gpus = tf.config.list_physical_devices("GPU")
-    result = {"device": gpus[0].name if gpus else f"CPU ({os.cpu_count()} cores, {_cpu()})",
+    result = {"device": common.machine(),
               "reference": ref, "width_multiplier": FLAGS.width_multiplier,
               "batch_size": FLAGS.batch_size, "pgd_steps": FLAGS.pgd_steps,
               "rounds": FLAGS.rounds, "steps_per_round": FLAGS.steps, "arms": rows}

@@ -39,14 +39,11 @@ import time
 
 from absl import app, flags
 
-import report as report_lib
+import common
 
 flags.DEFINE_list("activations", ["relu", "silu", "sparta"], "Activations of the AT step.")
 flags.DEFINE_list("widths", ["0.25", "1.0"], "ResNet-18 width multipliers.")
-flags.DEFINE_integer("batch_size", 128, "Batch size.")
-flags.DEFINE_integer("pgd_steps", 3, "K, the PGD steps of the AT step.")
-flags.DEFINE_integer("rounds", 5, "Rounds; each configuration runs `steps` steps a round.")
-flags.DEFINE_integer("steps", 3, "Timed steps per configuration and round.")
+common.define_step_flags()
 flags.DEFINE_string("mixed_precision", "float32", "Keras dtype policy.")
 flags.DEFINE_bool("end_to_end", True, "Also time sparta-train's own loop.")
 flags.DEFINE_string("output_dir", None, "Where to write benchmark.json and BENCHMARKS.md.")
@@ -267,7 +264,7 @@ def main(argv):
             seconds, f"eager_cleverhans/{activation}/{first}", f"at/{activation}/{first}")
         ratios[f"XLA / no XLA, {activation}, {first}"] = _ratios(
             seconds, f"jit/{activation}/{first}", f"at/{activation}/{first}")
-    report = {"machine": report_lib.machine(), "command": " ".join(["python", *sys.argv]),
+    report = {"machine": common.machine(), "command": " ".join(["python", *sys.argv]),
               "batch_size": FLAGS.batch_size, "pgd_steps": k, "rounds": FLAGS.rounds,
               "steps": FLAGS.steps, "mixed_precision": FLAGS.mixed_precision,
               "seconds_per_step": {n: _spread(s) for n, s in seconds.items()},
@@ -276,7 +273,7 @@ def main(argv):
                                                  f"at/sparta_autodiff/{first}")}}
     if FLAGS.end_to_end:
         report["end_to_end"] = _end_to_end()
-    report_lib.write(report, _markdown(report), FLAGS.output_dir, "benchmark.json", "BENCHMARKS.md")
+    common.write(report, _markdown(report), FLAGS.output_dir, "benchmark.json", "BENCHMARKS.md")
 
 
 if __name__ == "__main__":

@@ -18,14 +18,12 @@ import tempfile
 
 from absl import app, flags
 
-import report as report_lib
+import common
 
 flags.DEFINE_list("activations", ["relu", "sparta"],
                   "Activations to profile (sparta_autodiff: Sparta without its custom gradient).")
-flags.DEFINE_float("width", 0.25, "ResNet-18 width multiplier.")
-flags.DEFINE_integer("batch_size", 128, "Batch size.")
-flags.DEFINE_integer("pgd_steps", 3, "K, the PGD steps of the AT step.")
-flags.DEFINE_integer("steps", 3, "Traced steps per activation.")
+flags.DEFINE_float("width_multiplier", 0.25, "ResNet-18 width multiplier.")
+common.define_step_flags(rounds=False, steps_help="Traced steps per activation.")
 flags.DEFINE_integer("top", 14, "Op types shown in the table.")
 flags.DEFINE_string("output_dir", None, "Where to write profile.json and PROFILE.md.")
 FLAGS = flags.FLAGS
@@ -61,7 +59,7 @@ def _profile(activation):
     kwargs = {}
     if activation == "sparta_autodiff":  # the same Sparta, differentiated by autodiff
         activation, kwargs = "sparta", {"use_custom_gradient": False}
-    net = models.build("resnet18", 10, activation, FLAGS.width, activation_kwargs=kwargs)
+    net = models.build("resnet18", 10, activation, FLAGS.width_multiplier, activation_kwargs=kwargs)
     model = training.AdversarialModel(net, "pgd", attacks.PGD(8 / 255, FLAGS.pgd_steps))
     model.compile(keras.optimizers.SGD(0.1, momentum=0.9))
     model.optimizer.build(net.trainable_variables)
@@ -106,11 +104,11 @@ def _markdown(report):
 
 def main(argv):
     del argv
-    report = {"machine": report_lib.machine(), "command": " ".join(["python", *sys.argv]),
-              "width": FLAGS.width, "batch_size": FLAGS.batch_size,
+    report = {"machine": common.machine(), "command": " ".join(["python", *sys.argv]),
+              "width": FLAGS.width_multiplier, "batch_size": FLAGS.batch_size,
               "pgd_steps": FLAGS.pgd_steps, "steps": FLAGS.steps, "top": FLAGS.top,
               "ms_per_step": {a: _profile(a) for a in FLAGS.activations}}
-    report_lib.write(report, _markdown(report), FLAGS.output_dir, "profile.json", "PROFILE.md")
+    common.write(report, _markdown(report), FLAGS.output_dir, "profile.json", "PROFILE.md")
 
 
 if __name__ == "__main__":

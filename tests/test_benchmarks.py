@@ -31,7 +31,7 @@ def test_at_step_writes_every_figure(tmp_path):
 
 
 def test_profile_step_sums_op_time_by_type(tmp_path):
-    out = _run("profile_step.py", "--activations=relu,sparta", "--width=0.0625",
+    out = _run("profile_step.py", "--activations=relu,sparta", "--width_multiplier=0.0625",
                "--batch_size=8", "--steps=1", f"--output_dir={tmp_path}")
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "profile.json").read_text())
@@ -39,3 +39,15 @@ def test_profile_step_sums_op_time_by_type(tmp_path):
     assert relu.get("ReluGrad", 0) > 0 and "Sigmoid" in sparta and "Sigmoid" not in relu
     assert "Process" not in sparta  # the enclosing events are not ops
     assert "| op type | relu | sparta |" in (tmp_path / "PROFILE.md").read_text()
+
+
+def test_arm_overhead_times_every_arm_against_the_first(tmp_path):
+    output = tmp_path / "overhead.json"
+    out = _run("arm_overhead.py", "--arms=relu,relu_mean", "--width_multiplier=0.0625",
+               "--batch_size=4", "--rounds=2", "--steps=1", f"--output={output}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(output.read_text())
+    relu, mean = report["arms"]["relu"], report["arms"]["relu_mean"]
+    assert relu["time_vs_ref_median"] == relu["params_vs_ref"] == 1.0
+    assert mean["params"] > relu["params"] and mean["s_per_step_median"] > 0
+    assert "cores" in report["device"] or "GPU" in report["device"]

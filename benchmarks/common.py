@@ -1,8 +1,20 @@
-"""What every benchmark report shares: the machine it ran on, and writing it out."""
+"""What the benchmarks share: the flags of the timed step, the machine they ran on, and
+writing the report out."""
 
 import json
 import os
 import platform
+
+from absl import flags
+
+
+def define_step_flags(rounds=True, steps_help="Timed steps per configuration and round."):
+    """The flags of every benchmark that times (`rounds`) or traces the compiled AT step."""
+    flags.DEFINE_integer("batch_size", 128, "Batch size.")
+    flags.DEFINE_integer("pgd_steps", 3, "K, the PGD steps of the AT step.")
+    flags.DEFINE_integer("steps", 3, steps_help)
+    if rounds:  # the configurations take turns, round after round
+        flags.DEFINE_integer("rounds", 5, "Rounds; each configuration runs `steps` steps a round.")
 
 
 def machine():
