@@ -8,6 +8,8 @@ giving them is an error that points to `--activations`, `--seeds` and `--objecti
 `--eval_pgd_steps` is the PGD of the table (PGD-20 by default).
 """
 
+import re
+
 from absl import flags
 
 from flags import core
@@ -83,6 +85,13 @@ def define_compare(model_dir="runs/compare", arms=activations.NAMES,
                          "chain. N: AutoAttack is APGD-CE and APGD-T on every test image, and "
                          "Square runs alone on a class-balanced N of them, for the masking "
                          "check (Square is the costly attack on a CPU).", lower_bound=1)
+    flags.DEFINE_string("report_name", compare.REPORT,
+                        "The reports' name: NAME.md and NAME.json in --model_dir, and NAME_ "
+                        "before the PNGs' names unless it is the default; a second report "
+                        "of the same cells (fewer arms, AutoAttack added) gets its own name.")
+    flags.register_validator(
+        "report_name", lambda name: bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name)),
+        message="must be a plain file name: letters, digits, '_', '.', '-'")
     flags.DEFINE_bool("plots", True,
                       "Write the PNGs: robust accuracy against eps, Sparta's attention "
                       "maps, the activation change of ReLU against Sparta.")
@@ -109,7 +118,7 @@ def grid(base):
             for a in FLAGS.activations)),
         seeds=[int(s) for s in FLAGS.seeds], objectives=FLAGS.objectives,
         root=base.model_dir, make_plots=FLAGS.plots, overwrite=FLAGS.overwrite,
-        report_only=FLAGS.report_only,
+        report_only=FLAGS.report_only, report_name=FLAGS.report_name,
         settings=compare.EvalSettings(
             eps=base.eps, pgd_steps=base.eval_pgd_steps, autoattack=FLAGS.autoattack,
             square_examples=FLAGS.square_examples,

@@ -155,6 +155,22 @@ def test_report_only_covers_the_finished_cells_and_lists_the_rest(grid, tmp_path
         "eps_curve_pgd.png", "eps_curve_standard.png"]  # the model plots need the model
 
 
+def test_a_second_report_of_the_same_cells_has_its_own_name(grid, tmp_path):
+    root = str(tmp_path / "copy")
+    shutil.copytree(grid[0], root)
+    before = {n: os.path.getmtime(os.path.join(root, n)) for n in os.listdir(root)
+              if os.path.isfile(os.path.join(root, n))}
+    report = compare.run_grid(training.TrainConfig(**TINY), activations=["sparta"], seeds=[0],
+                              objectives=["pgd"], root=root, settings=SETTINGS, verbose=0,
+                              report_only=True, report_name="subset")
+    assert {n: os.path.getmtime(os.path.join(root, n)) for n in before} == before
+    assert [os.path.basename(p) for p in report["plots"]] == [
+        "subset_eps_curve_pgd.png", "subset_attention_maps.png", "subset_gate_weights.png"]
+    with open(os.path.join(root, "subset.json")) as f:
+        assert [c["activation"] for c in json.load(f)["cells"]] == ["sparta"]
+    assert open(os.path.join(root, "subset.md")).read() == compare.table(report)
+
+
 def test_plots_are_written(grid):
     root, results, _ = grid
     names = ["eps_curve_pgd.png", "eps_curve_standard.png", "attention_maps.png",
@@ -329,7 +345,8 @@ def test_trainer_reuses_the_grid_and_writes_the_reports(grid):
 
 @pytest.mark.parametrize("flag,needles", [
     ("--activations=relu,tanh", ["--activations", "tanh", "relu, silu", "sparta"]),
-    ("--seed=1", ["--seed=1", "--seeds"])])
+    ("--seed=1", ["--seed=1", "--seeds"]),
+    ("--report_name=../up", ["--report_name", "plain file name"])])
 def test_bad_flag_is_a_usage_error_without_traceback(flag, needles):
     out = _compare(flag, "--model_dir=/nonexistent/never_written")
     assert out.returncode != 0

@@ -7,7 +7,8 @@
 Every cell is a training run of the same recipe (the flags of sparta-train) in
 --model_dir/{objective}/{activation}/seed{seed}, evaluated on the same test images:
 clean, PGD-{--eval_pgd_steps} and AutoAttack accuracy at --eps. Writes comparison.md
-(the table, also printed), comparison.json and the PNGs to --model_dir. Rerunning the
+(the table, also printed), comparison.json and the PNGs to --model_dir (--report_name
+names another report of the same cells). Rerunning the
 same command resumes: finished cells are skipped, a killed one continues.
 --report_only writes the reports of the cells finished so far, training nothing.
 """
@@ -22,7 +23,6 @@ from flags import core
 from sparta_tf import data, training, transfer
 from sparta_tf.experiments import compare
 
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -35,7 +35,8 @@ def main(argv):
             transfer.TransferError) as e:
         sys.exit(f"error: {e}")
     print(compare.table(results))
-    written = ["comparison.md", "comparison.json"]
+    name = compare_flags.FLAGS.report_name
+    written = [f"{name}.md", f"{name}.json"]
     written += [os.path.basename(path) for path in results["plots"]]
     print(f"Wrote {', '.join(written)} to {base.model_dir}")
 

@@ -36,6 +36,7 @@ from sparta_tf import activations as activations_lib
 from sparta_tf import attacks, autoattack, data, evaluation, model_dir, models, plots, training
 
 EVAL_FILE = "compare_eval.json"
+REPORT = "comparison"  # the reports' default name: comparison.json, comparison.md
 METRICS = ("clean", "pgd", "autoattack")
 PLOT_EXAMPLES = 256  # test images for the activation-change plot
 
@@ -436,8 +437,8 @@ def table(results):
     return "\n".join(lines)
 
 
-def _pictures(results, x, y, root, settings):
-    """The plots of `sparta_tf.plots`.
+def _pictures(results, x, y, root, settings, prefix=""):
+    """The plots of `sparta_tf.plots`, `prefix` before their file names.
 
     The eps curves are per objective (mean over seeds). The attention maps and
     gate weights (sparta) and the activation change (relu against sparta) use
@@ -455,7 +456,7 @@ def _pictures(results, x, y, root, settings):
                   if r["objective"] == objective and r["eps_curve"]}
         if curves:
             paths.append(plots.robust_accuracy_vs_eps(
-                curves, os.path.join(root, f"eps_curve_{objective}.png"),
+                curves, os.path.join(root, f"{prefix}eps_curve_{objective}.png"),
                 title=f"{objective} training: PGD-{settings.pgd_steps} accuracy"))
     objectives = [c["objective"] for c in results["cells"]]
     objective = "pgd" if "pgd" in objectives else objectives[0]
@@ -477,19 +478,19 @@ def _pictures(results, x, y, root, settings):
     x_adv = {a: pgd(m, tf.constant(x), tf.constant(y[:PLOT_EXAMPLES])).numpy()
              for a, m in loaded.items()}
     paths.append(plots.attention_maps(loaded["sparta"], x[:1], x_adv["sparta"][:1],
-                                      os.path.join(root, "attention_maps.png")))
-    paths.append(os.path.join(root, "gate_weights.png"))
+                                      os.path.join(root, f"{prefix}attention_maps.png")))
+    paths.append(os.path.join(root, f"{prefix}gate_weights.png"))
     values = {"gate_weights": plots.gate_weights(loaded["sparta"], paths[-1]),
               "activation_change": None}
     if "relu" in loaded:
-        paths.append(os.path.join(root, "activation_change.png"))
+        paths.append(os.path.join(root, f"{prefix}activation_change.png"))
         values["activation_change"] = plots.activation_change(loaded, x, x_adv, paths[-1])
     return paths, values
 
 
 def run_grid(base, activations, seeds, objectives=("pgd", "standard"), root="runs/compare",
              settings=EvalSettings(), make_plots=True, overwrite=False, verbose="auto",
-             report_only=False):
+             report_only=False, report_name=REPORT):
     """Trains and evaluates every cell; writes comparison.json, comparison.md and plots.
 
     Args:
@@ -511,6 +512,10 @@ def run_grid(base, activations, seeds, objectives=("pgd", "standard"), root="run
             progress bars.
         report_only: train and evaluate nothing: the reports cover the cells
             whose evaluation is stored, and list the others as `missing`.
+        report_name: the reports are `{report_name}.json` and `.md`, and
+            another name than `REPORT` goes before the PNGs' names too, so
+            that several reports (a subset of arms, AutoAttack added) can
+            read the same cells without overwriting each other.
 
     Returns: a JSON-able dict: `train` (the base config), `settings`,
         `test_examples`, `cells` (one per run: objective, activation, seed,
@@ -551,11 +556,13 @@ def run_grid(base, activations, seeds, objectives=("pgd", "standard"), root="run
                "summary": summarize(cells), "plots": [], "activation_change": None,
                "gate_weights": None}
     if make_plots:
-        results["plots"], values = _pictures(results, ds.x_test, ds.y_test, root, settings)
+        prefix = "" if report_name == REPORT else f"{report_name}_"
+        results["plots"], values = _pictures(results, ds.x_test, ds.y_test, root, settings,
+                                             prefix)
         results.update(values)
-    with open(os.path.join(root, "comparison.json"), "w") as f:
+    with open(os.path.join(root, f"{report_name}.json"), "w") as f:
         json.dump(results, f, indent=2)
-    with open(os.path.join(root, "comparison.md"), "w") as f:
+    with open(os.path.join(root, f"{report_name}.md"), "w") as f:
         f.write(table(results))
     return results
 
