@@ -13,7 +13,7 @@ import re
 from absl import flags
 
 from flags import core
-from sparta_tf import activations, training
+from sparta_tf import activations, autoattack, training
 from sparta_tf.experiments import compare
 
 FLAGS = flags.FLAGS
@@ -92,6 +92,14 @@ def define_compare(model_dir="runs/compare", arms=activations.NAMES,
     flags.register_validator(
         "report_name", lambda name: bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name)),
         message="must be a plain file name: letters, digits, '_', '.', '-'")
+    flags.DEFINE_list("autoattack_attacks", list(compare.EvalSettings.autoattack_attacks),
+                      "AutoAttack's white-box attacks, run in this order before Square: "
+                      "apgd-ce, apgd-t (standard; one run per target class, 9 of them) and "
+                      "apgd-dlr (untargeted, one run; a cheaper stand-in for apgd-t).")
+    flags.register_validator(
+        "autoattack_attacks", _distinct_in(set(autoattack.KNOWN) - {"square"}),
+        message=f"must be a comma-separated list of distinct attacks out of: "
+                f"{', '.join(a for a in autoattack.KNOWN if a != 'square')}")
     flags.DEFINE_bool("plots", True,
                       "Write the PNGs: robust accuracy against eps, Sparta's attention "
                       "maps, the activation change of ReLU against Sparta.")
@@ -122,4 +130,5 @@ def grid(base):
         settings=compare.EvalSettings(
             eps=base.eps, pgd_steps=base.eval_pgd_steps, autoattack=FLAGS.autoattack,
             square_examples=FLAGS.square_examples,
+            autoattack_attacks=tuple(FLAGS.autoattack_attacks),
             eps_curve=tuple(core.PixelParser().parse(e) for e in FLAGS.eps_curve)))

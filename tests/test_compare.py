@@ -260,6 +260,15 @@ def test_evaluate_with_autoattack():
     markdown = "\n".join(compare._square_check(
         [{"objective": "pgd", "activation": "sparta", "seed": 0, **checked}], "pgd", "PGD-2", 5))
     assert "class-balanced 4 of the test images" in markdown
+    # Another white-box chain; the accuracy after each of its attacks is kept and tabled.
+    dlr = compare.evaluate(model, x, y, dataclasses.replace(
+        subset, autoattack_attacks=("apgd-ce", "apgd-dlr")))
+    assert list(dlr["autoattack_after"]) == ["apgd-ce", "apgd-dlr"]
+    assert dlr["autoattack_after"]["apgd-dlr"] == dlr["autoattack"]
+    cells = [{"objective": "pgd", "activation": "sparta", "seed": 0, **dlr}]
+    assert compare._after_table(cells, "pgd", ["sparta"])[2] == (
+        f"| sparta | {100 * dlr['autoattack_after']['apgd-ce']:.1f} | "
+        f"{100 * dlr['autoattack']:.1f} | 1 |")
 
 
 def test_a_cell_stored_before_a_setting_existed_is_reused(tmp_path):
@@ -346,7 +355,8 @@ def test_trainer_reuses_the_grid_and_writes_the_reports(grid):
 @pytest.mark.parametrize("flag,needles", [
     ("--activations=relu,tanh", ["--activations", "tanh", "relu, silu", "sparta"]),
     ("--seed=1", ["--seed=1", "--seeds"]),
-    ("--report_name=../up", ["--report_name", "plain file name"])])
+    ("--report_name=../up", ["--report_name", "plain file name"]),
+    ("--autoattack_attacks=apgd-ce,square", ["--autoattack_attacks", "apgd-dlr"])])
 def test_bad_flag_is_a_usage_error_without_traceback(flag, needles):
     out = _compare(flag, "--model_dir=/nonexistent/never_written")
     assert out.returncode != 0

@@ -110,6 +110,10 @@ def test_autoattack_through_art():
     assert after == sorted(after, reverse=True) and aa["accuracy"] == after[-1]
     assert aa["accuracy"] < clean               # it broke something
     assert aa["accuracy"] <= pgd + 2 / 16       # about as strong as PGD-20, or stronger
+    # APGD-DLR, untargeted: one run, and it breaks images too.
+    dlr = autoattack.robust_accuracy(model, x, y, eps, batch_size=16, iterations=5,
+                                     attacks=("apgd-dlr",), verbose=False)
+    assert list(dlr["after"]) == ["apgd-dlr"] and dlr["accuracy"] < clean
     with pytest.raises(ValueError, match="fab"):
         autoattack.robust_accuracy(model, x, y, eps, attacks=("fab-t",))
 

@@ -49,14 +49,19 @@ class EvalSettings:
         eps: the L-inf budget of PGD and AutoAttack, in pixels.
         pgd_steps: the steps of the PGD (step size 2.5 * eps / steps, one
             random start).
-        autoattack: also run `autoattack.robust_accuracy` (APGD-CE, APGD-T, Square).
+        autoattack: also run `autoattack.robust_accuracy`: `autoattack_attacks`,
+            then Square.
         autoattack_iterations, square_queries: its sizes (100 and 5000 are
             standard AutoAttack's).
         square_examples: None: Square is the last attack of AutoAttack's chain,
-            on every test image. A number N: AutoAttack is APGD-CE and APGD-T
+            on every test image. A number N: AutoAttack is `autoattack_attacks`
             (the worst case per image) on every test image, and Square (black
             box, the costly one on a CPU) runs alone on a class-balanced N of
             them, for the masking check: it must not beat PGD there.
+        autoattack_attacks: the white-box attacks of AutoAttack, in order, out
+            of `autoattack.KNOWN` but Square: APGD-CE and APGD-T as standard
+            AutoAttack (APGD-T runs once per target class, 9 of them), or
+            APGD-DLR (`apgd-dlr`, one untargeted run) in APGD-T's place.
         eps_curve: the budgets of the robust accuracy against eps curve (PGD
             with `pgd_steps` steps at each); empty for none.
         batch_size: examples per batch.
@@ -72,6 +77,7 @@ class EvalSettings:
     batch_size: int = 256
     seed: int = 0
     square_examples: int | None = None
+    autoattack_attacks: tuple = ("apgd-ce", "apgd-t")
 
 
 def _pgd(eps, settings):
@@ -94,18 +100,23 @@ def evaluate(model, x, y, settings, verbose=False):
         return autoattack.robust_accuracy(
             model, x, y, settings.eps, settings.batch_size, chain,
             iterations=settings.autoattack_iterations, queries=settings.square_queries,
-            verbose=verbose)["robust"]
+            verbose=verbose)
 
-    square = None
-    if settings.autoattack and settings.square_examples is None:
-        hits["autoattack"] = robust(x, y, autoattack.ATTACKS)
-    elif settings.autoattack:
-        hits["autoattack"] = robust(x, y, ("apgd-ce", "apgd-t"))
+    square = after = None
+    if settings.autoattack:
+        chain = tuple(settings.autoattack_attacks)
+        if settings.square_examples is None:
+            chain += ("square",)
+        aa = robust(x, y, chain)
+        hits["autoattack"], after = aa["robust"], aa["after"]
+    if settings.autoattack and settings.square_examples is not None:
         subset = data.balanced_subset(y, settings.square_examples, settings.seed)
-        square = {"examples": len(subset), "square": float(robust(
-            x[subset], y[subset], ("square",)).mean()),
+        square = {"examples": len(subset),
+                  "square": float(robust(x[subset], y[subset], ("square",))["accuracy"]),
                   "pgd": float(hits["pgd"][subset].mean())}
     results = {m: None if h is None else float(h.mean()) for m, h in hits.items()}
+    if after is not None:  # the accuracy after each attack of the chain and those before it
+        results["autoattack_after"] = after
     if square is not None:
         results["square_check"] = square
     results["eps_curve"] = [[eps, float(correct(_pgd(eps, settings),
@@ -179,12 +190,12 @@ def _key(config, settings):
 # without it (its other numbers are the same), so the grid's cells can gain AutoAttack
 # one by one while the tables without it still read them.
 AUTOATTACK_SETTINGS = ("autoattack", "autoattack_iterations", "square_queries",
-                       "square_examples")
+                       "square_examples", "autoattack_attacks")
 
 
 def _without_autoattack(results):
     """`results` of `evaluate` as an evaluation without AutoAttack would have them."""
-    results = {k: v for k, v in results.items() if k != "square_check"}
+    results = {k: v for k, v in results.items() if k not in ("square_check", "autoattack_after")}
     per_image = results.get("per_image")
     return {**results, "autoattack": None,
             **({"per_image": {**per_image, "autoattack": None}} if per_image else {})}
@@ -365,6 +376,25 @@ def _seed_by_seed(cells, objective, arms, seeds):
     return lines
 
 
+def _after_table(cells, objective, arms):
+    """Rows `| arm | accuracy after each attack of AutoAttack's chain, mean |`, to show what
+    each attack adds; none where no cell kept them."""
+    kept = [c for c in cells if c["objective"] == objective and c.get("autoattack_after")]
+    if not kept:
+        return []
+    names = list(kept[0]["autoattack_after"])
+    lines = ["| AutoAttack, accuracy after each attack (and those before it) | "
+             + " | ".join(f"+ {n.upper()}" if i else n.upper() for i, n in enumerate(names))
+             + " | n |", "| --- |" + " ---: |" * (len(names) + 1)]
+    for arm in arms:
+        mine = [c["autoattack_after"] for c in kept if c["activation"] == arm]
+        if mine:
+            means = [100 * np.mean([m[n] for m in mine]) for n in names]
+            lines.append(f"| {arm} | " + " | ".join(f"{v:.1f}" for v in means)
+                         + f" | {len(mine)} |")
+    return lines
+
+
 def _eps_table(cells, objective, arms):
     """Rows `| arm | PGD accuracy at each eps of the curve, mean ± std |`; none without a curve."""
     curves = {}
@@ -381,6 +411,16 @@ def _eps_table(cells, objective, arms):
             stats = [_stats(list(v)) for v in zip(*curves[arm])]
             lines.append(f"| {arm} | " + " | ".join(_percent(s) for s in stats) + " |")
     return lines
+
+
+def _chain_text(settings):
+    """E.g. `APGD-CE, APGD-T (100 iterations), worst case per image; Square alone on 500`."""
+    names = [a.upper() for a in settings.get("autoattack_attacks", EvalSettings.autoattack_attacks)]
+    text = f"{', '.join(names)} ({settings['autoattack_iterations']} iterations)"
+    if settings.get("square_examples") is None:
+        return f"{text}, then Square ({settings['square_queries']} queries), worst case per image"
+    return (f"{text}, worst case per image; Square ({settings['square_queries']} queries) "
+            f"alone on {settings['square_examples']} of the images, for the masking check")
 
 
 def table(results):
@@ -401,7 +441,7 @@ def table(results):
              f"Test accuracy (%) on {results['test_examples']} test images at L-inf eps "
              f"{evaluation.eps_text(s['eps'])}: PGD-{s['pgd_steps']} "
              f"(step 2.5 eps / {s['pgd_steps']}, 1 random start)"
-             + (" and AutoAttack (APGD-CE, APGD-T, Square; `sparta_tf.autoattack`)."
+             + (f" and AutoAttack ({_chain_text(s)}; `sparta_tf.autoattack`)."
                 if s["autoattack"] else "; AutoAttack not run.")
              + " Mean ± sample std over n seeds.", ""]
     if any(c["activation"] == TRANSFER_ARM for c in results["cells"]):
@@ -424,8 +464,9 @@ def table(results):
                   f"{_percent(r['autoattack'])} | {len(r['seeds'])} |" for r in rows]
         arms = [r["activation"] for r in rows]
         lines += ["", *_seed_by_seed(results["cells"], objective, arms, seeds), ""]
-        eps_lines = _eps_table(results["cells"], objective, arms)
-        lines += [*eps_lines, ""] if eps_lines else []
+        for more in (_eps_table, _after_table):
+            more_lines = more(results["cells"], objective, arms)
+            lines += [*more_lines, ""] if more_lines else []
         paired_lines = _paired_table(results["cells"], objective, arms, f"PGD-{s['pgd_steps']}")
         lines += [*paired_lines, ""] if paired_lines else []
         square_lines = _square_check(results["cells"], objective, f"PGD-{s['pgd_steps']}",
