@@ -350,7 +350,7 @@ def _square_check(cells, objective, pgd_name, queries):
               if c["square_check"]["square"] < c["square_check"]["pgd"] - slack]
     head = (f"Masking check (`black_box_weaker`): Square ({queries} queries, black box) on a "
             f"class-balanced {n} of the test images, against {pgd_name} on the same images, "
-            f"in {len(checked)} cells: ")
+            f"in {len(checked)} cell{'s' * (len(checked) != 1)}: ")
     return [head + ("**WARNING**, Square beats the white-box attack in "
                     + "; ".join(failed) if failed else "it never beats the white-box attack")
             + "."]
