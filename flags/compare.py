@@ -82,7 +82,7 @@ def define_compare(model_dir="runs/compare", arms=activations.NAMES,
     core.define_autoattack()
     flags.DEFINE_integer("square_examples", None,
                          "Unset: AutoAttack's Square runs on every test image, last in the "
-                         "chain. N: AutoAttack is APGD-CE and APGD-T on every test image, and "
+                         "chain. N: AutoAttack is --autoattack_attacks on every test image, and "
                          "Square runs alone on a class-balanced N of them, for the masking "
                          "check (Square is the costly attack on a CPU).", lower_bound=1)
     flags.DEFINE_string("report_name", compare.REPORT,
