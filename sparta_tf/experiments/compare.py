@@ -109,11 +109,11 @@ def evaluate(model, x, y, settings, verbose=False):
             chain += ("square",)
         aa = robust(x, y, chain)
         hits["autoattack"], after = aa["robust"], aa["after"]
-    if settings.autoattack and settings.square_examples is not None:
-        subset = data.balanced_subset(y, settings.square_examples, settings.seed)
-        square = {"examples": len(subset),
-                  "square": float(robust(x[subset], y[subset], ("square",))["accuracy"]),
-                  "pgd": float(hits["pgd"][subset].mean())}
+        if settings.square_examples is not None:
+            subset = data.balanced_subset(y, settings.square_examples, settings.seed)
+            square = {"examples": len(subset),
+                      "square": float(robust(x[subset], y[subset], ("square",))["accuracy"]),
+                      "pgd": float(hits["pgd"][subset].mean())}
     results = {m: None if h is None else float(h.mean()) for m, h in hits.items()}
     if after is not None:  # the accuracy after each attack of the chain and those before it
         results["autoattack_after"] = after
