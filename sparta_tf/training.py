@@ -410,6 +410,13 @@ class _Checkpointer(keras.callbacks.Callback):
         self.manager.save()
 
 
+def stalled(loss, num_classes, epoch):
+    """Whether the training loss is still at chance, ln(num_classes) within 2%, after
+    `epoch` >= 3 epochs: the network is not learning. SiLU and Sparta can do that in a
+    ResNet-34 at lr 0.1 (docs/TRANSFER.md)."""
+    return epoch >= 3 and loss >= 0.98 * math.log(num_classes)
+
+
 def _log_epoch(model_dir, writer, row):
     """Appends `row` to model_dir/metrics.jsonl and writes it to TensorBoard (the chief)."""
     if writer is None:  # another worker than the chief
@@ -523,6 +530,10 @@ def _run(config, overwrite, verbose):
         row = {"epoch": epoch + 1, "lr": lr, "img/s": checkpointer.throughput(),
                **{k: float(v[-1]) for k, v in history.history.items()}}
         _log_epoch(config.model_dir, writer, row)
+        if chief and stalled(row["loss"], ds.num_classes, epoch + 1):
+            print(f"Warning: after {epoch + 1} epochs the training loss ({row['loss']:.3f}) is "
+                  f"still at chance (ln {ds.num_classes} = {math.log(ds.num_classes):.3f}): "
+                  "the network is not learning. Try a lower --lr.")
     if not chief:
         model.model.save(os.path.join(private, model_dir.MODEL))  # its share of the save
         shutil.rmtree(private, ignore_errors=True)

@@ -195,6 +195,20 @@ def test_run_resumes_with_more_epochs(tmp_path):
         assert os.path.exists(tmp_path / "run" / name), name
 
 
+def test_stalled_is_a_loss_still_at_chance_from_the_third_epoch():
+    assert training.stalled(2.31, 10, 3) and training.stalled(3.77, 43, 5)
+    assert not training.stalled(2.31, 10, 2)  # too early to tell
+    assert not training.stalled(2.17, 10, 3)  # learning
+    assert not training.stalled(2.31, 43, 3)  # below ln 43 = 3.76
+
+
+def test_a_run_that_does_not_learn_is_warned_of(tmp_path, capsys):
+    training.run(_tiny_config(tmp_path / "run", epochs=3, lr=0.0), verbose=0)
+    rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    warned = capsys.readouterr().out.count("still at chance")
+    assert rows[-1]["loss"] > 2.3 and warned == 1  # at epoch 3, not 1 and 2
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     config = _tiny_config(tmp_path / "run", lr=1e30, weight_decay=0.0, checkpoint_every=1,
                           objective="standard")
