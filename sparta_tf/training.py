@@ -530,7 +530,8 @@ def _run(config, overwrite, verbose):
         row = {"epoch": epoch + 1, "lr": lr, "img/s": checkpointer.throughput(),
                **{k: float(v[-1]) for k, v in history.history.items()}}
         _log_epoch(config.model_dir, writer, row)
-        if chief and stalled(row["loss"], ds.num_classes, epoch + 1):
+        cross_entropy = config.objective != "trades"  # TRADES adds a KL term to its loss
+        if chief and cross_entropy and stalled(row["loss"], ds.num_classes, epoch + 1):
             print(f"Warning: after {epoch + 1} epochs the training loss ({row['loss']:.3f}) is "
                   f"still at chance (ln {ds.num_classes} = {math.log(ds.num_classes):.3f}): "
                   "the network is not learning. Try a lower --lr.")
