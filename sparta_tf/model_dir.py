@@ -16,6 +16,7 @@
 import os
 
 MODEL = "model.keras"
+METRICS_FILE = "metrics.jsonl"
 CLASS_NAMES = "class_names.json"
 
 

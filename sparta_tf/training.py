@@ -410,18 +410,18 @@ class _Checkpointer(keras.callbacks.Callback):
         self.manager.save()
 
 
-def stalled(loss, num_classes, epoch):
+def stalled(loss, num_classes, epoch, objective="pgd"):
     """Whether the training loss is still at chance, ln(num_classes) within 2%, after
     `epoch` >= 3 epochs: the network is not learning. SiLU and Sparta can do that in a
-    ResNet-34 at lr 0.1 (docs/TRANSFER.md)."""
-    return epoch >= 3 and loss >= 0.98 * math.log(num_classes)
+    ResNet-34 (docs/TRANSFER.md). Never under TRADES, whose loss adds a KL term."""
+    return objective != "trades" and epoch >= 3 and loss >= 0.98 * math.log(num_classes)
 
 
-def _log_epoch(model_dir, writer, row):
-    """Appends `row` to model_dir/metrics.jsonl and writes it to TensorBoard (the chief)."""
+def _log_epoch(folder, writer, row):
+    """Appends `row` to folder/metrics.jsonl and writes it to TensorBoard (the chief)."""
     if writer is None:  # another worker than the chief
         return
-    with open(os.path.join(model_dir, "metrics.jsonl"), "a") as f:
+    with open(os.path.join(folder, model_dir.METRICS_FILE), "a") as f:
         f.write(json.dumps(row) + "\n")
     with writer.as_default(step=row["epoch"]):
         for name, value in row.items():
@@ -530,8 +530,7 @@ def _run(config, overwrite, verbose):
         row = {"epoch": epoch + 1, "lr": lr, "img/s": checkpointer.throughput(),
                **{k: float(v[-1]) for k, v in history.history.items()}}
         _log_epoch(config.model_dir, writer, row)
-        cross_entropy = config.objective != "trades"  # TRADES adds a KL term to its loss
-        if chief and cross_entropy and stalled(row["loss"], ds.num_classes, epoch + 1):
+        if chief and stalled(row["loss"], ds.num_classes, epoch + 1, config.objective):
             print(f"Warning: after {epoch + 1} epochs the training loss ({row['loss']:.3f}) is "
                   f"still at chance (ln {ds.num_classes} = {math.log(ds.num_classes):.3f}): "
                   "the network is not learning. Try a lower --lr.")

@@ -113,6 +113,31 @@ def test_grid_writes_the_table_per_objective(grid):
     assert compare.table(elsewhere).splitlines()[0].endswith(" on gtsrb-32.tar.gz, 1 epoch")
 
 
+def test_a_cell_that_did_not_learn_is_marked_stalled(grid, tmp_path):
+    _, results, _ = grid
+    assert [c["stalled"] for c in results["cells"]] == [False] * 4  # 1 epoch: too early
+    config = dataclasses.replace(training.TrainConfig(**TINY), model_dir=str(tmp_path))
+
+    def write(losses):
+        with open(tmp_path / "metrics.jsonl", "w") as f:
+            f.writelines(json.dumps({"epoch": e + 1, "loss": v}) + "\n"
+                         for e, v in enumerate(losses))
+
+    write([2.39, 2.30, 2.29])  # the ResNet-34 Sparta of seed 1: at chance, ln 10 = 2.303
+    assert compare.stalled(config, 10)
+    assert not compare.stalled(dataclasses.replace(config, objective="trades"), 10)
+    write([2.39, 2.30, 2.29, 2.17])  # learning by its last epoch
+    assert not compare.stalled(config, 10)
+    # The table marks it, names it and still counts it.
+    cells = [{**c, "stalled": c["activation"] == "sparta" and c["objective"] == "pgd"}
+             for c in results["cells"]]
+    markdown = compare.table({**results, "cells": cells})
+    by_seed = _tables(markdown, "seed by seed: clean / PGD")["PGD-1 adversarial training"][1]
+    assert by_seed["sparta"][0].endswith(" (stalled)")
+    assert not by_seed["relu"][0].endswith(" (stalled)")
+    assert markdown.count("Stalled (") == 1 and "): sparta seed 0. They count" in markdown
+
+
 def test_rerun_skips_finished_cells(grid):
     root, results, mtimes = grid
     start = time.perf_counter()

@@ -200,6 +200,7 @@ def test_stalled_is_a_loss_still_at_chance_from_the_third_epoch():
     assert not training.stalled(2.31, 10, 2)  # too early to tell
     assert not training.stalled(2.17, 10, 3)  # learning
     assert not training.stalled(2.31, 43, 3)  # below ln 43 = 3.76
+    assert not training.stalled(2.31, 10, 3, objective="trades")  # CE + KL: not at chance
 
 
 @pytest.mark.parametrize("objective", ["pgd", "trades"])

@@ -249,6 +249,18 @@ def run_cell(config, x, y, settings, overwrite=False, verbose="auto"):
     return results
 
 
+def stalled(config, num_classes):
+    """Whether the cell's training loss was still at chance at its last epoch
+    (`training.stalled`, read from its metrics.jsonl): a network that did not learn."""
+    path = os.path.join(config.model_dir, model_dir.METRICS_FILE)
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return bool(rows) and training.stalled(rows[-1]["loss"], num_classes, rows[-1]["epoch"],
+                                           config.objective)
+
+
 def _stats(values):
     """Mean, sample std (None for one value) and n; all None for no values."""
     if not values:
@@ -365,14 +377,21 @@ def _percent(stats):
 
 
 def _seed_by_seed(cells, objective, arms, seeds):
-    """Rows `| arm | clean / PGD at seed s | ... |`, "-" where a cell is missing."""
+    """Rows `| arm | clean / PGD at seed s | ... |`, "-" where a cell is missing, and
+    "(stalled)" after a cell that did not learn (`stalled`), with a line that names them."""
     at = {(c["activation"], c["seed"]): c for c in cells if c["objective"] == objective}
     lines = ["| seed by seed: clean / PGD | " + " | ".join(f"seed {s}" for s in seeds) + " |",
              "| --- |" + " ---: |" * len(seeds)]
     for arm in arms:
         values = [f"{100 * at[arm, s]['clean']:.1f} / {100 * at[arm, s]['pgd']:.1f}"
+                  + (" (stalled)" if at[arm, s].get("stalled") else "")
                   if (arm, s) in at else "-" for s in seeds]
         lines.append(f"| {arm} | " + " | ".join(values) + " |")
+    stuck = [f"{a} seed {s}" for a in arms for s in seeds if at.get((a, s), {}).get("stalled")]
+    if stuck:
+        lines += ["", "Stalled (the training loss still at chance at the last epoch, "
+                  "`training.stalled`: the network did not learn under this recipe): "
+                  f"{', '.join(stuck)}. They count in the means above."]
     return lines
 
 
@@ -560,7 +579,7 @@ def run_grid(base, activations, seeds, objectives=("pgd", "standard"), root="run
 
     Returns: a JSON-able dict: `train` (the base config), `settings`,
         `test_examples`, `cells` (one per run: objective, activation, seed,
-        model_dir and the results of `evaluate`), `missing` (the model_dirs of
+        model_dir, the results of `evaluate` and `stalled`), `missing` (the model_dirs of
         the cells left out by `report_only`), `summary` (see `summarize`),
         `plots` (the PNG paths), `activation_change` and `gate_weights` (see
         `_pictures`).
@@ -589,7 +608,8 @@ def run_grid(base, activations, seeds, objectives=("pgd", "standard"), root="run
                     results = run_cell(config, ds.x_test, ds.y_test, settings, overwrite,
                                        verbose)
                 cells.append({"objective": objective, "activation": activation, "seed": seed,
-                              "model_dir": config.model_dir, **results})
+                              "model_dir": config.model_dir, **results,
+                              "stalled": stalled(config, ds.num_classes)})
     if report_only and not cells:
         raise FileNotFoundError(f"no finished cell of this grid in {root}")
     results = {"train": base.to_json(), "settings": dataclasses.asdict(settings),
