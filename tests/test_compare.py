@@ -159,6 +159,8 @@ def test_report_only_covers_the_finished_cells_and_lists_the_rest(grid, tmp_path
     assert len(report["missing"]) == 8  # silu at seed 0, everything at seed 1
     assert os.path.join(root, "standard", "silu", "seed0") in report["missing"]
     assert "Not finished, so not in the table: 8 cells" in compare.table(report)
+    one = {**report, "missing": report["missing"][:1]}
+    assert "Not finished, so not in the table: 1 cell (" in compare.table(one)
     with pytest.raises(FileNotFoundError, match="no finished cell"):
         compare.run_grid(training.TrainConfig(**TINY), **GRID, root=str(tmp_path),
                          settings=SETTINGS, verbose=0, report_only=True)

@@ -492,7 +492,8 @@ def table(results):
                                      s["square_queries"])
         lines += [*square_lines, ""] if square_lines else []
     if results.get("missing"):
-        lines += [f"Not finished, so not in the table: {len(results['missing'])} cells "
+        n = len(results["missing"])
+        lines += [f"Not finished, so not in the table: {n} cell{'s' * (n != 1)} "
                   f"({', '.join(results['missing'])}).", ""]
     return "\n".join(lines)
 
