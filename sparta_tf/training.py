@@ -418,11 +418,23 @@ def stalled(loss, num_classes, epoch, objective="pgd"):
 
 
 def _log_epoch(folder, writer, row):
-    """Appends `row` to folder/metrics.jsonl and writes it to TensorBoard (the chief)."""
+    """Writes `row` to folder/metrics.jsonl and to TensorBoard (the chief).
+
+    Rows of this epoch and later ones already there are dropped first: they belong to
+    an earlier run of the model_dir (retrained from scratch, its checkpoints gone, or
+    killed after the row was written and before its checkpoint), not to this one.
+    """
     if writer is None:  # another worker than the chief
         return
-    with open(os.path.join(folder, model_dir.METRICS_FILE), "a") as f:
-        f.write(json.dumps(row) + "\n")
+    path = os.path.join(folder, model_dir.METRICS_FILE)
+    rows = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            rows = [line for line in f
+                    if line.strip() and json.loads(line)["epoch"] < row["epoch"]]
+    with open(path + ".partial", "w") as f:
+        f.writelines(rows + [json.dumps(row) + "\n"])
+    os.replace(path + ".partial", path)
     with writer.as_default(step=row["epoch"]):
         for name, value in row.items():
             if name != "epoch":

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -193,6 +194,21 @@ def test_run_resumes_with_more_epochs(tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2]
     for name in ("config.json", "results.json", "model.keras", "logs", "checkpoints"):
         assert os.path.exists(tmp_path / "run" / name), name
+
+
+def test_a_retrained_run_replaces_the_old_runs_metrics(tmp_path):
+    run_dir = tmp_path / "run"
+    training.run(_tiny_config(run_dir, epochs=2), verbose=0)
+    first = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
+    # The checkpoints and model go (as when only the reports are kept); config.json and
+    # metrics.jsonl stay, so the same experiment trains again from scratch.
+    for name in ("checkpoints", "model.keras"):
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    training.run(_tiny_config(run_dir, epochs=2), verbose=0)
+    second = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
+    assert [r["epoch"] for r in second] == [1, 2]  # not [1, 2, 1, 2]
+    assert [r["epoch"] for r in first] == [1, 2]
 
 
 def test_stalled_is_a_loss_still_at_chance_from_the_third_epoch():
