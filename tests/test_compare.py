@@ -494,3 +494,14 @@ def test_a_finished_cell_is_evaluated_anew_not_retrained(grid, tmp_path):
     assert {p: os.path.getmtime(p) for p in trained} == trained  # no training ran
     metrics = os.path.join(root, "pgd", "relu", "seed0", "metrics.jsonl")
     assert len(open(metrics).readlines()) == TINY["epochs"]
+    # The model's first evaluation stays beside the new one and still serves its settings.
+    config = compare.cell_config(training.TrainConfig(**TINY), root, "pgd", "relu", 0)
+    first = next(c for c in grid[1]["cells"] if (c["objective"], c["activation"]) == (
+        "pgd", "relu"))
+    assert compare.stored_results(config, SETTINGS)["pgd"] == first["pgd"]
+    assert compare.stored_results(config, other)["eps_curve"] == [[0.0, first["clean"]]]
+    # A cell trained again is a new model: the earlier evaluations go with the old one.
+    ds = compare.data.load("bundled", None, max_train=1, max_test=TINY["max_test"])
+    compare.run_cell(config, ds.x_test, ds.y_test, other, overwrite=True, verbose=0)
+    assert compare.stored_results(config, other) is not None
+    assert compare.stored_results(config, SETTINGS) is None

@@ -207,11 +207,26 @@ def stored_results(config, settings):
     None also where the stored one belongs to another config or settings, except
     that one with AutoAttack serves `settings` without it (its AutoAttack left out).
     """
-    path = os.path.join(config.model_dir, EVAL_FILE)
+    for stored in _evaluations(config.model_dir):
+        results = _match(stored, config, settings)
+        if results is not None:
+            return results
+    return None
+
+
+def _evaluations(folder):
+    """The evaluations kept in folder/compare_eval.json, latest first: the file's own and
+    its `earlier` ones (of the same model, with other settings)."""
+    path = os.path.join(folder, EVAL_FILE)
     if not os.path.isfile(path):
-        return None
+        return []
     with open(path) as f:
-        stored = json.load(f)
+        latest = json.load(f)
+    return [latest] + latest.pop("earlier", [])
+
+
+def _match(stored, config, settings):
+    """`stored["results"]` if that evaluation serves (config, settings), else None."""
     key = _key(config, settings)
     # Read as a config: a field added since the cell was stored takes its default.
     stored["config"] = _key(training.TrainConfig.from_stored(stored.get("config", {})),
@@ -235,17 +250,24 @@ def run_cell(config, x, y, settings, overwrite=False, verbose="auto"):
     is missing or of other settings (AutoAttack added, say) is evaluated, not retrained.
 
     Returns the evaluation (see `evaluate`), also kept in model_dir/compare_eval.json
-    with the config and settings it belongs to.
+    with the config and settings it belongs to. The model's earlier evaluations (other
+    settings) stay there, under `earlier`, and still serve; a retrained cell drops them.
     """
     stored = None if overwrite else stored_results(config, settings)
     if stored is not None:
         return stored
-    if overwrite or not training.finished(config):  # else: evaluated anew, not retrained
-        training.run(config, overwrite=overwrite, verbose=verbose)
+    earlier = []  # the evaluations of this model with other settings, kept beside the new one
+    if overwrite or not training.finished(config):
+        training.run(config, overwrite=overwrite, verbose=verbose)  # a new model: none
+    else:
+        earlier = _evaluations(config.model_dir)
     model = evaluation.load_model(config.model_dir)
     results = evaluate(model, x, y, settings, verbose=verbose != 0)
-    with open(os.path.join(config.model_dir, EVAL_FILE), "w") as f:
-        json.dump({**_key(config, settings), "results": results}, f, indent=2)
+    path = os.path.join(config.model_dir, EVAL_FILE)
+    with open(path + ".partial", "w") as f:
+        json.dump({**_key(config, settings), "results": results,
+                   **({"earlier": earlier} if earlier else {})}, f, indent=2)
+    os.replace(path + ".partial", path)
     return results
 
 
