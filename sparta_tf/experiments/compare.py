@@ -348,7 +348,7 @@ def paired(cells, objective, arm, other, metric, reps=2000, seed=0):
 def _paired_table(cells, objective, arms, pgd_name):
     """Rows `| arm - other | metric | seed by seed | mean [95% interval] |` (points), for
     sparta and sparta_transfer (those of `arms`) against each other arm."""
-    rows, done = [], set()
+    rows, done, half_widths = [], set(), {}
     for arm in [a for a in ("sparta", TRANSFER_ARM) if a in arms]:
         for other in arms:
             if other == arm or frozenset((arm, other)) in done:
@@ -358,6 +358,7 @@ def _paired_table(cells, objective, arms, pgd_name):
                                  ("autoattack", "AutoAttack")):
                 p = paired(cells, objective, arm, other, metric)
                 if p is not None:
+                    half_widths.setdefault(name, []).append(50 * (p["high"] - p["low"]))
                     by_seed = ", ".join(f"{s}: {100 * d:+.2f}" for s, d in p["by_seed"].items())
                     rows.append(f"| {arm} - {other} | {name} | {by_seed} | "
                                 f"{100 * p['mean']:+.2f} [{100 * p['low']:+.2f}, "
@@ -369,7 +370,12 @@ def _paired_table(cells, objective, arms, pgd_name):
             "cells keep which images they got right: a difference whose interval holds 0 is "
             "not one this grid can tell from noise.", "",
             "| pair | accuracy | seed: difference | mean [95% interval] |",
-            "| --- | --- | --- | --- |", *rows]
+            "| --- | --- | --- | --- |", *rows, "",
+            "At this size an interval reaches this far either side of its mean (points, "
+            "smallest to largest over the pairs): "
+            + "; ".join(f"{name} {min(w):.1f} to {max(w):.1f}"
+                        for name, w in half_widths.items())
+            + ". A difference must be about that large to stand out."]
 
 
 def _square_check(cells, objective, pgd_name, queries):
@@ -399,15 +405,23 @@ def _percent(stats):
 
 
 def _seed_by_seed(cells, objective, arms, seeds):
-    """Rows `| arm | clean / PGD at seed s | ... |`, "-" where a cell is missing, and
-    "(stalled)" after a cell that did not learn (`stalled`), with a line that names them."""
+    """Rows `| arm | clean / PGD (/ AutoAttack, where a cell ran it) at seed s | ... |`,
+    "-" where a cell or its AutoAttack is missing, and "(stalled)" after a cell that did
+    not learn (`stalled`), with a line that names them."""
     at = {(c["activation"], c["seed"]): c for c in cells if c["objective"] == objective}
-    lines = ["| seed by seed: clean / PGD | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+    metrics = ["clean", "pgd"] + (["autoattack"] if any(
+        c.get("autoattack") is not None for c in at.values()) else [])
+    head = " / ".join({"clean": "clean", "pgd": "PGD", "autoattack": "AutoAttack"}[m]
+                      for m in metrics)
+    lines = [f"| seed by seed: {head} | " + " | ".join(f"seed {s}" for s in seeds) + " |",
              "| --- |" + " ---: |" * len(seeds)]
+
+    def value(cell):
+        return " / ".join("-" if cell.get(m) is None else f"{100 * cell[m]:.1f}"
+                          for m in metrics) + (" (stalled)" if cell.get("stalled") else "")
+
     for arm in arms:
-        values = [f"{100 * at[arm, s]['clean']:.1f} / {100 * at[arm, s]['pgd']:.1f}"
-                  + (" (stalled)" if at[arm, s].get("stalled") else "")
-                  if (arm, s) in at else "-" for s in seeds]
+        values = [value(at[arm, s]) if (arm, s) in at else "-" for s in seeds]
         lines.append(f"| {arm} | " + " | ".join(values) + " |")
     stuck = [f"{a} seed {s}" for a in arms for s in seeds if at.get((a, s), {}).get("stalled")]
     if stuck:
@@ -470,9 +484,10 @@ def table(results):
     Columns: clean, PGD and AutoAttack test accuracy in %, as mean ± sample std
     over the seeds (just the mean for one seed; "-" where not run), and n, the
     number of seeds; ranked by AutoAttack where it ran. Below it, clean / PGD
-    accuracy seed by seed, PGD accuracy along the eps curve (mean ± std), and
-    where the cells kept their per-image results, the paired differences of
-    sparta against each other arm (`paired`).
+    accuracy seed by seed (and AutoAttack where it ran), PGD accuracy along the
+    eps curve (mean ± std), and where the cells kept their per-image results, the
+    paired differences of sparta against each other arm (`paired`), with how
+    far their intervals reach at this size.
     """
     s = results["settings"]
     train = results["train"]
