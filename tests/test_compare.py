@@ -294,6 +294,18 @@ def test_evaluate_with_autoattack():
     markdown = "\n".join(compare._square_check(
         [{"objective": "pgd", "activation": "sparta", "seed": 0, **checked}], "pgd", "PGD-2", 5))
     assert "class-balanced 4 of the test images" in markdown
+    assert checked["square_check"]["autoattack"] <= checked["square_check"]["pgd"] + 0.25
+    # Square is measured against the best white-box attack on its images, AutoAttack's too.
+    def check(square, pgd, autoattack=None):
+        kept = {"examples": 100, "square": square, "pgd": pgd,
+                **({} if autoattack is None else {"autoattack": autoattack})}
+        cell = {"objective": "pgd", "activation": "sparta", "seed": 0, "square_check": kept}
+        return compare._square_check([cell], "pgd", "PGD-20", 5000)[0]
+    assert "never beats" in check(0.25, 0.27, 0.24)  # below PGD-20, above AutoAttack
+    assert "**WARNING**" in check(0.22, 0.27, 0.24) and "(Square 22.0 against 24.0)" in \
+        check(0.22, 0.27, 0.24)
+    assert "**WARNING**" in check(0.25, 0.27)  # kept before: PGD-20 alone
+    assert "against the better of PGD-20 and AutoAttack's white-box" in check(0.25, 0.27, 0.24)
     # Another white-box chain; the accuracy after each of its attacks is kept and tabled.
     dlr = compare.evaluate(model, x, y, dataclasses.replace(
         subset, autoattack_attacks=("apgd-ce", "apgd-dlr")))
