@@ -129,6 +129,7 @@ def grid(base):
         report_only=FLAGS.report_only, report_name=FLAGS.report_name,
         settings=compare.EvalSettings(
             eps=base.eps, pgd_steps=base.eval_pgd_steps, autoattack=FLAGS.autoattack,
-            square_examples=FLAGS.square_examples,
+            autoattack_iterations=FLAGS.autoattack_iterations,
+            square_queries=FLAGS.square_queries, square_examples=FLAGS.square_examples,
             autoattack_attacks=tuple(FLAGS.autoattack_attacks),
             eps_curve=tuple(core.PixelParser().parse(e) for e in FLAGS.eps_curve)))

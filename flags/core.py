@@ -195,8 +195,13 @@ def train_config():
 
 
 def define_autoattack():
+    """--autoattack and its sizes, for sparta-evaluate and sparta-compare."""
     flags.DEFINE_bool("autoattack", True,
                       "Run AutoAttack (APGD-CE, APGD-T and Square, through ART).")
+    flags.DEFINE_integer("autoattack_iterations", 100, "APGD iterations (100 is standard).",
+                         lower_bound=1)
+    flags.DEFINE_integer("square_queries", 5000, "Square queries (5000 is standard).",
+                         lower_bound=1)
 
 
 def define_evaluation():
@@ -221,10 +226,6 @@ def define_evaluation():
         s.isdigit() and int(s) >= 1 for s in v), message="must be a list of ints >= 1")
     flags.DEFINE_integer("pgd_restarts", 3, "Random restarts of each PGD.", lower_bound=1)
     define_autoattack()
-    flags.DEFINE_integer("autoattack_iterations", 100, "APGD iterations (100 is standard).",
-                         lower_bound=1)
-    flags.DEFINE_integer("square_queries", 5000, "Square queries (5000 is standard).",
-                         lower_bound=1)
 
 
 def define_export():

@@ -535,3 +535,20 @@ def test_a_finished_cell_is_evaluated_anew_not_retrained(grid, tmp_path):
     compare.run_cell(config, ds.x_test, ds.y_test, other, overwrite=True, verbose=0)
     assert compare.stored_results(config, other) is not None
     assert compare.stored_results(config, SETTINGS) is None
+
+
+def test_the_flags_make_the_evaluation_settings():
+    code = ("import dataclasses, json; from flags import compare as c, core; c.define_compare(); "
+            "core.FLAGS(['x', '--square_examples=500', '--square_queries=1000', "
+            "'--autoattack_iterations=50', '--autoattack_attacks=apgd-ce,apgd-dlr', "
+            "'--eps_curve=2/255']); "
+            "print(json.dumps(dataclasses.asdict(c.grid(core.train_config())['settings'])))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    settings = json.loads(out.stdout.splitlines()[-1])
+    assert {k: settings[k] for k in ("square_examples", "square_queries",
+                                     "autoattack_iterations", "autoattack_attacks")} == {
+        "square_examples": 500, "square_queries": 1000, "autoattack_iterations": 50,
+        "autoattack_attacks": ["apgd-ce", "apgd-dlr"]}
+    assert settings["eps_curve"] == [2 / 255]
