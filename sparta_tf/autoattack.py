@@ -48,7 +48,7 @@ def _compiled(model):
 
 
 def robust_accuracy(model, x, y, eps, batch_size=256, attacks=ATTACKS, iterations=100,
-                    queries=5000, verbose=True):
+                    queries=5000, verbose=True, seed=None):
     """Robust accuracy under AutoAttack at L-inf `eps`, with ART's attacks.
 
     Standard AutoAttack (Croce & Hein 2020, `version="standard"`) runs APGD-CE,
@@ -85,6 +85,9 @@ def robust_accuracy(model, x, y, eps, batch_size=256, attacks=ATTACKS, iteration
         iterations: APGD iterations (100 in standard AutoAttack).
         queries: Square iterations (queries; 5000 in standard AutoAttack).
         verbose: show ART's progress bars.
+        seed: seeds ART's random starts and squares (they draw from NumPy's global
+            generator, whose state is restored afterwards), so that a model's
+            AutoAttack accuracy can be checked again exactly; None: not seeded.
 
     Returns: `{"accuracy": robust accuracy, "after": {name: the accuracy
         after that attack and the ones before it}, "robust": a bool array, the
@@ -99,6 +102,14 @@ def robust_accuracy(model, x, y, eps, batch_size=256, attacks=ATTACKS, iteration
         raise ValueError(f"Unknown attacks {sorted(unknown)}; valid: {KNOWN}.")
     if not eps > 0:
         raise ValueError(f"eps must be > 0; got {eps!r}.")
+    if seed is not None:
+        state = np.random.get_state()
+        np.random.seed(seed)
+        try:
+            return robust_accuracy(model, x, y, eps, batch_size, attacks, iterations, queries,
+                                   verbose)
+        finally:
+            np.random.set_state(state)
     x, y = data.pixels(x), np.asarray(y)
     logits = np.concatenate([np.asarray(model(tf.constant(x[i:i + batch_size]), training=False))
                              for i in range(0, len(x), batch_size)])

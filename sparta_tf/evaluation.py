@@ -159,7 +159,7 @@ def robustness_report(model, x, y, eps, steps=(20, 100), losses=("ce", "cw"), re
     # Square first: its accuracy alone is then the first step of the chain.
     chain = ("square", "apgd-ce", "apgd-t") if run_autoattack else ("square",)
     aa = autoattack.robust_accuracy(model, x, y, eps, batch_size, chain,
-                                    autoattack_iterations, square_queries, verbose)
+                                    autoattack_iterations, square_queries, verbose, seed)
     results["square"] = aa["after"]["square"]
     if run_autoattack:
         results["autoattack"] = aa["accuracy"]

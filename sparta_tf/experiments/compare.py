@@ -101,7 +101,7 @@ def evaluate(model, x, y, settings, verbose=False):
         return autoattack.robust_accuracy(
             model, x, y, settings.eps, settings.batch_size, chain,
             iterations=settings.autoattack_iterations, queries=settings.square_queries,
-            verbose=verbose)
+            verbose=verbose, seed=settings.seed)
 
     square = after = None
     if settings.autoattack:
