@@ -510,6 +510,10 @@ def test_paired_differences_and_their_interval():
     # 2,000 images, 3 seeds, ~30% accuracy: under 1 point for arms that agree on most
     # images (sparta - relu here), about 3 for independent ones.
     assert 0.5 < min(widths) < 1.0 and 2.5 < max(widths) < 3.5
+    one = "\n".join(compare._paired_table(_cells({"relu": base, "sparta": more}), "pgd",
+                                           ["relu", "sparta"], "PGD-20"))
+    assert one.endswith(f"pairs): PGD-20 {widths[0]:.1f}. A difference must be about that "
+                        "large to stand out.")  # one pair: one number
 
 
 def test_a_finished_cell_is_evaluated_anew_not_retrained(grid, tmp_path):

@@ -375,9 +375,14 @@ def _paired_table(cells, objective, arms, pgd_name):
             "| --- | --- | --- | --- |", *rows, "",
             "At this size an interval reaches this far either side of its mean (points, "
             "smallest to largest over the pairs): "
-            + "; ".join(f"{name} {min(w):.1f} to {max(w):.1f}"
-                        for name, w in half_widths.items())
+            + "; ".join(f"{name} {_span(w)}" for name, w in half_widths.items())
             + ". A difference must be about that large to stand out."]
+
+
+def _span(values):
+    """`1.2 to 3.4`, or `1.2` where the two are the same at that precision."""
+    low, high = f"{min(values):.1f}", f"{max(values):.1f}"
+    return low if low == high else f"{low} to {high}"
 
 
 def _square_check(cells, objective, pgd_name, queries):
