@@ -7,6 +7,8 @@ the evaluation's strongest attack; the training step's own PGD is `sparta_tf.att
 This module imports no absl.
 """
 
+import contextlib
+
 import numpy as np
 import tensorflow as tf
 
@@ -93,23 +95,35 @@ def robust_accuracy(model, x, y, eps, batch_size=256, attacks=ATTACKS, iteration
         after that attack and the ones before it}, "robust": a bool array, the
         examples that every attack failed on}`.
     """
-    from art.attacks.evasion import AutoProjectedGradientDescent, SquareAttack
-    from art.attacks.evasion.auto_attack import run_attack
-    from art.estimators.classification import TensorFlowV2Classifier
-
     unknown = set(attacks) - set(KNOWN)
     if unknown:
         raise ValueError(f"Unknown attacks {sorted(unknown)}; valid: {KNOWN}.")
     if not eps > 0:
         raise ValueError(f"eps must be > 0; got {eps!r}.")
-    if seed is not None:
-        state = np.random.get_state()
-        np.random.seed(seed)
-        try:
-            return robust_accuracy(model, x, y, eps, batch_size, attacks, iterations, queries,
-                                   verbose)
-        finally:
-            np.random.set_state(state)
+    with _numpy_seeded(seed):
+        return _chain(model, x, y, eps, batch_size, attacks, iterations, queries, verbose)
+
+
+@contextlib.contextmanager
+def _numpy_seeded(seed):
+    """NumPy's global generator seeded with `seed` inside, as it was outside (None: as is)."""
+    if seed is None:
+        yield
+        return
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+def _chain(model, x, y, eps, batch_size, attacks, iterations, queries, verbose):
+    """`robust_accuracy` once its arguments are checked."""
+    from art.attacks.evasion import AutoProjectedGradientDescent, SquareAttack
+    from art.attacks.evasion.auto_attack import run_attack
+    from art.estimators.classification import TensorFlowV2Classifier
+
     x, y = data.pixels(x), np.asarray(y)
     logits = np.concatenate([np.asarray(model(tf.constant(x[i:i + batch_size]), training=False))
                              for i in range(0, len(x), batch_size)])
