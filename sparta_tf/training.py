@@ -23,10 +23,12 @@ the same noise it would have seen.
 
 import dataclasses
 import json
+import contextlib
 import math
 import os
 import shutil
 import time
+import zipfile
 
 import keras
 import numpy as np
@@ -276,19 +278,38 @@ def worker_of(strategy):
     return index == 0, index, count
 
 
+def _stored_config(path):
+    """The TrainConfig in config.json `path`.
+
+    Raises:
+        ConfigMismatchError: the file is not a config.json of sparta-train.
+    """
+    try:
+        stored = model_dir.read_json(path)
+        if not isinstance(stored, dict):
+            raise ValueError(f"{path} holds a JSON {type(stored).__name__}, not an object.")
+        return TrainConfig.from_stored(stored)
+    except (ValueError, TypeError) as e:
+        raise ConfigMismatchError(
+            f"{e} It is not a config.json of sparta-train: use --overwrite to delete "
+            f"{os.path.dirname(path)} and start again, or another --model_dir.") from None
+
+
 def _prepare_model_dir(config, overwrite, chief=True):
     """Refuse a model_dir of another configuration; returns True if it can resume.
 
-    Only the chief deletes (`overwrite`) and writes config.json.
+    Only the chief deletes (`overwrite`: a model_dir of sparta-train only, see
+    `model_dir.clear`), removes what a killed run left half-written, and writes config.json.
     """
-    path = os.path.join(config.model_dir, "config.json")
-    if overwrite and chief and os.path.exists(config.model_dir):
-        shutil.rmtree(config.model_dir)
+    path = os.path.join(config.model_dir, model_dir.CONFIG)
+    if overwrite and chief:
+        model_dir.clear(config.model_dir)
     os.makedirs(config.model_dir, exist_ok=True)
+    if chief:
+        _remove_leftovers(config.model_dir)
     resume = os.path.exists(path)
     if resume:
-        with open(path) as f:
-            old = TrainConfig.from_stored(json.load(f)).identity()
+        old = _stored_config(path).identity()
         new = config.identity()
         diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
         if diff:
@@ -296,22 +317,39 @@ def _prepare_model_dir(config, overwrite, chief=True):
             raise ConfigMismatchError(
                 f"{config.model_dir} holds a run of another configuration:\n{lines}\n"
                 "Use another --model_dir, or --overwrite to delete it and start again.")
-    if chief:  # written whole, then renamed: another worker may be reading it
-        with open(path + ".partial", "w") as f:
-            json.dump(config.to_json(), f, indent=2)
-        os.replace(path + ".partial", path)
+    if chief:  # another worker may be reading it
+        model_dir.write_json(path, config.to_json())
     return resume
 
 
+def _remove_leftovers(folder):
+    """Removes what a run killed while writing left behind: the temporary files of
+    `model_dir.atomic_path` and the `ckpt-N_temp*` of an unfinished checkpoint save."""
+    checkpoints = os.path.join(folder, model_dir.CHECKPOINTS)
+    for parent in (folder, checkpoints):
+        if not os.path.isdir(parent):
+            continue
+        for name in os.listdir(parent):
+            full = os.path.join(parent, name)
+            if model_dir.is_temporary(name) or (parent == checkpoints and "_temp" in name):
+                if os.path.isdir(full):
+                    shutil.rmtree(full)
+                else:
+                    os.remove(full)
+
+
 def finished(config):
-    """Whether `config.model_dir` holds this experiment trained to the end: its model.keras,
-    and a config.json of the same identity and the same epochs (checkpoints or not)."""
-    path = os.path.join(config.model_dir, "config.json")
-    if not (os.path.isfile(path) and os.path.isfile(os.path.join(config.model_dir,
-                                                                 model_dir.MODEL))):
+    """Whether `config.model_dir` holds this experiment trained to the end: a readable
+    model.keras (a zip archive), and a config.json of the same identity and the same
+    epochs (checkpoints or not)."""
+    path = os.path.join(config.model_dir, model_dir.CONFIG)
+    model = os.path.join(config.model_dir, model_dir.MODEL)
+    if not (os.path.isfile(path) and zipfile.is_zipfile(model)):
         return False
-    with open(path) as f:
-        stored = TrainConfig.from_stored(json.load(f))
+    try:
+        stored = _stored_config(path)
+    except ConfigMismatchError:
+        return False
     return stored.identity() == config.identity() and stored.epochs == config.epochs
 
 
@@ -374,12 +412,17 @@ def build(config, num_classes, input_shape, steps_per_epoch, sparta_source=None)
 
 
 class _Checkpointer(keras.callbacks.Callback):
-    """Saves every `every` steps, stops on a non-finite loss or weight, adds img/s to logs."""
+    """Saves every `every` steps, stops on a non-finite loss or weight, adds img/s to logs.
 
-    def __init__(self, manager, position, epoch, skipped, every, batch_size):
+    The epoch's last step is left to the end-of-epoch save, (epoch + 1, 0): a checkpoint
+    at (epoch, steps) would resume into an empty epoch.
+    """
+
+    def __init__(self, manager, position, epoch, skipped, every, batch_size, steps):
         super().__init__()
         self.manager, self.position, self.epoch = manager, position, epoch
         self.skipped, self.every, self.batch_size = skipped, every, batch_size
+        self.steps = steps
         self.bad_step = None
 
     def on_train_begin(self, logs=None):
@@ -396,16 +439,21 @@ class _Checkpointer(keras.callbacks.Callback):
         if logs and not math.isfinite(float(logs["loss"])):
             self.bad_step = f"step {step}"
             self.model.stop_training = True
-        elif self.every and step % self.every == 0:
-            self.save(self.epoch, step)
+        elif self.every and step % self.every == 0 and step < self.steps:
+            if self.weights_finite(f"step {step}"):
+                self.save(self.epoch, step)
+
+    def weights_finite(self, where):
+        """Whether every weight is finite; if not, stops training and notes `where`."""
+        if all(np.isfinite(keras.ops.convert_to_numpy(v)).all()
+               for v in self.model.model.weights):
+            return True
+        self.bad_step = where
+        self.model.stop_training = True
+        return False
 
     def save(self, epoch, step):
-        """Saves at (epoch, step), unless a weight is no longer finite (then stops)."""
-        if not all(np.isfinite(keras.ops.convert_to_numpy(v)).all()
-                   for v in self.model.model.weights):
-            self.bad_step = f"step {step}" if step else "the end of the epoch"
-            self.model.stop_training = True
-            return
+        """Saves the training state as at (epoch, step)."""
         self.position.assign([epoch, step])
         self.manager.save()
 
@@ -432,14 +480,41 @@ def _log_epoch(folder, writer, row):
         with open(path) as f:
             rows = [line for line in f
                     if line.strip() and json.loads(line)["epoch"] < row["epoch"]]
-    with open(path + ".partial", "w") as f:
-        f.writelines(rows + [json.dumps(row) + "\n"])
-    os.replace(path + ".partial", path)
+    model_dir.write_text(path, "".join(rows + [json.dumps(row) + "\n"]))
     with writer.as_default(step=row["epoch"]):
         for name, value in row.items():
             if name != "epoch":
                 tf.summary.scalar(name, value)
     writer.flush()
+
+
+def _restore(ckpt, folder):
+    """Restores `ckpt` from the newest readable checkpoint in `folder`, if there is one.
+
+    A checkpoint that cannot be read (truncated by a full disk, say) is reported and the
+    older one that the manager keeps is tried.
+
+    Raises:
+        SetupError: there are checkpoints, and none can be read.
+    """
+    try:
+        state = tf.train.get_checkpoint_state(folder)
+        candidates = list(state.all_model_checkpoint_paths) if state else []
+    except tf.errors.OpError:  # the index file itself is damaged: take what is there
+        candidates = sorted((p.removesuffix(".index") for p in
+                             tf.io.gfile.glob(os.path.join(folder, "ckpt-*.index"))),
+                            key=lambda p: int(p.rsplit("-", 1)[1]))
+    for path in reversed(candidates):
+        try:
+            ckpt.restore(path).assert_existing_objects_matched()
+            return path
+        except Exception as e:  # a damaged file fails in many ways (IndexError, DataLoss...)
+            print(f"Warning: checkpoint {path} cannot be read ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:200]}); trying an older one.")
+    if candidates:
+        raise SetupError(f"No checkpoint in {folder} can be read. Use --overwrite to start "
+                         "again, or restore the folder from a backup.")
+    return None
 
 
 def _epoch_data(strategy, ds, config, epoch, skip):
@@ -501,6 +576,17 @@ def _run(config, overwrite, verbose):
         # It then averages the step's logs over the replicas along axis 0, which fails on
         # scalars under this strategy: the step returns them as vectors of one.
         model.logs_as_vectors = True
+    if overwrite and chief:  # before the lock writes into it: refuse a folder of the user's
+        model_dir.check_deletable(config.model_dir)
+    # The chief holds the model_dir while it trains; the other workers write only their own
+    # folder in it.
+    with model_dir.lock(config.model_dir) if chief else contextlib.nullcontext():
+        return _train(config, strategy, model, ds, steps, overwrite, verbose)
+
+
+def _train(config, strategy, model, ds, steps, overwrite, verbose):
+    """The part of `_run` that writes into model_dir: prepare it, train, finish."""
+    chief, worker, _ = worker_of(strategy)
     _prepare_model_dir(config, overwrite, chief)
     # Every worker takes part in each save; the others' copies go to a private folder.
     private = None if chief else os.path.join(config.model_dir, f".worker{worker}")
@@ -508,29 +594,30 @@ def _run(config, overwrite, verbose):
         position = tf.Variable([0, 0], dtype=tf.int64, trainable=False)  # (epoch, step)
         ckpt = tf.train.Checkpoint(model=model.model, optimizer=model.optimizer,
                                    position=position)
-    checkpoints = os.path.join(config.model_dir, "checkpoints")
+    checkpoints = os.path.join(config.model_dir, model_dir.CHECKPOINTS)
     manager = tf.train.CheckpointManager(
-        ckpt, checkpoints if chief else os.path.join(private, "checkpoints"), max_to_keep=2)
-    latest = tf.train.latest_checkpoint(checkpoints)  # the chief's, for every worker
-    if latest:
-        ckpt.restore(latest).assert_existing_objects_matched()
+        ckpt, checkpoints if chief else os.path.join(private, model_dir.CHECKPOINTS),
+        max_to_keep=2)
+    _restore(ckpt, checkpoints)  # the chief's, for every worker
     epoch, skip = (int(v) for v in position.numpy())
+    if skip >= steps:  # a checkpoint at an epoch's last step (written before 0.1.1)
+        epoch, skip = epoch + 1, 0
     if epoch >= config.epochs:
         print(f"{config.model_dir} is trained for {epoch} epochs; evaluating it again.")
     elif epoch or skip:
         print(f"Resuming {config.model_dir} at epoch {epoch + 1}, step {skip} of {steps}.")
-    writer = tf.summary.create_file_writer(os.path.join(config.model_dir, "logs")) if chief \
-        else None
+    writer = tf.summary.create_file_writer(os.path.join(config.model_dir, model_dir.LOGS)) \
+        if chief else None
     for epoch in range(epoch, config.epochs):
         print(f"Epoch {epoch + 1}/{config.epochs}")
         checkpointer = _Checkpointer(manager, position, epoch, skip, config.checkpoint_every,
-                                     config.batch_size)
+                                     config.batch_size, steps)
         train = _epoch_data(strategy, ds, config, epoch, skip)
         with strategy.scope():
             history = model.fit(train, epochs=1, verbose=verbose if chief else 0,
                                 callbacks=[checkpointer], shuffle=False)
         if checkpointer.bad_step is None:
-            checkpointer.save(epoch + 1, 0)
+            checkpointer.weights_finite("the end of the epoch")
         if checkpointer.bad_step is not None:
             raise NonFiniteLossError(
                 f"The loss or the weights became NaN or Inf in epoch {epoch + 1} (found at "
@@ -541,7 +628,8 @@ def _run(config, overwrite, verbose):
         lr = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
         row = {"epoch": epoch + 1, "lr": lr, "img/s": checkpointer.throughput(),
                **{k: float(v[-1]) for k, v in history.history.items()}}
-        _log_epoch(config.model_dir, writer, row)
+        _log_epoch(config.model_dir, writer, row)  # first: a kill before the save reruns
+        checkpointer.save(epoch + 1, 0)               # the epoch's end, and rewrites its row
         if chief and stalled(row["loss"], ds.num_classes, epoch + 1, config.objective):
             print(f"Warning: after {epoch + 1} epochs the training loss ({row['loss']:.3f}) is "
                   f"still at chance (ln {ds.num_classes} = {math.log(ds.num_classes):.3f}): "
@@ -556,9 +644,9 @@ def _run(config, overwrite, verbose):
 def finish(config, net, ds):
     """Saves `net` as model_dir/model.keras (and the class names beside it), then evaluates
     clean and PGD accuracy."""
-    net.save(os.path.join(config.model_dir, model_dir.MODEL))
-    with open(os.path.join(config.model_dir, model_dir.CLASS_NAMES), "w") as f:
-        json.dump(ds.class_names, f)
+    with model_dir.atomic_path(os.path.join(config.model_dir, model_dir.MODEL)) as tmp:
+        net.save(tmp)
+    model_dir.write_json(os.path.join(config.model_dir, model_dir.CLASS_NAMES), ds.class_names)
     x, y = ds.x_test, ds.y_test
     results = {"clean_acc": evaluation.accuracy(net, x, y)}
     if config.eval_pgd_steps:  # at --eps whatever the objective, with a seeded random start
@@ -566,8 +654,7 @@ def finish(config, net, ds):
         results[f"pgd{config.eval_pgd_steps}_acc"] = evaluation.accuracy(net, x, y, attack=pgd)
     results.update(eval_examples=int(len(y)), train_examples=int(len(ds.x_train)),
                    eps=config.eps)
-    with open(os.path.join(config.model_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    model_dir.write_json(os.path.join(config.model_dir, model_dir.RESULTS), results)
     return results
 
 

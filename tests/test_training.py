@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from sparta_tf import attacks, layers, models, training
+from sparta_tf import attacks, layers, model_dir, models, training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,7 +83,7 @@ _MIRRORED = textwrap.dedent("""
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras
-    from sparta_tf import attacks, layers, models, training
+    from sparta_tf import attacks, layers, model_dir, models, training
 
     rng = np.random.default_rng(0)
     x = rng.uniform(size=(32, 16, 16, 3)).astype("float32")
@@ -211,6 +211,76 @@ def test_a_retrained_run_replaces_the_old_runs_metrics(tmp_path):
     assert [r["epoch"] for r in first] == [1, 2]
 
 
+def test_no_checkpoint_at_an_epochs_last_step_and_a_damaged_one_falls_back(tmp_path, capsys):
+    """With --checkpoint_every dividing the epoch's 5 steps, the last step is not saved
+    apart (a kill after it resumed into an empty epoch, forever). A truncated newest
+    checkpoint falls back to the older one; what a kill left half-written is removed."""
+    run_dir = tmp_path / "run"
+    training.run(_tiny_config(run_dir, checkpoint_every=1, objective="standard"), verbose=0)
+    checkpoints = run_dir / "checkpoints"
+    kept = tf.train.get_checkpoint_state(str(checkpoints)).all_model_checkpoint_paths
+    positions = [tuple(tf.train.load_checkpoint(p).get_tensor(
+        "position/.ATTRIBUTES/VARIABLE_VALUE")) for p in kept]
+    assert positions == [(0, 4), (1, 0)]  # not (0, 5)
+
+    newest = tf.train.latest_checkpoint(str(checkpoints))
+    with open(newest + ".data-00000-of-00001", "r+b") as f:
+        f.truncate(100)
+    (checkpoints / "ckpt-9_temp").mkdir()  # as a kill during a save leaves them
+    (run_dir / ".model.keras.tmp-abc123.keras").write_bytes(b"half a model")
+    capsys.readouterr()
+    training.run(_tiny_config(run_dir, checkpoint_every=1, objective="standard", epochs=2),
+                 verbose=0)
+    out = capsys.readouterr().out
+    assert f"checkpoint {newest} cannot be read" in out and "at epoch 1, step 4 of 5" in out
+    assert not (checkpoints / "ckpt-9_temp").exists()
+    assert not (run_dir / ".model.keras.tmp-abc123.keras").exists()
+
+
+def test_a_corrupt_config_json_is_one_clear_error(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text('{"model": "resnet18", "epo')
+    with pytest.raises(training.ConfigMismatchError, match="config.json is not valid JSON"):
+        training._prepare_model_dir(_tiny_config(run_dir), overwrite=False)
+    (run_dir / "config.json").write_text("[1, 2]")
+    with pytest.raises(training.ConfigMismatchError, match="not a config.json of sparta-train"):
+        training._prepare_model_dir(_tiny_config(run_dir), overwrite=False)
+    assert not training.finished(_tiny_config(run_dir))
+
+
+def test_an_empty_model_file_is_not_a_finished_run(tmp_path):
+    """A kill used to leave a 0-byte model.keras that `finished` trusted: sparta-compare
+    skipped the cell, then failed on every rerun."""
+    config = _tiny_config(tmp_path / "run")
+    training._prepare_model_dir(config, overwrite=False)
+    (tmp_path / "run" / "model.keras").write_bytes(b"")
+    assert not training.finished(config)
+
+
+def test_overwrite_deletes_only_a_model_dir_and_a_held_one_is_refused(tmp_path):
+    users = tmp_path / "mine"
+    users.mkdir()
+    (users / "data.csv").write_text("a,b")
+    with pytest.raises(model_dir.NotAModelDirError, match="data.csv"):
+        training.run(_tiny_config(users), overwrite=True, verbose=0)
+    assert sorted(os.listdir(users)) == ["data.csv"]  # nothing deleted, nothing written
+
+    held = str(tmp_path / "held")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from sparta_tf import model_dir\n"
+         "with model_dir.lock(sys.argv[1]):\n print('locked', flush=True); time.sleep(600)",
+         held], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(model_dir.LockedError, match=f"process {holder.pid} "):
+            training.run(_tiny_config(held), verbose=0)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not os.path.exists(os.path.join(held, "config.json"))
+
+
 def test_stalled_is_a_loss_still_at_chance_from_the_third_epoch():
     assert training.stalled(2.31, 10, 3) and training.stalled(3.77, 43, 5)
     assert not training.stalled(2.31, 10, 2)  # too early to tell
@@ -247,37 +317,77 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 def _train_cmd(model_dir):
     return [sys.executable, "-m", "trainers.train", f"--model_dir={model_dir}",
             "--max_train=320", "--max_test=20", "--width_multiplier=0.0625", "--epochs=3",
-            "--batch_size=16", "--pgd_steps=1", "--eval_pgd_steps=1", "--checkpoint_every=3"]
+            "--batch_size=16", "--pgd_steps=1", "--eval_pgd_steps=1", "--checkpoint_every=4"]
 
 
 def _final_weights(model_dir):
     return keras.models.load_model(os.path.join(model_dir, "model.keras")).get_weights()
 
 
-def test_kill_9_mid_epoch_resumes_to_the_same_weights(tmp_path):
-    """A run killed with SIGKILL and rerun ends with the weights of an uninterrupted run."""
+def _saving(model_dir):
+    """Whether a save is under way in model_dir: a temporary file or checkpoint there."""
+    for folder in (model_dir, model_dir / "checkpoints"):
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            continue
+        if any(".tmp-" in n or "_temp" in n for n in names):
+            return True
+    return False
+
+
+def _run_and_kill(model_dir, env, delay, during_save):
+    """Starts the training command, kills it with SIGKILL after `delay` seconds, or as soon
+    as a save is seen under way if `during_save` (after `delay` at the latest). Returns what
+    the kill met: 'save', 'time', or 'end' if the run had finished."""
+    proc = subprocess.Popen(_train_cmd(model_dir), cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, met = time.time() + delay, "time"
+    while proc.poll() is None and time.time() < deadline:
+        if during_save and _saving(model_dir):
+            met = "save"
+            break
+        time.sleep(0.0005 if during_save else 0.01)
+    if proc.poll() is not None:
+        return "end"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return met
+
+
+def test_killed_at_random_points_the_same_command_ends_with_the_same_weights(tmp_path):
+    """Killed with SIGKILL at random times and while saving (checkpoints, metrics, the model,
+    results), then rerun: the run ends with the weights of an uninterrupted run.
+
+    --checkpoint_every=4 divides the 20 steps of an epoch: a kill between the last step's
+    save and the epoch's own once left a checkpoint that could not resume."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    start = time.time()
     straight = subprocess.run(_train_cmd(tmp_path / "a"), cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr[-3000:]
+    duration = time.time() - start
 
-    killed_dir = tmp_path / "b"
-    proc = subprocess.Popen(_train_cmd(killed_dir), cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    index = killed_dir / "checkpoints" / "checkpoint"
-    deadline = time.time() + 300
-    while not index.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed_dir / "results.json").exists(), "the run ended before it was killed"
-
+    seed = int(os.environ.get("KILL_SEED", time.time_ns() % 10_000))
+    rng = np.random.default_rng(seed)
+    killed_dir, kills = tmp_path / "b", []
+    for i in range(4):  # alternately: a random time, and the first save seen after it
+        delay = rng.uniform(0.3, 1.0) * duration
+        kills.append(_run_and_kill(killed_dir, env, delay, during_save=i % 2 == 1))
     resumed = subprocess.run(_train_cmd(killed_dir), cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Resuming" in resumed.stdout
+    note = f"KILL_SEED={seed}, kills met {kills}"
+    print(note)
+    assert resumed.returncode == 0, f"{note}\n{resumed.stderr[-3000:]}"
+    assert kills.count("end") < len(kills), f"{note}: no kill landed"
     for a, b in zip(_final_weights(tmp_path / "a"), _final_weights(killed_dir)):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6, err_msg=note)
+    assert json.loads((killed_dir / "results.json").read_text()) == \
+        json.loads((tmp_path / "a" / "results.json").read_text()), note
+    epochs = [json.loads(l)["epoch"] for l in open(killed_dir / "metrics.jsonl")]
+    assert epochs == [1, 2, 3], note
+    assert not any(".tmp-" in n or "_temp" in n for n in
+                   os.listdir(killed_dir) + os.listdir(killed_dir / "checkpoints")), note
 
 
 def test_jit_compiled_train_step():

@@ -265,11 +265,9 @@ def run_cell(config, x, y, settings, overwrite=False, verbose="auto"):
         earlier = _evaluations(config.model_dir)
     model = evaluation.load_model(config.model_dir)
     results = evaluate(model, x, y, settings, verbose=verbose != 0)
-    path = os.path.join(config.model_dir, EVAL_FILE)
-    with open(path + ".partial", "w") as f:
-        json.dump({**_key(config, settings), "results": results,
-                   **({"earlier": earlier} if earlier else {})}, f, indent=2)
-    os.replace(path + ".partial", path)
+    model_dir.write_json(os.path.join(config.model_dir, EVAL_FILE),
+                         {**_key(config, settings), "results": results,
+                          **({"earlier": earlier} if earlier else {})})
     return results
 
 
@@ -677,10 +675,8 @@ def run_grid(base, activations, seeds, objectives=("pgd", "standard"), root="run
         results["plots"], values = _pictures(results, ds.x_test, ds.y_test, root, settings,
                                              prefix)
         results.update(values)
-    with open(os.path.join(root, f"{report_name}.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(root, f"{report_name}.md"), "w") as f:
-        f.write(table(results))
+    model_dir.write_json(os.path.join(root, f"{report_name}.json"), results)
+    model_dir.write_text(os.path.join(root, f"{report_name}.md"), table(results))
     return results
 
 
