@@ -69,7 +69,8 @@ def test_two_workers_killed_and_restarted_end_as_an_uninterrupted_job(tmp_path):
     assert codes == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert "exported" in outs[0] and "the chief saves" in outs[1]
     # Only the chief's files are left, and one line per epoch.
-    assert sorted(os.listdir(straight)) == ["checkpoints", "class_names.json", "config.json",
+    assert sorted(os.listdir(straight)) == [".lock", "checkpoints", "class_names.json",
+                                            "config.json",
                                             "export", "logs", "metrics.jsonl", "model.keras",
                                             "results.json"]
     assert [json.loads(l)["epoch"] for l in open(straight / "metrics.jsonl")] == [1, 2]
