@@ -9,8 +9,7 @@ setup(
                 "and adversarial training for Keras/TensorFlow",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    # tarfile's extraction filters (data.py) came with 3.10.12 and 3.11.4.
-    python_requires=">=3.10.12,!=3.11.0,!=3.11.1,!=3.11.2,!=3.11.3",
+    python_requires=">=3.10",
     packages=find_packages(include=["sparta_tf", "sparta_tf.*", "trainers", "flags"]),
     package_data={"sparta_tf": ["bundled/*.tar.gz"]},
     install_requires=[

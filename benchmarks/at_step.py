@@ -162,7 +162,8 @@ def _measure_end_to_end(width, batches=16):
     with tempfile.TemporaryDirectory() as model_dir:
         config = training.TrainConfig(
             model_dir=model_dir, width_multiplier=width, batch_size=FLAGS.batch_size,
-            max_train=FLAGS.batch_size * batches, max_test=10, epochs=3, eval_pgd_steps=0,
+            max_train=min(FLAGS.batch_size * batches, 5000),  # the bundled sample's 5,000
+            max_test=10, epochs=3, eval_pgd_steps=0,
             pgd_steps=FLAGS.pgd_steps, checkpoint_every=0, mixed_precision=FLAGS.mixed_precision)
         training.run(config, verbose=0)
         with open(os.path.join(model_dir, "metrics.jsonl")) as f:

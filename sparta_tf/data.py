@@ -5,8 +5,15 @@
 - `"bundled"` (the default): a class-balanced random sample of the CIFAR-10 JPEGs that ships
   inside the package (500 train and 100 test images per class; `bundled/README.md`);
 - a TFDS name from `TFDS_NAMES`, prepared in (or downloaded into) `data_dir`;
-- a folder of `train/<class>/<image>` and `test/<class>/<image>` files (PNG or JPEG);
-- a `.tar.gz` of such a folder, extracted once into a cache folder and reused.
+- a folder of `train/<class>/<image>` and `test/<class>/<image>` files (PNG or JPEG), with
+  the same classes in both splits and at least one image in each class folder;
+- a `.tar.gz` of such a folder, extracted once into a cache folder and reused. It may hold
+  only files and folders below its top (no links, devices, absolute names or `..`), and is
+  extracted into a temporary folder that is renamed into place only when complete, so a
+  refused, truncated or corrupt archive leaves nothing behind.
+
+`max_train` and `max_test` take a class-balanced random sample of a split; asking for more
+images than the split has is an error, not a silent "all of them".
 
 `train_dataset` gives one epoch of augmented batches that depends only on (seed, epoch), and
 can start at any batch of that epoch, so a killed run resumes on exactly the same data.
@@ -16,6 +23,7 @@ This module imports nothing else of `sparta_tf`.
 """
 
 import dataclasses
+import gzip
 import hashlib
 import os
 import shutil
@@ -23,6 +31,7 @@ import socket
 import tarfile
 import tempfile
 import urllib.parse
+import zlib
 
 import numpy as np
 import tensorflow as tf
@@ -68,13 +77,16 @@ def load(dataset="bundled", data_dir=None, max_train=None, max_test=None, seed=0
         `train/<class>/<image>` and `test/<class>/<image>` files.
       data_dir: TFDS's data folder for a TFDS name (None: TFDS's default); for "bundled" or
         a .tar.gz, the folder to extract it under (None: the system's temp folder).
-      max_train, max_test: keep at most this many examples of the split, a class-balanced
-        random sample drawn with `seed` (None: keep all).
+      max_train, max_test: keep this many examples of the split, a class-balanced random
+        sample drawn with `seed` (None: keep all).
       seed: the seed of those samples.
 
     Raises:
       DatasetUnavailableError: a TFDS dataset is not prepared and cannot be downloaded.
-      BadDataError: `dataset` is none of the above, or an image cannot be decoded.
+      BadDataError: `dataset` is none of the above; an image cannot be decoded; an image
+        folder lacks train/ or test/, has a class folder with no images, or has different
+        classes in its splits; an archive is unreadable or holds anything but files and
+        folders below its top; or `max_train` or `max_test` is more than its split has.
     """
     if dataset in TFDS_NAMES:
         builder = _tfds_builder(dataset, data_dir)
@@ -91,11 +103,23 @@ def load(dataset="bundled", data_dir=None, max_train=None, max_test=None, seed=0
             "train/<class>/<image> and test/<class>/<image> files.")
     x_train, y_train = _read_split(builder, "train")
     x_test, y_test = _read_split(builder, "test")
-    train = balanced_subset(y_train, max_train, seed)
-    test = balanced_subset(y_test, max_test, seed)
+    train = _sample(y_train, max_train, seed, "train", dataset)
+    test = _sample(y_test, max_test, seed, "test", dataset)
     return Data(name=dataset, x_train=x_train[train], y_train=y_train[train],
                 x_test=x_test[test], y_test=y_test[test],
                 class_names=list(builder.info.features["label"].names))
+
+
+def _sample(labels, max_examples, seed, split, dataset):
+    """`balanced_subset(labels, max_examples, seed)`, if the split has `max_examples` labels.
+
+    Raises:
+      BadDataError: `max_examples` is more than the split has.
+    """
+    if max_examples is not None and max_examples > len(labels):
+        raise BadDataError(f"max_{split}={max_examples} but the {split} split of {dataset} has "
+                           f"{len(labels)} images; leave it out to use all of them.")
+    return balanced_subset(labels, max_examples, seed)
 
 
 def _tfds_builder(name, data_dir):
@@ -141,9 +165,49 @@ def _image_folder(root):
     Its class names are the sorted folder names; for CIFAR-10 that is its label order.
     """
     entries = os.listdir(root)
-    if "train" not in entries and len(entries) == 1:  # an archive of one top folder
+    if len(entries) == 1 and entries[0] not in ("train", "test"):  # an archive's top folder
         root = os.path.join(root, entries[0])
+    _check_class_folders(root)
     return tfds.ImageFolder(root)
+
+
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # those tfds.ImageFolder reads
+
+
+def _check_class_folders(root):
+    """Check that `root` has train/ and test/ folders, and that every split folder holds the
+    same class folders, each with at least one image.
+
+    `tfds.ImageFolder` takes the classes of all splits together: a class folder missing from a
+    split, or one with no images, would quietly give a class that is never trained or tested.
+
+    Raises:
+      BadDataError: naming the split or class folder that breaks the rule.
+    """
+    for split in ("train", "test"):
+        if not os.path.isdir(os.path.join(root, split)):
+            raise BadDataError(f"Image folder {root} has no {split}/ folder: it needs "
+                               "train/<class>/<image> and test/<class>/<image> files.")
+    splits = {split: _subfolders(os.path.join(root, split)) for split in _subfolders(root)}
+    for split, classes in sorted(splits.items(), key=lambda item: (item[0] != "train", item)):
+        if not classes:
+            raise BadDataError(f"{os.path.join(root, split)} holds no class folders.")
+        for name in classes:
+            folder = os.path.join(root, split, name)
+            if not any(f.lower().endswith(_IMAGE_EXTENSIONS) for f in os.listdir(folder)):
+                raise BadDataError(f"Class folder {folder} holds no PNG or JPEG images: every "
+                                   "class needs images in every split.")
+        if classes != splits["train"]:
+            only = [sorted(a - b) or "none" for a, b in ((splits["train"], classes),
+                                                         (classes, splits["train"]))]
+            raise BadDataError(f"Image folder {root}: train/ and {split}/ have different class "
+                               f"folders (only in train/: {only[0]}; only in {split}/: "
+                               f"{only[1]}): every split needs the same classes.")
+
+
+def _subfolders(folder):
+    """The set of names of the folders in `folder`."""
+    return {e.name for e in os.scandir(folder) if e.is_dir()}
 
 
 def _read_split(builder, split):
@@ -181,7 +245,13 @@ def _extract(archive, data_dir=None):
     """Extract `archive` once into a cache folder, and return that folder.
 
     The folder, under `data_dir` (or the system's temp folder), is named after the archive's
-    path, size and modification time, so a changed archive is extracted anew.
+    path, size and modification time, so a changed archive is extracted anew. The archive is
+    extracted into a temporary folder beside it, renamed into place when complete and removed
+    on any failure: the cache never holds half an archive.
+
+    Raises:
+      BadDataError: the archive is truncated or corrupt, or a member is not a file or a folder
+        or would land outside the extraction folder (see `_extract_members`).
     """
     stat = os.stat(archive)
     key = f"{os.path.abspath(archive)}|{stat.st_size}|{stat.st_mtime_ns}"
@@ -190,14 +260,82 @@ def _extract(archive, data_dir=None):
     target = os.path.join(cache, f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}")
     if not os.path.isdir(target):
         os.makedirs(cache, exist_ok=True)
-        partial = tempfile.mkdtemp(dir=cache)  # renamed when complete: never half a folder
-        with tarfile.open(archive) as tar:
-            tar.extractall(partial, filter="data")
+        partial = tempfile.mkdtemp(prefix=f"{name}-partial-", dir=cache)
         try:
-            os.rename(partial, target)
-        except OSError:  # another process got there first
-            shutil.rmtree(partial)
+            try:
+                _extract_members(archive, partial)
+            except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+                cause = " ".join(str(e).split())  # on one line
+                raise BadDataError(f"{archive} is not a readable .tar.gz ({type(e).__name__}: "
+                                   f"{cause}): it may be truncated or corrupt.") from None
+            try:
+                os.rename(partial, target)
+            except OSError:
+                if not os.path.isdir(target):  # else another process got there first
+                    raise
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)  # gone already if renamed
     return target
+
+
+_MEMBER_KINDS = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link",
+                 tarfile.CHRTYPE: "a character device", tarfile.BLKTYPE: "a block device",
+                 tarfile.FIFOTYPE: "a FIFO"}
+
+
+def _extract_members(archive, dest):
+    """Write the files and folders of `archive` under the folder `dest`.
+
+    Hand-written rather than `TarFile.extractall`: its filters differ from one Python version
+    to the next, and the "data" filter of Python 3.11.7 lets a chain of symbolic links write
+    outside `dest` (CVE-2025-4517). Image folders need only files and folders, so nothing else
+    is accepted, and each file is created anew (never through an existing path).
+
+    Raises:
+      BadDataError: a member is not a regular file or a folder, has an absolute name or a
+        `..` in it, would land outside `dest`, or clashes with an earlier member.
+      tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile: the archive cannot be read.
+    """
+    dest = os.path.realpath(dest)
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar:
+            path = _member_path(archive, member, dest)
+            try:
+                if member.isdir():
+                    os.makedirs(path, 0o755, exist_ok=True)
+                else:
+                    os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+                    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                    with os.fdopen(fd, "wb") as out, tar.extractfile(member) as source:
+                        shutil.copyfileobj(source, out)
+            except (FileExistsError, NotADirectoryError):
+                raise BadDataError(f"Refusing archive {archive}: member {member.name!r} "
+                                   "clashes with an earlier member (the same name twice, or a "
+                                   "file where a folder goes).") from None
+        while tar.fileobj.read(1 << 20):  # read to the end, so gzip checks its CRC
+            pass
+
+
+def _member_path(archive, member, dest):
+    """Where `member` of `archive` goes under the folder `dest` (a real path).
+
+    Raises:
+      BadDataError: it is not a regular file or a folder, or its name is absolute, has a `..`
+        in it, or resolves to outside `dest`.
+    """
+    refuse = f"Refusing archive {archive}: member {member.name!r}"
+    if not (member.isfile() or member.isdir()):
+        kind = _MEMBER_KINDS.get(member.type, f"of type {member.type!r}")
+        raise BadDataError(f"{refuse} is {kind}; an image folder archive holds only files "
+                           "and folders.")
+    if os.path.isabs(member.name) or ".." in member.name.split("/"):
+        problem = "an absolute name" if os.path.isabs(member.name) else "'..' in its name"
+        raise BadDataError(f"{refuse} has {problem}; an image folder archive holds only "
+                           "names below its top folder.")
+    path = os.path.realpath(os.path.join(dest, member.name))
+    if os.path.commonpath([path, dest]) != dest:
+        raise BadDataError(f"{refuse} would be written outside the extraction folder.")
+    return path
 
 
 def balanced_subset(labels, max_examples, seed):

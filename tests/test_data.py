@@ -94,6 +94,64 @@ def test_archive_is_extracted_once_per_version(tmp_path):
     assert len(list((cache / "sparta_tf_extracted").iterdir())) == 2
 
 
+def test_archive_of_files_and_folders_extracts_with_plain_modes(tmp_path):
+    archive = str(tmp_path / "images.tgz")
+    with tarfile.open(archive, "w:gz") as tar:  # "." and "./train/..." members, as `tar -C`
+        tar.add(_write_folder(tmp_path / "images"), arcname=".")
+    d = data.load(archive, data_dir=str(tmp_path / "cache"))
+    assert d.class_names == FOLDER_CLASSES and len(d.y_train) == 12 and len(d.y_test) == 6
+    (extracted,) = (tmp_path / "cache" / "sparta_tf_extracted").iterdir()
+    image = extracted / "train" / "ant" / "0.jpg"
+    assert image.stat().st_mode & 0o777 == 0o644 & ~_umask()
+    assert image.parent.stat().st_mode & 0o777 == 0o755 & ~_umask()
+
+
+def _umask():
+    """The process's file mode creation mask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_empty_class_folder_is_refused(tmp_path):
+    root = _write_folder(tmp_path / "images")
+    os.makedirs(root / "test" / "emu")
+    os.makedirs(root / "train" / "emu")
+    (root / "train" / "emu" / "notes.txt").write_text("not an image")
+    with pytest.raises(data.BadDataError, match=r"Class folder .*train/emu holds no PNG or JPEG"):
+        data.load(str(root))
+
+
+def test_different_class_sets_are_refused(tmp_path):
+    root = _write_folder(tmp_path / "images")
+    os.makedirs(root / "train" / "emu")
+    tf.io.write_file(str(root / "train" / "emu" / "0.png"),
+                     tf.io.encode_png(tf.zeros([8, 8, 3], tf.uint8)))
+    with pytest.raises(data.BadDataError) as info:
+        data.load(str(root))
+    message = str(info.value)
+    assert str(root) in message and "only in train/: ['emu']; only in test/: none" in message
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_missing_split_is_refused(split, tmp_path):
+    root = _write_folder(tmp_path / "images", ((split, 2),))
+    other = {"train": "test", "test": "train"}[split]
+    with pytest.raises(data.BadDataError, match=f"{root} has no {other}/ folder"):
+        data.load(str(root))
+
+
+@pytest.mark.parametrize("flag,count", [("max_train", 13), ("max_test", 7)])
+def test_max_examples_beyond_the_split_are_refused(flag, count, tmp_path):
+    root = str(_write_folder(tmp_path / "images"))
+    split, size = flag[4:], count - 1
+    with pytest.raises(data.BadDataError) as info:
+        data.load(root, **{flag: count})
+    assert str(info.value) == (f"{flag}={count} but the {split} split of {root} has {size} "
+                               "images; leave it out to use all of them.")
+    assert len(getattr(data.load(root, **{flag: size}), f"y_{split}")) == size  # all: fine
+
+
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="bundled.*cifar10.*tar.gz"):
         data.load("no_such_dataset")
