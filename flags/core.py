@@ -7,8 +7,9 @@ changes the flags that were not given on the command line.
 """
 
 import os
+import sys
 
-from absl import flags
+from absl import app, flags
 
 from sparta_tf import activations, data, models, training
 
@@ -169,12 +170,30 @@ def for_help(app_module):
     the usage from its docstring; the flags here live in `flags/`, and a console script's
     main module is a generated wrapper. Call it in the app's `run()`, before `app.run`.
     """
-    import sys
     sys.modules["__main__"].__doc__ = app_module.__doc__
     ours = {name for module, defined in FLAGS.flags_by_module_dict().items()
             if module.startswith("flags.") for name in (f.name for f in defined)}
     for name in sorted(ours):
         FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
+
+
+_HELP_FLAGS = ("-?", "-h", "--help", "--helpshort", "--helpfull", "--helpxml")
+
+
+def run_app(main, app_module):
+    """`app.run(main)` with `for_help(app_module)`, and `--help` exiting with status 0.
+
+    absl's help flags exit with status 1, which tells a script or CI that the command
+    failed; asking for help is not a failure.
+    """
+    for_help(app_module)
+    try:
+        app.run(main)
+    except SystemExit as e:
+        args = sys.argv[1:sys.argv.index("--")] if "--" in sys.argv else sys.argv[1:]
+        if e.code == 1 and any(a.split("=")[0] in _HELP_FLAGS for a in args):
+            raise SystemExit(0) from None
+        raise
 
 
 def given_or(name, fallback):
@@ -215,7 +234,11 @@ def define_evaluation():
     flags.register_validator("eps", lambda eps: eps > 0, message="must be > 0 to evaluate")
     flags.DEFINE_string("model_path", None,
                         "The model: a model_dir (with model.keras), a .keras file, or an "
-                        "exported SavedModel (its folder or the numbered version in it).")
+                        "exported SavedModel (its folder or the numbered version in it). A "
+                        ".keras file loads under Keras's safe_mode (no arbitrary code: "
+                        "Lambda layers are refused); a SavedModel runs its own graph "
+                        "(TensorFlow ops chosen by whoever wrote it): only evaluate "
+                        "SavedModels you trust.")
     flags.DEFINE_string("output_dir", None, "Where to write eval.json and eval.md "
                         "(default: the model_dir, else the folder that holds the model).")
     flags.DEFINE_alias("num_examples", "max_test")

@@ -8,12 +8,14 @@
   Carlini et al., "On Evaluating Adversarial Robustness" (arXiv:1902.06705,
   2019; `sparta_tf.masking`). `to_markdown(report)` renders it. AutoAttack
   itself is `sparta_tf.autoattack`.
-- `load_model(path)`: a model_dir, a `.keras` file or an exported SavedModel.
+- `load_model(path)`: a model_dir, a `.keras` file or an exported SavedModel;
+  `check_writable(folder)`, to fail before an evaluation rather than after it.
 
 Models take pixels in [0, 1] and return logits. This module imports no absl.
 """
 
 import os
+import tempfile
 
 import keras
 import numpy as np
@@ -21,7 +23,11 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 # `layers` registers Sparta and FReLU with Keras, so that `.keras` files load.
-from sparta_tf import attacks, autoattack, data, layers, masking, model_dir  # noqa: F401
+from sparta_tf import (attacks, autoattack, data, export, layers, masking,  # noqa: F401
+                       model_dir, transfer)
+
+ModelFileError = transfer.ModelFileError
+
 
 def correct(model, x, y, attack=None, batch_size=256, progress=None):
     """Which examples `model` classifies correctly, after `attack` if one is given.
@@ -62,11 +68,18 @@ def accuracy(model, x, y, attack=None, batch_size=256, progress=None):
 def load_model(path):
     """Loads a classifier from pixels in [0, 1] to logits.
 
+    What runs when it is loaded or called: a `.keras` file loads under Keras's safe_mode,
+    which refuses arbitrary Python code (a `Lambda` layer is refused, not run), so only the
+    layers of Keras and sparta_tf run. An exported SavedModel runs its own graph: the
+    TensorFlow ops that whoever wrote it chose, which may read or write files. Only
+    evaluate SavedModels you trust.
+
     Args:
         path: a model_dir (with `model.keras`, as training writes it), a
             `.keras` file, or a SavedModel directory written by
             `sparta_tf.export` (the version directory, or its parent, whose
-            highest numbered version is taken).
+            highest complete numbered version, one with a saved_model.pb, is
+            taken).
 
     Returns: a Keras model, or for a SavedModel the `logits` of its
         `serving_default` signature (through a `keras.layers.TFSMLayer`): both
@@ -74,21 +87,50 @@ def load_model(path):
         respect to `x`.
 
     Raises:
-        FileNotFoundError: if `path` holds none of these.
+        FileNotFoundError: if `path` holds none of these (also a folder of
+            numbered versions none of which is complete).
+        ModelFileError: the model file is there but cannot be loaded (corrupt,
+            truncated, refused by safe_mode); the message names it.
     """
     path = os.fspath(path)
     if os.path.isfile(os.path.join(path, model_dir.MODEL)) or path.endswith(".keras"):
-        return keras.models.load_model(model_dir.keras_file(path))
+        return transfer.load(path)
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "saved_model.pb")):
-        versions = [d for d in os.listdir(path) if d.isdigit()
-                    and os.path.isfile(os.path.join(path, d, "saved_model.pb"))]
-        if versions:
-            path = os.path.join(path, max(versions, key=int))
+        complete = export.versions(path)
+        if complete:
+            path = os.path.join(path, str(complete[-1]))
+        else:
+            numbered = sorted((d for d in os.listdir(path) if d.isdigit()), key=int)
+            if numbered:
+                raise FileNotFoundError(
+                    f"No model at {path!r}: its numbered versions ({', '.join(numbered)}) "
+                    "hold no saved_model.pb; they are incomplete exports.")
     if os.path.isfile(os.path.join(path, "saved_model.pb")):
-        return _ServedLogits(keras.layers.TFSMLayer(path, call_endpoint="serving_default"))
+        try:
+            return _ServedLogits(keras.layers.TFSMLayer(path, call_endpoint="serving_default"))
+        except Exception as e:  # noqa: BLE001 - any failure of a bad SavedModel: one line
+            cause = (str(e).strip().splitlines() or [""])[0][:300]
+            raise ModelFileError(f"The SavedModel {path} could not be loaded (corrupt or "
+                                 f"truncated?): {type(e).__name__}: {cause}") from e
     raise FileNotFoundError(
-        f"No model at {path!r}: expected a model_dir holding model.keras, a .keras file, "
+        f"No model at {path!r}: expected a model_dir holding {model_dir.MODEL}, a .keras file, "
         "or a SavedModel directory (holding saved_model.pb, or numbered versions of one).")
+
+
+def check_writable(folder):
+    """Creates `folder` if needed and checks that a file can be written in it.
+
+    Raises:
+        ValueError: it cannot be created or written; the message names it and why.
+    """
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"Cannot write to {folder}: {e.strerror or e}. Choose a writable "
+                         "--output_dir.") from None
 
 
 class _ServedLogits:

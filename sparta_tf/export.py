@@ -3,7 +3,9 @@
 `export(model, export_dir, class_names)` writes `export_dir/<version>`, the layout that TF
 Serving watches (`--model_base_path=export_dir`). A version is never overwritten: asking for
 an existing one is an `ExportError` that names it. The SavedModel is written to a hidden
-temporary folder beside it and renamed into place, so a server never sees half a model.
+temporary folder beside it and renamed into place, so a server never sees half a model; the
+version gets the permissions of a folder made under the umask (0755 and 0644 under 022), so
+that a server running as another user can read it.
 
 Signatures (H, W, C fixed to the model's input; K classes):
 
@@ -26,7 +28,6 @@ sha256 of the weights and the TensorFlow and Keras versions that wrote it.
 
 import base64
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -35,7 +36,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from sparta_tf import layers, model_dir  # noqa: F401  (layers registers Sparta and FReLU)
+from sparta_tf import layers, model_dir, transfer  # noqa: F401  (layers registers Sparta)
 
 METADATA = os.path.join("assets.extra", "sparta_tf.json")
 
@@ -45,11 +46,30 @@ class ExportError(ValueError):
 
 
 def versions(export_dir):
-    """The numbered versions under `export_dir`, ascending (none if it does not exist)."""
+    """The complete numbered versions under `export_dir` (with a saved_model.pb), ascending
+    (none if it does not exist)."""
     if not os.path.isdir(export_dir):
         return []
     return sorted(int(d) for d in os.listdir(export_dir)
                   if d.isdigit() and os.path.isfile(os.path.join(export_dir, d, "saved_model.pb")))
+
+
+def _next_version(export_dir):
+    """One more than every numbered name in `export_dir`, complete version or not."""
+    names = [int(d) for d in os.listdir(export_dir) if d.isdigit()] \
+        if os.path.isdir(export_dir) else []
+    return max(names, default=0) + 1
+
+
+def _chmod_as_created(folder):
+    """Gives `folder` and all in it the modes of a new folder or file under the umask."""
+    mask = model_dir.current_umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~mask)
 
 
 def weights_sha256(model):
@@ -65,8 +85,7 @@ def metadata(version_dir):
     path = os.path.join(version_dir, METADATA)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return model_dir.read_json(path)
 
 
 def class_names_beside(model_path):
@@ -78,8 +97,7 @@ def class_names_beside(model_path):
     path = os.path.join(folder, model_dir.CLASS_NAMES)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return model_dir.read_json(path)
 
 
 def _serving_functions(model, class_names):
@@ -134,11 +152,18 @@ def export(model, export_dir, class_names, version=None):
     Returns: the path of the version written.
 
     Raises:
-        ExportError: the version exists already, is not a positive int, or
-            `class_names` does not have one name per logit.
+        ExportError: the version exists already, is not a positive int,
+            `export_dir` is a file or cannot be written, or `class_names` does
+            not have one name per logit.
+        ModelFileError: `model` is a path of a file that cannot be loaded
+            (`transfer.load`).
     """
+    export_dir = os.fspath(export_dir)
+    if os.path.exists(export_dir) and not os.path.isdir(export_dir):
+        raise ExportError(f"The export_dir {export_dir} is a file, not a folder: give the "
+                          "folder that TF Serving watches (--model_base_path).")
     if isinstance(model, (str, os.PathLike)):
-        model = keras.models.load_model(model)
+        model = transfer.load(model)
     class_names = [str(name) for name in class_names]
     if len(class_names) != model.output_shape[-1]:
         raise ExportError(f"The model has {model.output_shape[-1]} logits, but "
@@ -146,17 +171,22 @@ def export(model, export_dir, class_names, version=None):
     if None in model.input_shape[1:]:
         raise ExportError(f"The model's input shape {model.input_shape} is not fixed; "
                           "the serving signature needs (height, width, channels).")
-    existing = versions(export_dir)
+    following = _next_version(export_dir)
     if version is None:
-        version = (existing[-1] if existing else 0) + 1
+        version = following
     if not isinstance(version, int) or version < 1:
         raise ExportError(f"version must be a positive int; got {version!r}.")
     final = os.path.join(export_dir, str(version))
+    if os.path.exists(final) and version not in versions(export_dir):
+        raise ExportError(
+            f"Version {version} at {final} exists but is incomplete (it holds no "
+            "saved_model.pb: an interrupted copy?); it is not overwritten. Delete it if it "
+            f"is not needed, or leave out --version to export version {following}.")
     if os.path.exists(final):
         raise ExportError(
             f"Version {version} exists already at {final}: TF Serving does not reload a "
             "changed version, so it is never overwritten. Export as a new version (leave "
-            f"out --version for {(existing[-1] if existing else 0) + 1}).")
+            f"out --version for {following}).")
     outputs, from_bytes = _serving_functions(model, class_names)
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -164,20 +194,23 @@ def export(model, export_dir, class_names, version=None):
         tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name="images")])
     archive.add_endpoint("serve_image_bytes", from_bytes, input_signature=[
         tf.TensorSpec([None], tf.string, name="images")])
-    os.makedirs(export_dir, exist_ok=True)
-    partial = tempfile.mkdtemp(prefix=f".partial-{version}-", dir=export_dir)
+    partial = None
     try:
+        os.makedirs(export_dir, exist_ok=True)
+        partial = tempfile.mkdtemp(prefix=f".partial-{version}-", dir=export_dir)
         archive.write_out(partial, verbose=False)
         os.makedirs(os.path.join(partial, "assets.extra"), exist_ok=True)
-        with open(os.path.join(partial, METADATA), "w") as f:
-            json.dump({"class_names": class_names, "input_shape": list(model.input_shape[1:]),
-                       "weights_sha256": weights_sha256(model),
-                       "tensorflow": tf.__version__, "keras": keras.__version__}, f, indent=2)
-        os.rename(partial, final)  # atomic; fails if another export took the version
+        model_dir.write_json(os.path.join(partial, METADATA), {
+            "class_names": class_names, "input_shape": list(model.input_shape[1:]),
+            "weights_sha256": weights_sha256(model),
+            "tensorflow": tf.__version__, "keras": keras.__version__})
+        _chmod_as_created(partial)  # mkdtemp's 0700 would hide it from a server
+        os.rename(partial, final)  # atomic
     except OSError as e:
         raise ExportError(f"Could not write version {version} to {final}: {e}") from None
     finally:
-        shutil.rmtree(partial, ignore_errors=True)
+        if partial:
+            shutil.rmtree(partial, ignore_errors=True)
     return final
 
 
@@ -188,11 +221,14 @@ def export_if_changed(model, export_dir, class_names):
     Returns the path of the new version, or of the unchanged highest one.
     """
     if isinstance(model, (str, os.PathLike)):
-        model = keras.models.load_model(model)
+        model = transfer.load(model)
     existing = versions(export_dir)
     if existing:
         latest = os.path.join(export_dir, str(existing[-1]))
-        stored = metadata(latest)
+        try:
+            stored = metadata(latest)
+        except ValueError:  # unreadable: export anew rather than trust it
+            stored = None
         if stored and stored.get("weights_sha256") == weights_sha256(model) and \
                 stored.get("class_names") == [str(n) for n in class_names]:
             return latest

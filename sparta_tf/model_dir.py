@@ -66,7 +66,8 @@ def keras_file(path):
     return file
 
 
-def _umask():
+def current_umask():
+    """The process's umask (read without changing it for longer than a call)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -87,7 +88,7 @@ def atomic_path(path):
     fd, tmp = tempfile.mkstemp(prefix=f".{name}{_TMP}", suffix=ext, dir=folder)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide it from a server
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would hide it from a server
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

@@ -29,6 +29,7 @@ This module imports nothing of `sparta_tf` but `layers`.
 
 import hashlib
 import re
+import zipfile
 
 import keras
 import numpy as np
@@ -44,9 +45,37 @@ class TransferError(ValueError):
     """The Sparta layers of two models cannot be mapped onto each other."""
 
 
+class ModelFileError(ValueError):
+    """A model file exists but cannot be loaded: corrupt, truncated, or refused as unsafe."""
+
+
 def load(path):
-    """The Keras model of a `sparta-train` model_dir (its model.keras) or of a `.keras` file."""
-    return keras.models.load_model(model_dir.keras_file(path))
+    """The Keras model of a `sparta-train` model_dir (its model.keras) or of a `.keras` file.
+
+    The one loader of `.keras` files (evaluation and export use it too). It loads under
+    Keras's safe_mode: a file that holds arbitrary Python code (a `Lambda` layer) is
+    refused, not run.
+
+    Raises:
+        FileNotFoundError: `path` holds no `.keras` file (`model_dir.keras_file`).
+        ModelFileError: the file is no `.keras` archive (corrupt or truncated), is refused
+            by safe_mode, or fails to load otherwise; the message names the file and why.
+    """
+    file = model_dir.keras_file(path)
+    if not zipfile.is_zipfile(file):  # Keras would say "File not found"
+        raise ModelFileError(f"{file} is not a .keras file: it is no zip archive (corrupt or "
+                             "truncated?).")
+    try:
+        return keras.models.load_model(file, safe_mode=True)
+    except Exception as e:  # noqa: BLE001 - any failure of a bad file is one clear line
+        cause = (str(e).strip().splitlines() or [""])[0][:300]
+        if "safe_mode" in str(e):
+            raise ModelFileError(
+                f"{file} is refused: it holds arbitrary Python code (a Lambda layer or a "
+                "lambda), and .keras files are loaded with Keras's safe_mode on. Only if you "
+                "trust its author, load it yourself with safe_mode=False.") from e
+        raise ModelFileError(f"{file} could not be loaded as a Keras model (corrupt or "
+                             f"truncated?): {type(e).__name__}: {cause}") from e
 
 
 def sparta_layers(model):

@@ -91,3 +91,31 @@ def test_flags_it_does_not_use_do_not_exist(flag):
     assert out.returncode != 0
     assert f"Unknown command line flag '{flag[2:].split('=')[0]}'" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_help_says_what_runs_when_a_model_loads():
+    out = _evaluate("--help")
+    text = " ".join(out.stdout.split())
+    assert "loads under Keras's safe_mode, so it runs no arbitrary code: a Lambda layer is " \
+           "refused" in text, out.stdout[:3000]
+    assert "An exported SavedModel runs its own graph, TensorFlow ops chosen by whoever " \
+           "wrote it: only evaluate SavedModels you trust" in text
+
+
+def test_an_unwritable_output_dir_fails_before_the_evaluation(model_dir, tmp_path):
+    # A path under a file: unwritable for root too (a read-only folder is not, for root).
+    (tmp_path / "file").write_text("")
+    out = _evaluate(f"--model_path={model_dir}", f"--output_dir={tmp_path / 'file' / 'out'}",
+                    *SMALL)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert f"error: Cannot write to {tmp_path / 'file' / 'out'}" in out.stderr
+    assert "Robustness" not in out.stdout  # nothing was evaluated
+
+
+def test_a_corrupt_config_json_is_one_clear_error(model_dir, tmp_path):
+    (tmp_path / "model.keras").write_bytes((model_dir / "model.keras").read_bytes())
+    (tmp_path / "config.json").write_text('{"dataset": "bundled", "eps": ')  # cut short
+    out = _evaluate(f"--model_path={tmp_path}", *SMALL)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert f"error: {tmp_path / 'config.json'} is not valid JSON" in out.stderr
+    assert not (tmp_path / "eval.json").exists()

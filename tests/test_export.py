@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from sparta_tf import data, export, models
+from sparta_tf import data, export, layers, models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
@@ -62,6 +63,54 @@ def test_versions_are_never_overwritten(tmp_path):
     assert meta["weights_sha256"] == export.weights_sha256(model)
     with pytest.raises(export.ExportError, match="10 logits, but 3 class names"):
         export.export(model, base, ["a", "b", "c"])
+
+
+def _tiny():
+    """A two-layer Sparta CNN on 32x32x3: exports in a second or two."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3))
+    h = layers.Sparta()(keras.layers.Conv2D(4, 3, strides=4, padding="same")(inputs))
+    return keras.Model(inputs, keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(h)))
+
+
+def test_the_next_version_skips_past_an_incomplete_folder(tmp_path):
+    model, base = _tiny(), tmp_path / "sparta"
+    assert export.export(model, str(base), CLASSES) == str(base / "1")
+    os.makedirs(base / "2")  # an interrupted copy: no saved_model.pb
+    assert export.export(model, str(base), CLASSES) == str(base / "3")
+    with pytest.raises(export.ExportError, match=r"Version 2 at .* exists but is incomplete "
+                                                 r"\(it holds no saved_model.pb.*Delete it if "
+                                                 r"it is not needed, or leave out --version to "
+                                                 r"export version 4"):
+        export.export(model, str(base), CLASSES, version=2)
+    with pytest.raises(export.ExportError, match=r"Version 3 exists already.*leave out "
+                                                 r"--version for 4"):
+        export.export(model, str(base), CLASSES, version=3)
+    assert sorted(os.listdir(base)) == ["1", "2", "3"] and not os.listdir(base / "2")
+
+
+def test_a_version_is_readable_by_a_server_of_another_user(tmp_path):
+    old = os.umask(0o022)
+    try:
+        version = export.export(_tiny(), str(tmp_path / "sparta"), CLASSES)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(version).st_mode) == 0o755
+    modes = {}
+    for root, dirs, files in os.walk(version):
+        for name in dirs + files:
+            full = os.path.join(root, name)
+            modes[os.path.relpath(full, version)] = stat.S_IMODE(os.stat(full).st_mode)
+    assert modes["saved_model.pb"] == 0o644 and modes["variables"] == 0o755
+    assert modes[export.METADATA] == 0o644
+    assert {m for m in modes.values()} == {0o644, 0o755}, modes
+
+
+def test_an_export_dir_that_is_a_file_is_one_clear_error(tmp_path):
+    (tmp_path / "serving").write_text("")
+    with pytest.raises(export.ExportError, match=f"The export_dir {tmp_path / 'serving'} is "
+                                                 "a file, not a folder"):
+        export.export(_tiny(), str(tmp_path / "serving"), CLASSES)
 
 
 def test_export_if_changed_writes_a_version_only_for_new_weights(tmp_path):
@@ -218,3 +267,12 @@ def test_export_app(exported, tmp_path):
     assert "Traceback" not in out.stderr and export.versions(base) == [1]
     out = _app("export", f"--model_path={tmp_path / 'none'}", f"--export_dir={base}")
     assert out.returncode != 0 and "No model at" in out.stderr
+
+
+def test_export_app_refuses_a_corrupt_keras_file_in_one_line(tmp_path):
+    (tmp_path / "model.keras").write_bytes(os.urandom(2048))
+    out = _app("export", f"--model_path={tmp_path / 'model.keras'}", "--class_names=a,b",
+               f"--export_dir={tmp_path / 'serving'}")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert f"error: {tmp_path / 'model.keras'} is not a .keras file" in out.stderr
+    assert not (tmp_path / "serving").exists()

@@ -63,7 +63,8 @@ def test_other_configuration_in_model_dir_is_refused(tmp_path):
     [sys.executable, "-m", "trainers.train"]])
 def test_help_shows_the_usage_and_the_flags(command):
     out = subprocess.run([*command, "--help"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)  # absl ends --help with exit code 1
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]  # absl alone ends --help with 1
     assert "Adversarially train a network" in out.stdout and "Try --helpfull" in out.stdout
     for flag in ("--model_dir", "--activation", "--sparta_from", "--strategy", "--eps"):
         assert flag in out.stdout, flag

@@ -44,8 +44,7 @@ def main(argv):
 def run(define_flags=compare_flags.define_compare, app_module=sys.modules[__name__]):
     """Defines the flags (sparta-compare's, or a sibling's such as sparta-transfer's), runs main."""
     define_flags()
-    core.for_help(app_module)
-    app.run(main)
+    core.run_app(main, app_module)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,13 @@ Clean, FGSM, PGD (CE and CW losses, with restarts), Square and AutoAttack accura
 --eps, and the sanity checks of Carlini et al. (2019). Writes eval.json and eval.md to
 --output_dir and prints the Markdown. For a model_dir, the data flags and --eps not given
 on the command line come from its config.json.
+
+What runs: a .keras file (or a model_dir's model.keras) loads under Keras's safe_mode, so
+it runs no arbitrary code: a Lambda layer is refused, not run. An exported SavedModel runs
+its own graph, TensorFlow ops chosen by whoever wrote it: only evaluate SavedModels you
+trust.
 """
 
-import json
 import os
 import sys
 
@@ -29,15 +33,19 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     path = FLAGS.model_path
-    trained = {}
-    if os.path.isfile(os.path.join(path, "config.json")):
-        with open(os.path.join(path, "config.json")) as f:
-            trained = json.load(f)
-    # The flags given, else the model_dir's config, else the flags' defaults.
-    given = {name: core.given_or(name, trained.get(name, FLAGS[name].value))
-             for name in FROM_CONFIG}
+    output_dir = FLAGS.output_dir or (
+        path if os.path.isfile(os.path.join(path, model_dir.MODEL))
+        else os.path.dirname(os.path.abspath(path)))
     try:
+        config = os.path.join(path, model_dir.CONFIG)
+        trained = model_dir.read_json(config) if os.path.isfile(config) else {}
+        if not isinstance(trained, dict):
+            raise ValueError(f"{config} holds no JSON object of settings.")
+        # The flags given, else the model_dir's config, else the flags' defaults.
+        given = {name: core.given_or(name, trained.get(name, FLAGS[name].value))
+                 for name in FROM_CONFIG}
         model = evaluation.load_model(path)
+        evaluation.check_writable(output_dir)  # before the evaluation, not after it
         ds = data.load(given["dataset"], given["data_dir"], max_train=1,  # the test split only
                        max_test=given["max_test"], seed=given["seed"])
     except (FileNotFoundError, ValueError, data.DatasetUnavailableError) as e:
@@ -49,21 +57,17 @@ def main(argv):
         batch_size=FLAGS.batch_size, seed=given["seed"])
     report.update(model=path, dataset=given["dataset"])
     markdown = evaluation.to_markdown(report)
-    output_dir = FLAGS.output_dir or (
-        path if os.path.isfile(os.path.join(path, model_dir.MODEL))
-        else os.path.dirname(os.path.abspath(path)))
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "eval.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(output_dir, "eval.md"), "w") as f:
-        f.write(markdown)
-    print(markdown)
+    print(markdown)  # first: a failed write below loses no result
+    try:
+        model_dir.write_json(os.path.join(output_dir, "eval.json"), report)
+        model_dir.write_text(os.path.join(output_dir, "eval.md"), markdown)
+    except OSError as e:
+        sys.exit(f"error: could not write eval.json and eval.md to {output_dir}: {e}")
     print(f"Wrote eval.json and eval.md to {output_dir}")
 
 
 def run():
-    core.for_help(sys.modules[__name__])
-    app.run(main)
+    core.run_app(main, sys.modules[__name__])
 
 
 if __name__ == "__main__":

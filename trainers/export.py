@@ -14,7 +14,7 @@ import sys
 from absl import app, logging
 
 from flags import core
-from sparta_tf import export, model_dir
+from sparta_tf import export, model_dir, transfer
 
 
 def main(argv):
@@ -24,23 +24,22 @@ def main(argv):
     flags = core.FLAGS
     try:
         model_path = model_dir.keras_file(flags.model_path)
-    except FileNotFoundError as e:
+        class_names = flags.class_names or export.class_names_beside(model_path)
+    except (FileNotFoundError, ValueError) as e:  # ValueError: a corrupt class_names.json
         sys.exit(f"error: {e}")
-    class_names = flags.class_names or export.class_names_beside(model_path)
     if not class_names:
         sys.exit(f"error: no class names beside {model_path} (sparta-train writes "
-                 "class_names.json there); give them with --class_names=a,b,...")
+                 f"{model_dir.CLASS_NAMES} there); give them with --class_names=a,b,...")
     try:
         path = export.export(model_path, flags.export_dir, class_names, flags.version)
-    except export.ExportError as e:
+    except (export.ExportError, transfer.ModelFileError) as e:
         sys.exit(f"error: {e}")
     print(f"exported {path}")
 
 
 def run():
     core.define_export()
-    core.for_help(sys.modules[__name__])
-    app.run(main)
+    core.run_app(main, sys.modules[__name__])
 
 
 if __name__ == "__main__":

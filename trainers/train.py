@@ -30,7 +30,8 @@ def main(argv):
         results = training.run(config, overwrite=core.FLAGS.overwrite)
     except (training.ConfigMismatchError, training.NonFiniteLossError,
             data.DatasetUnavailableError, data.BadDataError, transfer.TransferError,
-            FileNotFoundError, training.SetupError) as e:
+            FileNotFoundError, training.SetupError, model_dir.LockedError,
+            model_dir.NotAModelDirError, transfer.ModelFileError) as e:
         sys.exit(f"error: {e}")
     except tf.errors.UnavailableError as e:  # a peer of a multi-worker job stopped
         sys.exit(f"error: another worker of the job stopped ({e.message.splitlines()[0]}). "
@@ -51,8 +52,7 @@ def main(argv):
 
 
 def run():
-    core.for_help(sys.modules[__name__])
-    app.run(main)
+    core.run_app(main, sys.modules[__name__])
 
 
 if __name__ == "__main__":
