@@ -94,3 +94,15 @@ def test_the_speeds_that_the_readme_quotes_are_the_committed_benchmarks():
     ratios = report["ratios"]
     assert f"Sparta takes {ratios['sparta / relu, AT, w0.25']['median']:.2f} times" in readme
     assert f"({ratios['sparta / relu, AT, w1']['median']:.2f} at full width)" in readme
+
+
+def test_the_tests_that_reliability_md_names_exist():
+    """docs/RELIABILITY.md holds each promise to tests by name: every name is a test."""
+    text = _read("docs", "RELIABILITY.md")
+    named, module = [], None
+    for file, rest in re.findall(r"`(?:(test_\w+\.py))?::(test_\w+)", text):
+        module = file or module  # `::name` continues the file named before it
+        named.append((module, rest))
+    assert len(named) >= 25
+    for file, name in named:
+        assert re.search(rf"^def {name}\(", _read("tests", file), re.M), f"{file}::{name}"
