@@ -32,7 +32,7 @@ def main(argv):
     import keras
     import numpy as np
     import tensorflow as tf
-    from sparta_tf import training
+    from sparta_tf import adversarial, training
     from sparta_tf.experiments import compare
 
     rng = np.random.default_rng(0)
@@ -43,7 +43,7 @@ def main(argv):
     steps, params = {}, {}
     for arm in FLAGS.arms:
         config = compare.cell_config(base, "unused", "pgd", arm, 0)
-        model = training.build(config, 10, (32, 32, 3), steps_per_epoch=100)
+        model = adversarial.build(config, 10, (32, 32, 3), steps_per_epoch=100)
         params[arm] = int(model.model.count_params())
         steps[arm] = tf.function(model.train_step)
         steps[arm]((x, y))  # trace and warm up

@@ -2,7 +2,7 @@
 
     python benchmarks/at_step.py --output_dir=results/benchmarks/NAME
 
-Times the compiled train step of `training.AdversarialModel` (its `train_step` in one
+Times the compiled train step of `adversarial.AdversarialModel` (its `train_step` in one
 `tf.function`, the same batch every call, after a warm-up) for each configuration below. The
 configurations take turns, round after round, so that a slow spell of the machine falls on
 all of them; each figure is the median over rounds, with the min and max, and every ratio is
@@ -54,13 +54,13 @@ FLAGS = flags.FLAGS
 
 def _model(activation, width, objective="pgd", jit=False):
     import keras
-    from sparta_tf import attacks, models, training
+    from sparta_tf import adversarial, attacks, models
     kwargs = {}
     if activation == "sparta_autodiff":
         activation, kwargs = "sparta", {"use_custom_gradient": False}
     net = models.build("resnet18", 10, activation, width, activation_kwargs=kwargs)
     attack = attacks.PGD(8 / 255, FLAGS.pgd_steps) if objective == "pgd" else None
-    model = training.AdversarialModel(net, objective, attack)
+    model = adversarial.AdversarialModel(net, objective, attack)
     model.compile(keras.optimizers.SGD(0.1, momentum=0.9), jit_compile=jit)
     model.optimizer.build(net.trainable_variables)
     return model

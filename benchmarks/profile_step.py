@@ -55,12 +55,12 @@ def _profile(activation):
     import keras
     import numpy as np
     import tensorflow as tf
-    from sparta_tf import attacks, models, training
+    from sparta_tf import adversarial, attacks, models
     kwargs = {}
     if activation == "sparta_autodiff":  # the same Sparta, differentiated by autodiff
         activation, kwargs = "sparta", {"use_custom_gradient": False}
     net = models.build("resnet18", 10, activation, FLAGS.width_multiplier, activation_kwargs=kwargs)
-    model = training.AdversarialModel(net, "pgd", attacks.PGD(8 / 255, FLAGS.pgd_steps))
+    model = adversarial.AdversarialModel(net, "pgd", attacks.PGD(8 / 255, FLAGS.pgd_steps))
     model.compile(keras.optimizers.SGD(0.1, momentum=0.9))
     model.optimizer.build(net.trainable_variables)
     step = tf.function(model.train_step)

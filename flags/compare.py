@@ -13,7 +13,7 @@ import re
 from absl import flags
 
 from flags import core
-from sparta_tf import activations, autoattack, training
+from sparta_tf import activations, autoattack, config
 from sparta_tf.experiments import compare
 
 FLAGS = flags.FLAGS
@@ -73,9 +73,9 @@ def define_compare(model_dir="runs/compare", arms=activations.NAMES,
                              message="must be a comma-separated list of distinct ints >= 0")
     flags.DEFINE_list("objectives", list(objectives), "Training objectives to compare.")
     flags.register_validator(
-        "objectives", _distinct_in(training.OBJECTIVES),
+        "objectives", _distinct_in(config.OBJECTIVES),
         message=f"must be a comma-separated list of distinct objectives out of: "
-                f"{', '.join(training.OBJECTIVES)}")
+                f"{', '.join(config.OBJECTIVES)}")
     flags.DEFINE_bool("report_only", False,
                       "Train and evaluate nothing: write the reports of the finished cells "
                       "(their evaluation stored in compare_eval.json) and list the others.")

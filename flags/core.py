@@ -2,7 +2,7 @@
 
 A trainer calls the `define_*` functions it needs before `app.run`, then turns
 the parsed flags into a library object (`train_config()`). Defaults come from
-`sparta_tf.training.TrainConfig`, which is the `quick` preset; `--config=paper`
+`sparta_tf.config.TrainConfig`, which is the `quick` preset; `--config=paper`
 changes the flags that were not given on the command line.
 """
 
@@ -11,20 +11,12 @@ import sys
 
 from absl import app, flags
 
-from sparta_tf import activations, data, models, training
+from sparta_tf import activations, config, data, models
 
 FLAGS = flags.FLAGS
-_D = training.TrainConfig  # the defaults
+_D = config.TrainConfig  # the defaults
 
-PRESETS = {
-    # The default: a small Sparta ResNet-18 on the bundled sample, minutes on 2 CPU cores.
-    "quick": {},
-    # The paper's recipe: ResNet-18 on CIFAR-10, PGD-10 AT for 110 epochs.
-    "paper": dict(dataset="cifar10", width_multiplier=1.0, epochs=110, batch_size=128,
-                  lr=0.1, lr_schedule="piecewise", lr_decay_epochs=["100", "105"],
-                  momentum=0.9, weight_decay=5e-4, eps=8 / 255, pgd_steps=10,
-                  pgd_step_size=2 / 255, checkpoint_every=500),
-}
+PRESETS = config.PRESETS
 
 
 class PixelParser(flags.FloatParser):
@@ -114,7 +106,7 @@ def define_training():
     flags.DEFINE_integer("epochs", _D.epochs, "Epochs.", lower_bound=1)
     flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size.", lower_bound=1)
     flags.DEFINE_float("lr", _D.lr, "Initial learning rate (SGD).", lower_bound=0.0)
-    flags.DEFINE_enum("lr_schedule", _D.lr_schedule, training.LR_SCHEDULES, "LR schedule.")
+    flags.DEFINE_enum("lr_schedule", _D.lr_schedule, config.LR_SCHEDULES, "LR schedule.")
     flags.DEFINE_list("lr_decay_epochs", list(map(str, _D.lr_decay_epochs)),
                       "Piecewise schedule: divide the lr by 10 at these epochs.")
     flags.DEFINE_float("momentum", _D.momentum, "SGD momentum.", lower_bound=0.0)
@@ -124,11 +116,11 @@ def define_training():
     flags.DEFINE_float("sparta_lr_multiplier", _D.sparta_lr_multiplier,
                        "Multiplies the learning rate of the Sparta parameters (their "
                        "gradients are scaled).", lower_bound=0.0)
-    flags.DEFINE_enum("objective", _D.objective, training.OBJECTIVES, "Training objective.")
+    flags.DEFINE_enum("objective", _D.objective, config.OBJECTIVES, "Training objective.")
     flags.DEFINE_float("trades_beta", _D.trades_beta, "TRADES' KL weight.", lower_bound=0.0)
     flags.DEFINE_enum("mixed_precision", _D.mixed_precision,
                       ["float32", "mixed_float16", "mixed_bfloat16"], "Keras dtype policy.")
-    flags.DEFINE_enum("strategy", _D.strategy, training.STRATEGIES,
+    flags.DEFINE_enum("strategy", _D.strategy, config.STRATEGIES,
                       "mirrored: the devices of one machine; multi_worker: the machines of "
                       "the TF_CONFIG cluster (run the same command on each; BUILD.md).")
     flags.DEFINE_bool("jit_compile", _D.jit_compile,
@@ -202,15 +194,15 @@ def given_or(name, fallback):
 
 
 def train_config():
-    """The `training.TrainConfig` that the parsed flags describe: the defaults, then the
+    """The `config.TrainConfig` that the parsed flags describe: the defaults, then the
     --config preset, then the flags given on the command line. No flag is changed."""
     preset = PRESETS[FLAGS.config]
     values = {name: given_or(name, preset.get(name, FLAGS[name].value))
-              for name in training.TrainConfig.__dataclass_fields__
+              for name in config.TrainConfig.__dataclass_fields__
               if name in FLAGS}  # sparta_from_sha256 is computed, not given
     values["lr_decay_epochs"] = tuple(float(e) for e in values["lr_decay_epochs"])
     values["activation"] = activations.canonical_name(values["activation"])
-    return training.TrainConfig(**values)
+    return config.TrainConfig(**values)
 
 
 def define_autoattack():

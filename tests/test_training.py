@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from sparta_tf import attacks, layers, model_dir, models, training
+from sparta_tf import adversarial, attacks, layers, model_dir, models, training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,7 +30,7 @@ def _tiny_config(model_dir, **overrides):
 def test_objectives_train_and_report_metrics(objective):
     net = models.build("resnet18", 10, "sparta", width_multiplier=0.0625)
     attack = None if objective == "standard" else attacks.PGD(8 / 255, 2)
-    model = training.AdversarialModel(net, objective, attack, weight_decay=5e-4)
+    model = adversarial.AdversarialModel(net, objective, attack, weight_decay=5e-4)
     model.compile(keras.optimizers.SGD(0.05, momentum=0.9))
     rng = np.random.default_rng(0)
     x = rng.uniform(size=(16, 32, 32, 3)).astype("float32")
@@ -46,8 +46,8 @@ def test_objectives_train_and_report_metrics(objective):
 
 def test_sparta_weight_decay_switch():
     net = models.build("resnet18", 10, "sparta", width_multiplier=0.0625)
-    with_decay = training.AdversarialModel(net, "standard", weight_decay=1e-3)
-    without = training.AdversarialModel(net, "standard", weight_decay=1e-3, decay_sparta=False)
+    with_decay = adversarial.AdversarialModel(net, "standard", weight_decay=1e-3)
+    without = adversarial.AdversarialModel(net, "standard", weight_decay=1e-3, decay_sparta=False)
     sparta_vars = [v for v in net.trainable_variables if "sparta" in v.path]
     assert sparta_vars and len(with_decay.decayed) - len(without.decayed) == len(sparta_vars)
 
@@ -63,7 +63,7 @@ def test_sparta_lr_multiplier_scales_only_the_sparta_steps():
     steps = []
     for multiplier in (1.0, 10.0):
         net.set_weights(init)
-        model = training.AdversarialModel(net, "standard", sparta_lr_multiplier=multiplier)
+        model = adversarial.AdversarialModel(net, "standard", sparta_lr_multiplier=multiplier)
         model.compile(keras.optimizers.SGD(0.01))
         model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
         steps.append({v.path: v.numpy() - w for v, w in zip(net.weights, init)
@@ -83,7 +83,7 @@ _MIRRORED = textwrap.dedent("""
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras
-    from sparta_tf import attacks, layers, model_dir, models, training
+    from sparta_tf import adversarial, attacks, layers, model_dir, models, training
 
     rng = np.random.default_rng(0)
     x = rng.uniform(size=(32, 16, 16, 3)).astype("float32")
@@ -99,7 +99,7 @@ _MIRRORED = textwrap.dedent("""
                 init = net.get_weights()
             net.set_weights(init)
             # No random start: the replicas would draw other noise than one device.
-            model = training.AdversarialModel(
+            model = adversarial.AdversarialModel(
                 net, "pgd", attacks.PGD(8 / 255, 2, random_start=False), weight_decay=5e-4)
             model.compile(keras.optimizers.SGD(0.05, momentum=0.9))
         ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
@@ -130,13 +130,13 @@ def test_mirrored_strategy_matches_one_device():
 
 def test_config_mismatch_is_refused_unless_overwrite(tmp_path):
     config = _tiny_config(tmp_path / "run")
-    training._prepare_model_dir(config, overwrite=False)
+    training.prepare_model_dir(config, overwrite=False)
     other = _tiny_config(tmp_path / "run", activation="relu", eps=4 / 255)
     with pytest.raises(training.ConfigMismatchError, match="activation: 'sparta' in model_dir"):
-        training._prepare_model_dir(other, overwrite=False)
+        training.prepare_model_dir(other, overwrite=False)
     # More epochs is the same experiment, continued.
-    assert training._prepare_model_dir(_tiny_config(tmp_path / "run", epochs=3), False)
-    assert not training._prepare_model_dir(other, overwrite=True)
+    assert training.prepare_model_dir(_tiny_config(tmp_path / "run", epochs=3), False)
+    assert not training.prepare_model_dir(other, overwrite=True)
 
 
 @pytest.mark.parametrize("field, value", [
@@ -144,17 +144,17 @@ def test_config_mismatch_is_refused_unless_overwrite(tmp_path):
     ("weight_decay", 0.0), ("sparta_weight_decay", False), ("mixed_precision", "mixed_bfloat16"),
     ("sparta_custom_gradient", False), ("max_train", 96)])
 def test_every_field_of_the_recipe_is_the_experiments_identity(tmp_path, field, value):
-    training._prepare_model_dir(_tiny_config(tmp_path / "run"), overwrite=False)
+    training.prepare_model_dir(_tiny_config(tmp_path / "run"), overwrite=False)
     with pytest.raises(training.ConfigMismatchError, match=f"{field}: "):
-        training._prepare_model_dir(_tiny_config(tmp_path / "run", **{field: value}), False)
+        training.prepare_model_dir(_tiny_config(tmp_path / "run", **{field: value}), False)
 
 
 @pytest.mark.parametrize("field, value", [
     ("epochs", 3), ("checkpoint_every", 0), ("eval_pgd_steps", 0), ("max_test", 10),
     ("data_dir", "/elsewhere"), ("jit_compile", True), ("strategy", "multi_worker")])
 def test_only_the_resumable_fields_may_change_on_resume(tmp_path, field, value):
-    training._prepare_model_dir(_tiny_config(tmp_path / "run"), overwrite=False)
-    assert training._prepare_model_dir(_tiny_config(tmp_path / "run", **{field: value}), False)
+    training.prepare_model_dir(_tiny_config(tmp_path / "run"), overwrite=False)
+    assert training.prepare_model_dir(_tiny_config(tmp_path / "run", **{field: value}), False)
     assert set(training.TrainConfig.RESUMABLE) == {
         "model_dir", "data_dir", "max_test", "epochs", "checkpoint_every", "eval_pgd_steps",
         "jit_compile", "strategy", "sparta_from"}
@@ -162,25 +162,25 @@ def test_only_the_resumable_fields_may_change_on_resume(tmp_path, field, value):
 
 def test_a_dataset_archive_counts_by_its_name_not_its_folder(tmp_path):
     first = _tiny_config(tmp_path / "run", dataset="/data/a/cifar10-jpeg.tar.gz")
-    training._prepare_model_dir(first, overwrite=False)
+    training.prepare_model_dir(first, overwrite=False)
     moved = _tiny_config(tmp_path / "run", dataset="/elsewhere/cifar10-jpeg.tar.gz")
-    assert training._prepare_model_dir(moved, overwrite=False)
+    assert training.prepare_model_dir(moved, overwrite=False)
     other = _tiny_config(tmp_path / "run", dataset="/elsewhere/gtsrb-32.tar.gz")
     with pytest.raises(training.ConfigMismatchError, match="dataset: 'cifar10-jpeg.tar.gz'"):
-        training._prepare_model_dir(other, overwrite=False)
+        training.prepare_model_dir(other, overwrite=False)
 
 
 def test_a_config_written_before_a_field_existed_takes_its_default(tmp_path):
     config = _tiny_config(tmp_path / "run")
-    training._prepare_model_dir(config, overwrite=False)
+    training.prepare_model_dir(config, overwrite=False)
     path = tmp_path / "run" / "config.json"
     old = json.loads(path.read_text())
     del old["sparta_lr_multiplier"]  # as written before the flag existed
     path.write_text(json.dumps(old))
-    assert training._prepare_model_dir(config, overwrite=False)  # resumes
+    assert training.prepare_model_dir(config, overwrite=False)  # resumes
     path.write_text(json.dumps(old))
     with pytest.raises(training.ConfigMismatchError, match="sparta_lr_multiplier: 1.0 in"):
-        training._prepare_model_dir(_tiny_config(tmp_path / "run", sparta_lr_multiplier=10.0),
+        training.prepare_model_dir(_tiny_config(tmp_path / "run", sparta_lr_multiplier=10.0),
                                     overwrite=False)
 
 
@@ -242,10 +242,10 @@ def test_a_corrupt_config_json_is_one_clear_error(tmp_path):
     run_dir.mkdir()
     (run_dir / "config.json").write_text('{"model": "resnet18", "epo')
     with pytest.raises(training.ConfigMismatchError, match="config.json is not valid JSON"):
-        training._prepare_model_dir(_tiny_config(run_dir), overwrite=False)
+        training.prepare_model_dir(_tiny_config(run_dir), overwrite=False)
     (run_dir / "config.json").write_text("[1, 2]")
     with pytest.raises(training.ConfigMismatchError, match="not a config.json of sparta-train"):
-        training._prepare_model_dir(_tiny_config(run_dir), overwrite=False)
+        training.prepare_model_dir(_tiny_config(run_dir), overwrite=False)
     assert not training.finished(_tiny_config(run_dir))
 
 
@@ -253,7 +253,7 @@ def test_an_empty_model_file_is_not_a_finished_run(tmp_path):
     """A kill used to leave a 0-byte model.keras that `finished` trusted: sparta-compare
     skipped the cell, then failed on every rerun."""
     config = _tiny_config(tmp_path / "run")
-    training._prepare_model_dir(config, overwrite=False)
+    training.prepare_model_dir(config, overwrite=False)
     (tmp_path / "run" / "model.keras").write_bytes(b"")
     assert not training.finished(config)
 
@@ -396,7 +396,7 @@ def test_jit_compiled_train_step():
     h = keras.layers.BatchNormalization(synchronized=True)(h)
     h = keras.layers.GlobalAveragePooling2D()(layers.Sparta()(h))
     net = keras.Model(inputs, keras.layers.Dense(3)(h))
-    model = training.AdversarialModel(net, "pgd", attacks.PGD(8 / 255, 2))
+    model = adversarial.AdversarialModel(net, "pgd", attacks.PGD(8 / 255, 2))
     model.compile(keras.optimizers.SGD(0.1), jit_compile=True)
     x = np.random.default_rng(0).uniform(size=(8, 8, 8, 3)).astype("float32")
     history = model.fit(x, np.arange(8) % 3, batch_size=4, epochs=1, verbose=0)
@@ -419,6 +419,6 @@ def test_run_restores_the_dtype_policy_and_evaluates_at_eps_with_a_seeded_pgd(tm
 def test_trades_keeps_pgds_own_checks():
     net = models.build("resnet18", 10, "relu", width_multiplier=0.0625)
     with pytest.raises(ValueError, match="restarts > 1 needs int labels"):
-        training.AdversarialModel(net, "trades", attacks.PGD(8 / 255, 2, restarts=2))
-    model = training.AdversarialModel(net, "trades", attacks.PGD(8 / 255, 2, 0.01))
+        adversarial.AdversarialModel(net, "trades", attacks.PGD(8 / 255, 2, restarts=2))
+    model = adversarial.AdversarialModel(net, "trades", attacks.PGD(8 / 255, 2, 0.01))
     assert (model.attack.eps, model.attack.steps, model.attack.step_size) == (8 / 255, 2, 0.01)

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from sparta_tf import layers, models, training, transfer
+from sparta_tf import adversarial, layers, models, training, transfer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = 0.0625
@@ -172,7 +172,7 @@ def test_frozen_sparta_gets_no_weight_decay_and_a_changed_source_is_refused(tmp_
     source, path = _source(tmp_path)
     config = _config(tmp_path / "run", path)
     config, loaded = training.with_sparta_source(config)
-    model = training.build(config, 10, (32, 32, 3), 2, loaded)
+    model = adversarial.build(config, 10, (32, 32, 3), 2, loaded)
     frozen = {id(v) for l in transfer.sparta_layers(model.model).values() for v in l.weights}
     assert frozen and not frozen & {id(v) for v in model.decayed}
     assert not frozen & {id(v) for v in model.optimizer.variables}

@@ -1,4 +1,5 @@
-"""The apps. Importing this package quiets TensorFlow's start-up messages.
+"""The apps. Importing this package quiets TensorFlow's start-up messages (on the
+TensorFlow backend; on JAX, TensorFlow is not loaded).
 
 TensorFlow's native code prints its start-up lines (oneDNN, CUDA probing on a machine
 without a GPU, the XLA and absl banners) to stderr while it loads and finds its devices,
@@ -19,8 +20,10 @@ def _quiet_tensorflow_start():
     saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, 2)
     try:
-        import tensorflow as tf
-        tf.config.list_physical_devices()  # probes the devices: the CUDA lines
+        import keras  # loads TensorFlow on its backend
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+            tf.config.list_physical_devices()  # probes the devices: the CUDA lines
     finally:
         os.dup2(saved, 2)
         os.close(saved)

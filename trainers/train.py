@@ -4,18 +4,21 @@
     sparta-train --config=paper --model_dir=runs/paper   # the paper's recipe (GPU)
     sparta-train --model=resnet34 --sparta_from=runs/paper --model_dir=runs/r34   # reuse, frozen
 
-Rerunning the same command resumes from --model_dir.
+Rerunning the same command resumes from --model_dir. On Keras's JAX backend
+(KERAS_BACKEND=jax, where TensorFlow need not be installed) it trains and evaluates the
+same way on one device; the SavedModel export, which needs TensorFlow, is left to
+sparta-export.
 """
 
 import os
 import sys
 import time
 
-import tensorflow as tf
+import keras
 from absl import app, logging
 
 from flags import core
-from sparta_tf import data, export, model_dir, training, transfer
+from sparta_tf import data, model_dir, training, transfer
 
 core.define_training()
 
@@ -33,22 +36,40 @@ def main(argv):
             FileNotFoundError, training.SetupError, model_dir.LockedError,
             model_dir.NotAModelDirError, transfer.ModelFileError) as e:
         sys.exit(f"error: {e}")
-    except tf.errors.UnavailableError as e:  # a peer of a multi-worker job stopped
+    except _peer_stopped() as e:  # a peer of a multi-worker job stopped
         sys.exit(f"error: another worker of the job stopped ({e.message.splitlines()[0]}). "
                  "Restart every worker with the same command: they resume from the last "
                  "checkpoint.")
     if results is None:  # a worker of a multi-worker job: the chief writes the model
         print("This worker is done; the chief saves, evaluates and exports the model.")
         return
-    model_path = os.path.join(config.model_dir, model_dir.MODEL)
-    try:
-        export_dir = export.export_if_changed(model_path,
-                                              os.path.join(config.model_dir, "export"),
-                                              export.class_names_beside(model_path))
-    except export.ExportError as e:
-        sys.exit(f"error: {e}")
+    export_dir = _export(config)
     minutes = (time.perf_counter() - start) / 60
     print(training.summary(config, results, minutes, export_dir))
+
+
+def _peer_stopped():
+    """The error of a stopped peer of a multi-worker job: TensorFlow's (none on JAX)."""
+    if keras.backend.backend() != "tensorflow":
+        return ()
+    import tensorflow as tf
+    return tf.errors.UnavailableError
+
+
+def _export(config):
+    """Exports model_dir/model.keras as model_dir/export/VERSION, if its weights changed;
+    returns what the summary shows."""
+    if keras.backend.backend() != "tensorflow":
+        return (f"not exported: a SavedModel needs TensorFlow (on TensorFlow: sparta-export "
+                f"--model_path={config.model_dir} --export_dir=...)")
+    from sparta_tf import export
+    model_path = os.path.join(config.model_dir, model_dir.MODEL)
+    try:
+        return export.export_if_changed(model_path,
+                                        os.path.join(config.model_dir, model_dir.EXPORT),
+                                        export.class_names_beside(model_path))
+    except export.ExportError as e:
+        sys.exit(f"error: {e}")
 
 
 def run():

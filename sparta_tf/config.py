@@ -1,0 +1,149 @@
+"""The experiment's identity: `TrainConfig`, its presets, and what follows from it alone.
+
+`TrainConfig` is everything one training run depends on, saved to model_dir/config.json;
+`PRESETS` are the `--config` presets of the flags (`quick` is the defaults). The flags, the
+trainers and the library read them here without importing the training loop. This module
+imports nothing of `sparta_tf` and no TensorFlow.
+"""
+
+import dataclasses
+import json
+import math
+import os
+
+import keras
+
+OBJECTIVES = ("standard", "pgd", "trades")
+STRATEGIES = ("mirrored", "multi_worker")
+LR_SCHEDULES = ("piecewise", "cosine")
+
+PRESETS = {
+    # The default: a small Sparta ResNet-18 on the bundled sample, minutes on 2 CPU cores.
+    "quick": {},
+    # The paper's recipe: ResNet-18 on CIFAR-10, PGD-10 AT for 110 epochs.
+    "paper": dict(dataset="cifar10", width_multiplier=1.0, epochs=110, batch_size=128,
+                  lr=0.1, lr_schedule="piecewise", lr_decay_epochs=["100", "105"],
+                  momentum=0.9, weight_decay=5e-4, eps=8 / 255, pgd_steps=10,
+                  pgd_step_size=2 / 255, checkpoint_every=500),
+}
+
+
+class ConfigMismatchError(ValueError):
+    """model_dir holds a run of another configuration."""
+
+
+class SetupError(ValueError):
+    """The run cannot start as asked (a strategy without its cluster, an option it lacks)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or Inf."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything one training run depends on; saved to model_dir/config.json."""
+
+    model_dir: str = "runs/default"
+    dataset: str = "bundled"
+    data_dir: str | None = None
+    max_train: int | None = None
+    max_test: int | None = None
+    model: str = "resnet18"
+    activation: str = "sparta"
+    width_multiplier: float = 0.25
+    sparta_sharing: str = "layer"
+    sparta_kernel_size: int = 3
+    sparta_beta0: float = 1.0
+    sparta_custom_gradient: bool = True
+    sparta_normalize_gate_input: bool = False
+    sparta_from: str | None = None  # a model_dir or .keras file: copy its Sparta, frozen
+    sparta_from_sha256: str | None = None  # `transfer.fingerprint` of that source
+    denoise: str = "none"
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 0.1
+    lr_schedule: str = "piecewise"
+    lr_decay_epochs: tuple = ()
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    sparta_weight_decay: bool = True
+    sparta_lr_multiplier: float = 1.0
+    objective: str = "pgd"
+    eps: float = 8 / 255
+    pgd_steps: int = 3
+    pgd_step_size: float | None = None  # None: 2.5 * eps / pgd_steps
+    trades_beta: float = 6.0
+    seed: int = 0
+    mixed_precision: str = "float32"
+    jit_compile: bool = False
+    strategy: str = "mirrored"
+    checkpoint_every: int = 100
+    eval_pgd_steps: int = 20  # 0: no PGD evaluation after training
+    backend: str | None = None  # Keras's backend; None: the one running (`training.run`)
+
+    # The fields that may change when a run resumes: where things are, how long it trains,
+    # how often it saves, how it is evaluated at the end, how the step is compiled and
+    # distributed. Every other field is the experiment's identity (`identity`): a model_dir
+    # whose config differs in one of them holds another experiment.
+    RESUMABLE = ("model_dir", "data_dir", "max_test", "epochs", "checkpoint_every",
+                 "eval_pgd_steps", "jit_compile", "strategy", "sparta_from")
+
+    def identity(self):
+        """The experiment this config describes: every field but `RESUMABLE`, as in JSON.
+
+        A dataset given as a path counts by its name (`cifar10-jpeg.tar.gz`), not by where
+        it lies: the same archive moved to another folder or machine is the same data. The
+        backend counts too (None: the one running): a run on JAX is not resumed on
+        TensorFlow, nor taken for one.
+        """
+        values = {k: v for k, v in json.loads(json.dumps(self.to_json())).items()
+                  if k not in self.RESUMABLE}
+        values["dataset"] = os.path.basename(os.path.normpath(values["dataset"]))
+        values["backend"] = values["backend"] or keras.backend.backend()
+        return values
+
+    def activation_kwargs(self):
+        if self.activation != "sparta":
+            return {}
+        return {"kernel_size": self.sparta_kernel_size, "beta0": self.sparta_beta0,
+                "use_custom_gradient": self.sparta_custom_gradient,
+                "normalize_gate_input": self.sparta_normalize_gate_input}
+
+    def to_json(self):
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def complete(cls, stored):
+        """A stored config.json with the defaults of the fields added after it was written.
+
+        A config.json without `backend` was written when sparta-tf ran on TensorFlow only.
+        """
+        return {**json.loads(json.dumps(cls().to_json())), "backend": "tensorflow", **stored}
+
+    @classmethod
+    def from_stored(cls, stored):
+        """The config of a stored config.json (or part of one; defaults for the rest)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in cls.complete(stored).items() if k in fields})
+
+
+def learning_rate(config, steps_per_epoch):
+    """Per-step schedule: piecewise (/10 at each of lr_decay_epochs) or cosine."""
+    total = config.epochs * steps_per_epoch
+    if config.lr_schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(config.lr, max(total, 1))
+    if config.lr_schedule != "piecewise":
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}; got {config.lr_schedule!r}.")
+    if not config.lr_decay_epochs:
+        return config.lr
+    boundaries = [int(e * steps_per_epoch) for e in config.lr_decay_epochs]
+    values = [config.lr * 0.1 ** i for i in range(len(boundaries) + 1)]
+    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+
+
+def stalled(loss, num_classes, epoch, objective="pgd"):
+    """Whether the training loss is still at chance, ln(num_classes) within 2%, after
+    `epoch` >= 3 epochs: the network is not learning. SiLU and Sparta can do that in a
+    ResNet-34 (docs/TRANSFER.md). Never under TRADES, whose loss adds a KL term."""
+    return objective != "trades" and epoch >= 3 and loss >= 0.98 * math.log(num_classes)
