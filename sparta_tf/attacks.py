@@ -1,4 +1,4 @@
-"""The one L-inf PGD of the project (FGSM is its 1-step case).
+"""The one L-inf PGD of the project (FGSM is its 1-step case), on TensorFlow and JAX.
 
 Projected gradient descent of Madry et al., "Towards Deep Learning Models
 Resistant to Adversarial Attacks" (ICLR 2018), in the shape of MadryLab's
@@ -6,15 +6,23 @@ Resistant to Adversarial Attacks" (ICLR 2018), in the shape of MadryLab's
 take `steps` signed-gradient steps up the loss, and after each step project
 back onto the eps ball around `x` and onto the pixel range [0, 1].
 
-Written by hand on purpose: adversarial training calls it inside a compiled
-Keras `train_step`, under `tf.distribute` (`strategy.run`), so the whole
-attack must be in-graph TensorFlow (a `tf.while_loop`, stateless random
-numbers from a seed tensor). cleverhans and ART run eagerly, outside the
-training graph; they are used only to cross-check this attack
-(`tests/test_attacks.py`) and for AutoAttack, never copied here.
+Written by hand on purpose: adversarial training calls it inside its compiled
+train step (a Keras `train_step` under `tf.distribute` on TensorFlow, a
+`jax.jit`-compiled step on JAX), so the whole attack must be in-graph: a
+compiled loop and stateless random numbers from a seed. The math (random
+start, sign step, projection, restarts, the CE and CW losses, the seeding) is
+written once here in `keras.ops`; only the input gradient, the loop and the
+random draw are the backend's, one small module each
+(`sparta_tf/backend/tensorflow.py`: `tf.GradientTape`, `tf.while_loop`,
+`tf.random.stateless_uniform`; `sparta_tf/backend/jax.py`: `jax.grad`,
+`jax.lax.fori_loop`, `jax.random`), imported for the Keras backend in use.
+cleverhans and ART run eagerly, outside the training graph; they are used
+only to cross-check this attack (`tests/test_attacks.py`) and for
+AutoAttack, never copied here.
 
 Training, evaluation and the benchmarks all call this module. It imports
-nothing else of the project (and no absl).
+nothing else of the project but its backend piece (and no absl), and no
+TensorFlow on JAX.
 
 Usage::
 
@@ -22,13 +30,33 @@ Usage::
     x_adv = attack(model, x, y)                  # model(x) returns logits
     x_adv = attack(model, x, y, seed=tf.constant([1, step], tf.int64))
     x_adv = fgsm(8 / 255)(model, x, y)
+
+    # JAX, inside jax.jit: a pure function of the input, and a key or [2] seed.
+    def logits_fn(v):
+        logits, _ = model.stateless_call(trainable, non_trainable, v, training=False)
+        return logits
+    x_adv = attack(logits_fn, x, y, seed=jax.random.fold_in(key, step))
 """
 
+import importlib
+import inspect
 import numbers
 
-import tensorflow as tf
+import keras
+from keras import ops
 
 LOSSES = ("ce", "cw")
+BACKENDS = ("tensorflow", "jax")
+
+
+def _backend_module():
+    """The module of PGD's pieces for the Keras backend in use (`sparta_tf.backend.<name>`),
+    or None on a backend without them."""
+    name = keras.backend.backend()
+    return importlib.import_module(f"sparta_tf.backend.{name}") if name in BACKENDS else None
+
+
+_BACKEND = _backend_module()  # Keras fixes its backend when it is imported
 
 
 def _is_int(value):
@@ -42,13 +70,29 @@ def _loss(logits, y, kind):
     "cw": Carlini-Wagner margin, max_{j != y} z_j - z_y.
     Both are maximised by the attack.
     """
-    logits = tf.cast(logits, tf.float32)
+    logits = ops.cast(logits, "float32")
     if kind == "ce":
-        return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
-    is_true = tf.one_hot(y, tf.shape(logits)[-1], on_value=True, off_value=False)
-    true_logit = tf.reduce_max(tf.where(is_true, logits, -float("inf")), axis=-1)
-    other_logit = tf.reduce_max(tf.where(is_true, -float("inf"), logits), axis=-1)
+        return ops.sparse_categorical_crossentropy(y, logits, from_logits=True)
+    classes = logits.shape[-1] if logits.shape[-1] is not None else ops.shape(logits)[-1]
+    is_true = ops.one_hot(y, classes) > 0.5
+    true_logit = ops.max(ops.where(is_true, logits, -float("inf")), axis=-1)
+    other_logit = ops.max(ops.where(is_true, -float("inf"), logits), axis=-1)
     return other_logit - true_logit
+
+
+def _forward(model, training):
+    """`x -> logits`: `model(x, training=training)` for a Keras layer or model, or any
+    callable that takes a `training` argument; `model(x)` for one that does not (e.g. a
+    pure `logits_fn` on JAX, which fixes its own training mode)."""
+    if not isinstance(model, keras.layers.Layer):
+        try:
+            parameters = inspect.signature(model).parameters.values()
+        except (TypeError, ValueError):  # no signature to read: pass it, as always
+            parameters = None
+        if parameters is not None and not any(
+                p.name == "training" or p.kind == p.VAR_KEYWORD for p in parameters):
+            return model
+    return lambda x: model(x, training=training)
 
 
 class PGD:
@@ -105,85 +149,93 @@ class PGD:
                 f"loss={self.loss!r}, training={self.training})")
 
     def __call__(self, model, x, y, seed=None):
-        """Returns x_adv (same dtype as x, tf.stop_gradient'ed), with
+        """Returns x_adv (same dtype as x, gradient stopped), with
         |x_adv - x| <= eps and 0 <= x_adv <= 1.
 
-        Works eagerly, inside `tf.function`, inside a compiled Keras
-        `train_step` and in a `strategy.run` replica function. Call it
-        outside the `GradientTape` that trains the model.
+        On TensorFlow it works eagerly, inside `tf.function`, inside a
+        compiled Keras `train_step` and in a `strategy.run` replica function;
+        call it outside the `GradientTape` that trains the model. On JAX it
+        works eagerly and inside `jax.jit` (there with a pure `model`, such as
+        a function over `model.stateless_call`, and a seed).
 
         Args:
-            model: a callable `model(x, training=...)` returning logits [N, K].
+            model: `model(x, training=...)` returning logits [N, K] (a Keras
+                model, or any callable that takes `training`); or a callable
+                without a `training` argument, called as `model(x)`: on JAX,
+                a pure function of the input over the model's variable values.
+                With `training=True`, a stateful Keras model's BatchNormalization
+                statistics are updated on TensorFlow; a pure function's updated
+                statistics are dropped.
             x: float pixels in [0, 1], shape [N, ...].
             y: int labels, shape [N].
-            seed: None (noise from `tf.random.uniform`) or an int32/int64
-                tensor of shape [2] for `tf.random.stateless_uniform`: the
-                same seed gives the same x_adv, so a training step can derive
-                its noise from (seed, step) and repeat it after a resume.
-                Restart r uses `stateless_fold_in(seed, r)`. Under a
+            seed: None, or the seed of the random start: the same seed gives
+                the same x_adv, so a training step can derive its noise from
+                (seed, step) and repeat it after a resume. On TensorFlow an
+                int32/int64 tensor of shape [2] for
+                `tf.random.stateless_uniform` (None: `tf.random.uniform`);
+                restart r uses `stateless_fold_in(seed, r)`. Under a
                 distribution strategy every replica gets the same noise
                 pattern for the same seed; fold in the replica id to avoid it.
+                On JAX a `jax.random` key or an int [2] seed (the raw data of
+                a threefry key); restart r uses `jax.random.fold_in(key, r)`
+                (None: Keras's global seed generator, not under `jax.jit`).
+                The two backends draw different noise from the same seed.
         """
-        x = tf.convert_to_tensor(x)
+        backend = _BACKEND
+        if backend is None:
+            raise NotImplementedError(f"sparta_tf.attacks runs on the Keras backends "
+                                      f"{BACKENDS}; this one is {keras.backend.backend()!r}.")
+        x = ops.convert_to_tensor(x)
         if self.eps == 0:
-            return tf.stop_gradient(x)
+            return ops.stop_gradient(x)
         if not callable(self.loss):
-            y = tf.cast(y, tf.int64)
+            y = ops.cast(y, "int32")
         if seed is not None:
-            seed = tf.convert_to_tensor(seed)
+            seed = backend.seed(seed)
+        forward = _forward(model, self.training)
 
         x_adv, found = None, None
         for r in range(self.restarts):
-            run_seed = None
-            if seed is not None:
-                run_seed = tf.random.experimental.stateless_fold_in(seed, r)
-            candidate = self._run(model, x, y, run_seed)
+            run_seed = None if seed is None else backend.fold_in(seed, r)
+            candidate = self._run(backend, forward, x, y, run_seed)
             if self.restarts == 1:
                 return candidate
-            logits = model(candidate, training=self.training)
-            wrong = tf.not_equal(tf.argmax(logits, axis=-1), y)
+            predicted = ops.cast(ops.argmax(forward(candidate), axis=-1), "int32")
+            wrong = ops.not_equal(predicted, y)
             if x_adv is None:
                 x_adv, found = candidate, wrong
             else:
-                keep = tf.reshape(found, [-1] + [1] * (x.shape.rank - 1))
-                x_adv = tf.where(keep, x_adv, candidate)
-                found = tf.logical_or(found, wrong)
+                keep = ops.reshape(found, (-1,) + (1,) * (len(x.shape) - 1))
+                x_adv = ops.where(keep, x_adv, candidate)
+                found = ops.logical_or(found, wrong)
         return x_adv
 
-    def _run(self, model, x, y, seed):
+    def _run(self, backend, forward, x, y, seed):
         """One run of PGD from one start point."""
-        eps = tf.cast(self.eps, x.dtype)
-        step_size = tf.cast(self.step_size, x.dtype)
-        lower = tf.maximum(x - eps, 0)
-        upper = tf.minimum(x + eps, 1)
+        eps = ops.cast(self.eps, x.dtype)
+        step_size = ops.cast(self.step_size, x.dtype)
+        lower = ops.maximum(ops.subtract(x, eps), 0)
+        upper = ops.minimum(ops.add(x, eps), 1)
 
         x_adv = x
         if self.random_start:
-            if seed is None:
-                noise = tf.random.uniform(tf.shape(x), -eps, eps, dtype=x.dtype)
-            else:
-                noise = tf.random.stateless_uniform(
-                    tf.shape(x), seed, -eps, eps, dtype=x.dtype)
-            x_adv = tf.clip_by_value(x + noise, lower, upper)
+            noise = backend.uniform_like(x, seed, ops.negative(eps), eps)
+            x_adv = ops.clip(ops.add(x, noise), lower, upper)
+
+        def total_loss(x_adv):
+            logits = forward(x_adv)
+            if callable(self.loss):
+                return ops.sum(self.loss(ops.cast(logits, "float32"), y))
+            return ops.sum(_loss(logits, y, self.loss))
 
         def step(i, x_adv):
-            with tf.GradientTape() as tape:
-                tape.watch(x_adv)
-                logits = model(x_adv, training=self.training)
-                if callable(self.loss):
-                    loss = tf.reduce_sum(self.loss(tf.cast(logits, tf.float32), y))
-                else:
-                    loss = tf.reduce_sum(_loss(logits, y, self.loss))
-            grad = tape.gradient(loss, x_adv)
-            x_adv = x_adv + step_size * tf.sign(grad)
+            grad = backend.input_gradient(total_loss, x_adv)
+            x_adv = ops.add(x_adv, ops.multiply(step_size, ops.sign(grad)))
             # Project onto the eps ball around x intersected with [0, 1].
-            x_adv = tf.clip_by_value(x_adv, lower, upper)
-            return i + 1, tf.stop_gradient(x_adv)
+            x_adv = ops.clip(x_adv, lower, upper)
+            return ops.stop_gradient(x_adv)
 
-        # A while_loop, not a Python loop: 100 steps stay one small graph.
-        _, x_adv = tf.while_loop(
-            lambda i, _: i < self.steps, step, (tf.constant(0), x_adv))
-        return tf.stop_gradient(x_adv)
+        return ops.stop_gradient(backend.fori_loop(self.steps, step, x_adv))
 
 
 def fgsm(eps, **kwargs):

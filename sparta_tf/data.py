@@ -1,4 +1,4 @@
-"""Datasets as uint8 arrays, and the tf.data pipelines that feed them to training.
+"""Datasets as uint8 arrays, and the pipelines that feed them to training.
 
 `load(dataset)` reads one of:
 
@@ -15,17 +15,31 @@
 `max_train` and `max_test` take a class-balanced random sample of a split; asking for more
 images than the split has is an error, not a silent "all of them".
 
-`train_dataset` gives one epoch of augmented batches that depends only on (seed, epoch), and
-can start at any batch of that epoch, so a killed run resumes on exactly the same data.
+`train_dataset` (a tf.data pipeline, for TensorFlow) and `numpy_batches` (NumPy, for the
+other Keras backends) give one epoch of augmented batches that depends only on (seed, epoch),
+and can start at any batch of that epoch, so a killed run resumes on exactly the same data.
 Images go out as float32 pixels in [0, 1]: models normalise inside themselves.
+
+Without TensorFlow. Image folders, archives and the bundled sample need no TensorFlow: when
+the Keras backend is not TensorFlow they are decoded with Pillow. TensorFlow and
+tensorflow_datasets are imported only by what needs them (a TFDS name, `train_dataset`, the
+TensorFlow decoder), so this module imports, and `load` reads image folders, on a machine
+without them. The two decoders give the same PNG pixels and the same images, labels, class
+names and order, but not the same JPEG pixels: TensorFlow's JPEG decoder uses libjpeg's fast
+integer DCT (`tf.io.decode_jpeg`'s default), Pillow the accurate one, so a JPEG pixel may
+differ by a few grey levels (on CIFAR-10's JPEGs and the bundled sample: 65% of the values
+differ, by 0.99 on average and 5 at most). Pillow's pixels are exactly TensorFlow's with
+`dct_method="INTEGER_ACCURATE"`. TensorFlow keeps its decoder, so its numbers do not move.
 
 This module imports nothing else of `sparta_tf`.
 """
 
+import concurrent.futures
 import dataclasses
 import gzip
 import hashlib
 import os
+import random
 import shutil
 import socket
 import tarfile
@@ -34,8 +48,6 @@ import urllib.parse
 import zlib
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
 TFDS_NAMES = ("cifar10", "cifar100", "svhn_cropped")
 BUNDLED_ARCHIVE = os.path.join(os.path.dirname(__file__), "bundled", "cifar10_sample.tar.gz")
@@ -72,6 +84,10 @@ class Data:
 def load(dataset="bundled", data_dir=None, max_train=None, max_test=None, seed=0):
     """Read a dataset into a `Data`.
 
+    Image folders, archives and "bundled" need no TensorFlow: with the TensorFlow Keras
+    backend their images are decoded by TensorFlow, with any other by Pillow (the module
+    docstring says how their JPEG pixels differ). A TFDS name needs TensorFlow.
+
     Args:
       dataset: "bundled", a name in `TFDS_NAMES`, or the path of a folder or .tar.gz of
         `train/<class>/<image>` and `test/<class>/<image>` files.
@@ -83,31 +99,46 @@ def load(dataset="bundled", data_dir=None, max_train=None, max_test=None, seed=0
 
     Raises:
       DatasetUnavailableError: a TFDS dataset is not prepared and cannot be downloaded.
-      BadDataError: `dataset` is none of the above; an image cannot be decoded; an image
-        folder lacks train/ or test/, has a class folder with no images, or has different
-        classes in its splits; an archive is unreadable or holds anything but files and
-        folders below its top; or `max_train` or `max_test` is more than its split has.
+      BadDataError: `dataset` is none of the above; it is a TFDS name and TensorFlow is not
+        the Keras backend or cannot be imported; an image cannot be decoded or has another
+        shape than the first; an image folder lacks train/ or test/, has a class folder with
+        no images, or has different classes in its splits; an archive is unreadable or holds
+        anything but files and folders below its top; or `max_train` or `max_test` is more
+        than its split has.
     """
     if dataset in TFDS_NAMES:
-        builder = _tfds_builder(dataset, data_dir)
-    elif dataset == "bundled":
-        builder = _image_folder(_extract(BUNDLED_ARCHIVE, data_dir))
-    elif os.path.isdir(dataset):
-        builder = _image_folder(dataset)
-    elif os.path.isfile(dataset) and dataset.endswith((".tar.gz", ".tgz")):
-        builder = _image_folder(_extract(dataset, data_dir))
+        (x_train, y_train), (x_test, y_test), class_names = _read_tfds(dataset, data_dir)
     else:
-        raise BadDataError(
-            f"Unknown dataset {dataset!r}: use 'bundled' (the CIFAR-10 sample in the package), "
-            f"a TFDS name in {TFDS_NAMES}, or the path of an existing folder or .tar.gz of "
-            "train/<class>/<image> and test/<class>/<image> files.")
-    x_train, y_train = _read_split(builder, "train")
-    x_test, y_test = _read_split(builder, "test")
+        if dataset == "bundled":
+            root = _extract(BUNDLED_ARCHIVE, data_dir)
+        elif os.path.isdir(dataset):
+            root = dataset
+        elif os.path.isfile(dataset) and dataset.endswith((".tar.gz", ".tgz")):
+            root = _extract(dataset, data_dir)
+        else:
+            raise BadDataError(
+                f"Unknown dataset {dataset!r}: use 'bundled' (the CIFAR-10 sample in the "
+                f"package), a TFDS name in {TFDS_NAMES}, or the path of an existing folder or "
+                ".tar.gz of train/<class>/<image> and test/<class>/<image> files.")
+        folder = _image_folder(root)
+        decode = _decode_tensorflow if _keras_backend() == "tensorflow" else _decode_pillow
+        x_train, y_train = decode(folder.paths["train"]), folder.labels["train"]
+        x_test, y_test = decode(folder.paths["test"]), folder.labels["test"]
+        class_names = folder.class_names
     train = _sample(y_train, max_train, seed, "train", dataset)
     test = _sample(y_test, max_test, seed, "test", dataset)
     return Data(name=dataset, x_train=x_train[train], y_train=y_train[train],
-                x_test=x_test[test], y_test=y_test[test],
-                class_names=list(builder.info.features["label"].names))
+                x_test=x_test[test], y_test=y_test[test], class_names=list(class_names))
+
+
+def _keras_backend():
+    """The name of the Keras backend ("tensorflow", "jax", ...), or None where Keras cannot
+    be imported (image folders are then read with Pillow)."""
+    try:
+        import keras  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        return None
+    return keras.backend.backend()
 
 
 def _sample(labels, max_examples, seed, split, dataset):
@@ -122,7 +153,39 @@ def _sample(labels, max_examples, seed, split, dataset):
     return balanced_subset(labels, max_examples, seed)
 
 
-def _tfds_builder(name, data_dir):
+def _read_tfds(name, data_dir):
+    """The train and test splits of the TFDS dataset `name` as (images, labels), and its class
+    names.
+
+    Raises:
+      BadDataError: the Keras backend is not TensorFlow, or TensorFlow or tensorflow_datasets
+        cannot be imported.
+      DatasetUnavailableError: see `_tfds_builder`.
+    """
+    backend = _keras_backend()
+    why = None
+    if backend is None:
+        why = "Keras cannot be imported here"
+    elif backend != "tensorflow":
+        why = f"the Keras backend is {backend!r}"
+    else:
+        try:
+            import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+        except ImportError as e:
+            why = f"tensorflow_datasets cannot be imported here ({type(e).__name__}: {e})"
+    if why:
+        raise BadDataError(
+            f"TFDS dataset {name!r} needs TensorFlow (the Keras backend) and "
+            f"tensorflow_datasets, and {why}. Without TensorFlow, use a folder or .tar.gz of "
+            "train/<class>/<image> and test/<class>/<image> files (--dataset=/path/to/"
+            "folder_or.tar.gz), e.g. the CIFAR-10 archive layout top/train/airplane/0001.jpg, "
+            "or the bundled CIFAR-10 sample (--dataset=bundled).")
+    builder = _tfds_builder(tfds, name, data_dir)
+    splits = [_read_tfds_split(tfds, builder, split) for split in ("train", "test")]
+    return splits[0], splits[1], builder.info.features["label"].names
+
+
+def _tfds_builder(tfds, name, data_dir):
     """The TFDS builder of `name`, its data downloaded and prepared if need be."""
     builder = tfds.builder(name, data_dir=data_dir)
     if not builder.is_prepared():
@@ -156,19 +219,50 @@ def _check_download_hosts(builder):
             raise OSError(f"cannot reach {parts.hostname}:{port}: {e}") from None
 
 
-def _image_folder(root):
-    """A TFDS builder that reads the split/class/image files under `root`.
+def _read_tfds_split(tfds, builder, split):
+    """All of a TFDS split as (uint8 images [N, H, W, C], int32 labels [N]) arrays."""
+    ds = builder.as_dataset(split=split, as_supervised=True).batch(_READ_BATCH)
+    images, labels = zip(*tfds.as_numpy(ds))
+    return np.concatenate(images), np.concatenate(labels).astype(np.int32)
 
-    Image folders are read with `tfds.ImageFolder` rather than
-    `keras.utils.image_dataset_from_directory`: it decodes each image as it is (Keras resizes
-    every image to a given size) and gives the same builder interface as the TFDS datasets.
-    Its class names are the sorted folder names; for CIFAR-10 that is its label order.
+
+@dataclasses.dataclass
+class _ImageFolder:
+    """The images of a split/class/image folder: `paths[split]` (a list) and
+    `labels[split]` (int32 [N]) for "train" and "test", in `tfds.ImageFolder`'s order."""
+
+    root: str
+    class_names: list
+    paths: dict
+    labels: dict
+
+
+def _image_folder(root):
+    """The `_ImageFolder` of the split/class/image files under `root` (or under its only
+    folder, an archive's top folder), its class folders checked.
+
+    The class names are the sorted folder names (for CIFAR-10, its label order), and the
+    order of a split's images is `tfds.ImageFolder`'s, which this module used before it could
+    read without TensorFlow, so that `balanced_subset` picks the same images: class by class
+    in that order, each class's file names sorted, then the whole list shuffled by
+    `random.Random(split).shuffle` (a seed of the split's name).
     """
     entries = os.listdir(root)
     if len(entries) == 1 and entries[0] not in ("train", "test"):  # an archive's top folder
         root = os.path.join(root, entries[0])
     _check_class_folders(root)
-    return tfds.ImageFolder(root)
+    class_names = sorted(_subfolders(os.path.join(root, "train")))
+    paths, labels = {}, {}
+    for split in ("train", "test"):
+        examples = []
+        for label, name in enumerate(class_names):
+            folder = os.path.join(root, split, name)
+            examples += [(os.path.join(folder, f), label) for f in sorted(os.listdir(folder))
+                         if f.lower().endswith(_IMAGE_EXTENSIONS)]
+        random.Random(split).shuffle(examples)
+        paths[split] = [path for path, _ in examples]
+        labels[split] = np.array([label for _, label in examples], np.int32)
+    return _ImageFolder(root, class_names, paths, labels)
 
 
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # those tfds.ImageFolder reads
@@ -178,8 +272,8 @@ def _check_class_folders(root):
     """Check that `root` has train/ and test/ folders, and that every split folder holds the
     same class folders, each with at least one image.
 
-    `tfds.ImageFolder` takes the classes of all splits together: a class folder missing from a
-    split, or one with no images, would quietly give a class that is never trained or tested.
+    A class folder missing from a split, or one with no images, would quietly give a class
+    that is never trained or tested.
 
     Raises:
       BadDataError: naming the split or class folder that breaks the rule.
@@ -210,35 +304,80 @@ def _subfolders(folder):
     return {e.name for e in os.scandir(folder) if e.is_dir()}
 
 
-def _read_split(builder, split):
-    """All of a split as (uint8 images [N, H, W, C], int32 labels [N]) arrays."""
-    ds = builder.as_dataset(split=split, as_supervised=True).batch(_READ_BATCH)
-    try:
-        images, labels = zip(*tfds.as_numpy(ds))
-    except tf.errors.OpError:
-        if isinstance(builder, tfds.ImageFolder):
-            _raise_for_bad_image(builder, split)
-        raise
-    return np.concatenate(images), np.concatenate(labels).astype(np.int32)
+def _decode_tensorflow(paths):
+    """The images of `paths` as uint8 [N, H, W, 3], decoded as `tfds.ImageFolder` decodes them
+    (`tf.image.decode_image`, 3 channels), in parallel.
 
-
-def _raise_for_bad_image(builder, split):
-    """Decode an image folder's split one by one; raise BadDataError naming the first bad file.
-
-    The TFDS pipeline's error does not say which file failed.
+    Raises:
+      BadDataError: naming the first file that cannot be decoded or has another shape than
+        the first.
     """
-    raw = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})
-    first_shape = None
-    for example in tfds.as_numpy(raw):
-        filename = example["image/filename"].decode()
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    def decode(path):
+        image = tf.image.decode_image(tf.io.read_file(path), channels=3, dtype=tf.uint8)
+        image.set_shape((None, None, 3))
+        return image
+
+    ds = tf.data.Dataset.from_tensor_slices(paths)
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).batch(_READ_BATCH)  # in order
+    try:
+        return np.concatenate(list(ds.as_numpy_iterator()))
+    except tf.errors.OpError:  # its message does not say which file failed: find it
+        first_shape = None
+        for path in paths:
+            try:
+                shape = tuple(decode(path).shape)
+            except tf.errors.OpError as e:
+                raise BadDataError(f"Cannot decode image {path}: {e.message}") from None
+            if first_shape is None:
+                first_shape = shape
+            elif shape != first_shape:
+                raise BadDataError(f"Image {path} has shape {shape}, the others "
+                                   f"{first_shape}") from None
+        raise
+
+
+_DECODE_CHUNK = 512  # images per task of the Pillow decoder's threads
+
+
+def _decode_pillow(paths):
+    """The images of `paths` as uint8 [N, H, W, 3], decoded by Pillow (converted to RGB as
+    TensorFlow's 3-channel decoding does: grey repeated, alpha dropped), by a few threads
+    (Pillow's decoders release the GIL).
+
+    Raises:
+      BadDataError: naming the first file that cannot be decoded or has another shape than
+        the first.
+    """
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+
+    def read(path):
         try:
-            shape = tf.io.decode_image(example["image"], channels=3).shape
-        except tf.errors.OpError as e:
-            raise BadDataError(f"Cannot decode image {filename}: {e.message}") from None
-        if first_shape is None:
-            first_shape = shape
-        elif shape != first_shape:
-            raise BadDataError(f"Image {filename} has shape {shape}, the others {first_shape}")
+            with Image.open(path) as image:
+                return np.asarray(image.convert("RGB"))
+        except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, ...
+            cause = " ".join(str(e).split())
+            raise BadDataError(f"Cannot decode image {path}: {type(e).__name__}: "
+                               f"{cause}") from None
+
+    first = read(paths[0])
+    out = np.empty((len(paths),) + first.shape, np.uint8)
+
+    def fill(start):
+        for i in range(start, min(start + _DECODE_CHUNK, len(paths))):
+            image = read(paths[i])
+            if image.shape != first.shape:
+                raise BadDataError(f"Image {paths[i]} has shape {image.shape}, the others "
+                                   f"{first.shape}")
+            out[i] = image
+
+    workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                  else os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for done in [pool.submit(fill, start) for start in range(0, len(paths), _DECODE_CHUNK)]:
+            done.result()  # in order: the first bad file (in order) is the one named
+    return out
 
 
 def _extract(archive, data_dir=None):
@@ -359,9 +498,20 @@ def steps_per_epoch(num_examples, batch_size):
     return num_examples // batch_size
 
 
+def _epoch_order(num_examples, batch_size, seed, epoch, skip_batches):
+    """The example indices of an epoch's batches from `skip_batches` on, and their positions
+    in the epoch: a permutation drawn from (seed, epoch) alone, its last partial batch
+    dropped."""
+    end = steps_per_epoch(num_examples, batch_size) * batch_size
+    start = min(skip_batches * batch_size, end)
+    order = np.random.default_rng([seed, epoch]).permutation(num_examples)[start:end]
+    return order, np.arange(start, end)
+
+
 def train_dataset(x, y, batch_size, seed, epoch, skip_batches=0, augment=True, num_shards=1,
                   shard=0):
-    """One epoch of shuffled training batches: (float32 images in [0, 1], int32 labels).
+    """One epoch of shuffled training batches: (float32 images in [0, 1], int32 labels), as
+    a `tf.data.Dataset` (TensorFlow; `numpy_batches` is the same without it).
 
     The order is a permutation drawn from (seed, epoch) alone, and the augmentation of each
     example (zero padding by `PAD`, a random crop back to the image size, a random horizontal
@@ -373,13 +523,12 @@ def train_dataset(x, y, batch_size, seed, epoch, skip_batches=0, augment=True, n
     global batch: shard `shard` gets its `batch_size / num_shards` slice of every global
     batch, so the workers together see exactly the batches of one machine.
     """
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
     if batch_size % num_shards:
         raise ValueError(f"The global batch size {batch_size} is not a multiple of the "
                          f"{num_shards} workers.")
-    end = steps_per_epoch(len(x), batch_size) * batch_size
-    start = min(skip_batches * batch_size, end)
-    order = np.random.default_rng([seed, epoch]).permutation(len(x))[start:end]
-    positions = np.arange(start, end)
+    order, positions = _epoch_order(len(x), batch_size, seed, epoch, skip_batches)
     local = batch_size // num_shards
     if num_shards > 1:  # [batch, shard, example] -> this shard's examples, batch by batch
         mine = np.arange(len(order)).reshape(-1, num_shards, local)[:, shard].ravel()
@@ -389,7 +538,7 @@ def train_dataset(x, y, batch_size, seed, epoch, skip_batches=0, augment=True, n
     def prepare(image, label, position):
         if augment:
             image = _augment(image, tf.random.fold_in(epoch_key, position))
-        return _to_float(image), label
+        return tf.cast(image, tf.float32) / 255.0, label
 
     ds = tf.data.Dataset.from_tensor_slices((x[order], y[order].astype(np.int32), positions))
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)  # keeps the order
@@ -401,15 +550,75 @@ def _augment(image, key):
 
     `key` is a stateless seed (int64 [2]); the same key gives the same result.
     """
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
     crop_key, flip_key = tf.unstack(tf.random.split(key))
     padded = tf.pad(image, [[PAD, PAD], [PAD, PAD], [0, 0]])
     image = tf.image.stateless_random_crop(padded, image.shape, seed=crop_key)
     return tf.image.stateless_random_flip_left_right(image, seed=flip_key)
 
 
-def _to_float(image):
-    """uint8 pixels to float32 in [0, 1]."""
-    return tf.cast(image, tf.float32) / 255.0
+def numpy_batches(x, y, batch_size, seed, epoch, skip_batches=0, augment=True):
+    """One epoch of shuffled training batches as NumPy arrays: (float32 images [B, H, W, C]
+    in [0, 1], int32 labels [B]), for the Keras backends other than TensorFlow.
+
+    `train_dataset`'s epoch without TensorFlow: the same order (the permutation drawn from
+    (seed, epoch) alone, so the same examples in the same batches), the same augmentation
+    (zero padding by `PAD`, a random crop back to the image size, a random horizontal flip),
+    `skip_batches=k` gives exactly batches k, k+1, ... of the epoch, and the last partial
+    batch is dropped. The random crop and flip of each example are not TensorFlow's
+    stateless ops but a hash of (seed, epoch, position in the epoch), see `_crop_and_flip`:
+    deterministic, and the same whatever the batch size or `skip_batches`.
+
+    A generator: each batch is gathered, augmented and converted when it is asked for.
+    """
+    x = np.asarray(x)
+    order, positions = _epoch_order(len(x), batch_size, seed, epoch, skip_batches)
+    for start in range(0, len(order), batch_size):
+        index = order[start:start + batch_size]
+        images = x[index]
+        if augment:
+            images = _crop_and_flip(images, seed, epoch, positions[start:start + batch_size])
+        yield pixels(images), np.asarray(y)[index].astype(np.int32)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(values):
+    """SplitMix64's finaliser on uint64 values: a bijection that scatters every input bit
+    over every output bit (Steele, Lea and Flood, OOPSLA 2014)."""
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as intended
+        values = (values ^ (values >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        values = (values ^ (values >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return values ^ (values >> np.uint64(31))
+
+
+def _crop_and_flip(images, seed, epoch, positions):
+    """`images` [B, H, W, C] (uint8) zero-padded by `PAD`, cropped back at random and flipped
+    left-right at random, example i keyed by (seed, epoch, positions[i]) alone.
+
+    The key: h = mix64(mix64(mix64(seed) + epoch) + position) with SplitMix64's finaliser
+    (64-bit wrapping arithmetic; seed and epoch taken modulo 2**64). The crop's row offset
+    is (h mod 2**21) mod (2 PAD + 1), its column offset ((h >> 21) mod 2**21) mod (2 PAD +
+    1), and the image is flipped when bit 42 of h is set. One gather per batch does it all.
+    """
+    images = np.asarray(images)
+    count, height, width = images.shape[:3]
+    with np.errstate(over="ignore"):
+        key = _mix64(np.uint64(int(seed) & _MASK64))
+        key = _mix64(key + np.uint64(int(epoch) & _MASK64))
+        h = _mix64(key + np.asarray(positions).astype(np.uint64))
+    span = np.uint64(2 * PAD + 1)
+    bits21 = np.uint64((1 << 21) - 1)
+    top = ((h & bits21) % span).astype(np.intp)
+    left = (((h >> np.uint64(21)) & bits21) % span).astype(np.intp)
+    flip = ((h >> np.uint64(42)) & np.uint64(1)).astype(bool)
+    padded = np.pad(images, [(0, 0), (PAD, PAD), (PAD, PAD), (0, 0)])
+    rows = top[:, None] + np.arange(height)                        # [B, H]
+    columns = np.where(flip[:, None], np.arange(width)[::-1], np.arange(width))
+    columns = left[:, None] + columns                              # [B, W]
+    return padded[np.arange(count)[:, None, None], rows[:, :, None], columns[:, None, :]]
 
 
 def pixels(x):

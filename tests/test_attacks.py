@@ -5,6 +5,7 @@ fast on 2 CPU cores. Labels are the model's own clean predictions, so clean
 accuracy is 100% and any drop is the attack's doing.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -455,3 +456,65 @@ def test_loss_is_float32_for_float16_logits(loss):
                  -np.log(np.exp(0.5) / np.exp([0.5, 0, 3]).sum())] if loss == "ce"
                 else [1.0 - 2.0, 3.0 - 0.5])
     np.testing.assert_allclose(values, expected, rtol=1e-3)
+
+
+# --- JAX ----------------------------------------------------------------------
+
+_JAX_CHECKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jax_checks_attacks.py")
+
+
+def _without_tensorflow(folder):
+    """A folder to put first on PYTHONPATH: `import tensorflow` (and tensorflow_datasets)
+    raise ImportError there, as on a machine without them."""
+    for name in ("tensorflow", "tensorflow_datasets"):
+        os.makedirs(os.path.join(folder, name))
+        with open(os.path.join(folder, name, "__init__.py"), "w") as f:
+            f.write('raise ImportError("blocked for the test")\n')
+    return str(folder)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="needs jax")
+def test_pgd_on_jax(tmp_path):
+    # The reference on TensorFlow (on the CPU, as the JAX side: no TF32 on a GPU).
+    spec = importlib.util.spec_from_file_location("jax_checks_attacks", _JAX_CHECKS)
+    checks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(checks)
+    with tf.device("/cpu:0"):
+        checks.reference(str(tmp_path))
+    # The checks on JAX, with TensorFlow unimportable, in one subprocess.
+    blocked = _without_tensorflow(tmp_path / "blocked")
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([blocked, os.path.dirname(os.path.dirname(
+                   _JAX_CHECKS)), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, _JAX_CHECKS, str(tmp_path)], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = [l for l in out.stdout.splitlines() if l.startswith("RESULT")][-1]
+    r = json.loads(line[len("RESULT"):])
+    print(json.dumps(r, indent=1))
+    assert r["backend"] == "jax" and not r["tensorflow_imported"]
+    # In the ball and the pixel range, dtype and shape kept, and it attacks.
+    assert r["type_is_jax"] and r["dtype"] == "float32" and r["shape_kept"]
+    assert EPS / 2 < r["linf"] <= EPS + 1e-6 and r["low"] >= 0 and r["high"] <= 1
+    assert r["moved"] > EPS / 2 and r["eps_zero_is_x"]
+    assert r["clean_accuracy"] == 1.0 and r["adv_accuracy"] < 0.9
+    assert r["loss_rose_fraction"] > 0.9
+    # Deterministic for a seed, in every form; another seed, another start.
+    assert r["same_seed_equal"] and r["key_equal"] and r["other_seed_differs"] > 1e-3
+    # Inside jax.jit over stateless_call: the eager result.
+    assert r["jit_equal_fraction"] >= 0.999 and r["jit_linf"] <= EPS + 1e-6
+    # Restarts keep each example's first fooling run, else the last run.
+    assert 0 < r["restart_fooled"][0] < r["restart_any_fooled"]  # the runs differ
+    assert r["restart_is_first_fooling"] and r["restart0_is_single_run"]
+    assert r["restart_chosen_fooled"] == r["restart_any_fooled"] >= max(r["restart_fooled"])
+    # The losses: float32 for float16 logits, and their values.
+    assert r["loss_dtypes"] == ["float32", "float32"]
+    np.testing.assert_allclose(r["cw_values"], [1.0 - 2.0, 3.0 - 0.5], rtol=1e-3)
+    np.testing.assert_allclose(r["ce_values"], [-np.log(np.exp(2) / np.exp([1, 2, -1]).sum()),
+                                                -np.log(np.exp(0.5) / np.exp([0.5, 0, 3]).sum())],
+                               rtol=1e-3)
+    # The same weights and batch without a random start: TensorFlow's points, but for a
+    # rare sign flip of a gradient component near 0; and the same losses.
+    for name in ("pgd_ce", "pgd_cw", "fgsm"):
+        assert r[name]["equal_fraction"] >= 0.999, (name, r[name])
+        assert r[name]["loss_max_rel_diff"] < 1e-3, (name, r[name])

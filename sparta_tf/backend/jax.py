@@ -1,0 +1,51 @@
+"""PGD's pieces on JAX (`sparta_tf.attacks`): the input gradient, the loop, the noise.
+
+`jax.grad` to the input and `jax.lax.fori_loop`, so that the attack runs inside `jax.jit`
+when the model is a pure function (`logits_fn(x)`, e.g. over `model.stateless_call`).
+Random numbers come from a `jax.random` key: a typed key as given, or an int [2] seed taken
+as the raw data of a threefry2x32 key (each entry modulo 2**32), so the same [2] seed that
+drives the TensorFlow attack drives this one (with another, JAX's, stream).
+"""
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+
+
+def input_gradient(loss_fn, x):
+    """The gradient of the scalar `loss_fn(x)` with respect to `x` (`jax.grad`)."""
+    return jax.grad(loss_fn)(x)
+
+
+def fori_loop(steps, body, value):
+    """`value = body(i, value)` for i in 0..steps-1 (`jax.lax.fori_loop`)."""
+    return jax.lax.fori_loop(0, steps, body, value)
+
+
+def seed(value):
+    """A typed `jax.random` key from a key (returned as is) or an int [2] seed."""
+    if isinstance(value, jax.Array) and jnp.issubdtype(value.dtype, jax.dtypes.prng_key):
+        return value
+    if isinstance(value, jax.Array):  # maybe traced: wrap modulo 2**32
+        data = value.astype(jnp.uint32)
+    else:  # NumPy, lists, TF-style int64 seeds: modulo 2**32 without overflow
+        data = np.asarray(value).astype(np.int64).astype(np.uint64) & np.uint64(0xFFFFFFFF)
+        data = data.astype(np.uint32)
+    if data.shape != (2,):
+        raise ValueError(f"seed must be a jax.random key or an int [2] seed; got shape "
+                         f"{data.shape}.")
+    return jax.random.wrap_key_data(data, impl="threefry2x32")
+
+
+def fold_in(key, data):
+    """A new key from `key` and the int `data` (`jax.random.fold_in`)."""
+    return jax.random.fold_in(key, data)
+
+
+def uniform_like(x, key, minval, maxval):
+    """U(minval, maxval) noise of `x`'s shape and dtype from `key`; when `key` is None, from
+    Keras's global seed generator (eagerly only: under `jax.jit` pass a seed)."""
+    if key is None:
+        return keras.random.uniform(x.shape, minval, maxval, dtype=x.dtype)
+    return jax.random.uniform(key, x.shape, x.dtype, minval, maxval)

@@ -1,0 +1,43 @@
+"""PGD's pieces on TensorFlow (`sparta_tf.attacks`): the input gradient, the loop, the noise.
+
+A `tf.GradientTape` and a `tf.while_loop`, so that the attack runs eagerly, inside
+`tf.function`, inside a compiled Keras `train_step` and in a `strategy.run` replica
+function; stateless random numbers from an int [2] seed tensor, so that a seed gives the same
+start on every run (the stream `sparta_tf.attacks` has always drawn on TensorFlow).
+"""
+
+import tensorflow as tf
+
+
+def input_gradient(loss_fn, x):
+    """The gradient of the scalar `loss_fn(x)` with respect to `x`."""
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = loss_fn(x)
+    return tape.gradient(loss, x)
+
+
+def fori_loop(steps, body, value):
+    """`value = body(i, value)` for i in 0..steps-1: a `tf.while_loop`, so that 100 steps
+    stay one small graph."""
+    _, value = tf.while_loop(lambda i, _: i < steps, lambda i, v: (i + 1, body(i, v)),
+                             (tf.constant(0), value))
+    return value
+
+
+def seed(value):
+    """A stateless seed (int32 or int64 [2] tensor) from `value`."""
+    return tf.convert_to_tensor(value)
+
+
+def fold_in(seed_, data):
+    """A new seed from `seed_` and the int `data` (`stateless_fold_in`)."""
+    return tf.random.experimental.stateless_fold_in(seed_, data)
+
+
+def uniform_like(x, seed_, minval, maxval):
+    """U(minval, maxval) noise of `x`'s shape and dtype: stateless from `seed_`, or from
+    TensorFlow's global generator when `seed_` is None."""
+    if seed_ is None:
+        return tf.random.uniform(tf.shape(x), minval, maxval, dtype=x.dtype)
+    return tf.random.stateless_uniform(tf.shape(x), seed_, minval, maxval, dtype=x.dtype)

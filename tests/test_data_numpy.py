@@ -1,0 +1,258 @@
+"""Tests of sparta_tf.data without TensorFlow: the Pillow reader, `numpy_batches`, and
+`load` in a process where TensorFlow cannot be imported (the JAX backend)."""
+
+import importlib.util
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from sparta_tf import data
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = ["ant", "cat", "dog"]
+
+
+@pytest.fixture(name="pillow")
+def _pillow(monkeypatch):
+    """`data.load` as on a backend other than TensorFlow: images decoded by Pillow."""
+    monkeypatch.setattr(data, "_keras_backend", lambda: "jax")
+
+
+def _write_folder(root, per_split=(("train", 4), ("test", 2)), size=8):
+    """A split/class/image folder of textured images, PNG and JPEG (and one grey PNG)."""
+    rng = np.random.default_rng(0)
+    for split, count in per_split:
+        for name in reversed(CLASSES):
+            os.makedirs(root / split / name)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                image = Image.fromarray(pixels)
+                if i == 3:
+                    image = image.convert("L")  # grey: three equal channels when read
+                image.save(root / split / name / f"{i}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+# --- the reader ---------------------------------------------------------------
+
+def test_folder_order_and_tensorflow_pixels_are_tfds_image_folders():
+    folder = data._image_folder(data._extract(data.BUNDLED_ARCHIVE))
+    builder = tfds.ImageFolder(folder.root)
+    assert folder.class_names == builder.info.features["label"].names
+    for split in ("train", "test"):
+        examples = list(tfds.as_numpy(builder.as_dataset(split=split).batch(4096)))
+        paths = [p.decode() for e in examples for p in e["image/filename"]]
+        assert paths == folder.paths[split]  # the same images in the same order
+        np.testing.assert_array_equal(np.concatenate([e["label"] for e in examples]),
+                                      folder.labels[split])
+        np.testing.assert_array_equal(data._decode_tensorflow(folder.paths[split]),
+                                      np.concatenate([e["image"] for e in examples]))
+
+
+def test_pillow_differs_from_tensorflow_only_by_the_jpeg_dct():
+    # The documented difference: TensorFlow decodes JPEG with the fast integer DCT, Pillow
+    # with the accurate one; with the accurate DCT TensorFlow gives Pillow's pixels exactly.
+    folder = data._image_folder(data._extract(data.BUNDLED_ARCHIVE))
+    paths = folder.paths["test"]
+    ours, theirs = data._decode_pillow(paths), data._decode_tensorflow(paths)
+    assert ours.shape == theirs.shape == (1000, 32, 32, 3) and ours.dtype == np.uint8
+    difference = np.abs(ours.astype(int) - theirs)
+    print(f"Pillow vs TensorFlow on the bundled test split: {np.mean(difference > 0):.3f} of "
+          f"the values differ, by {difference.mean():.3f} on average, {difference.max()} at most")
+    assert difference.max() <= 5 and 0.5 < np.mean(difference > 0) < 0.8
+    assert difference.mean() < 1.1
+    accurate = np.stack([tf.io.decode_jpeg(tf.io.read_file(p), channels=3,
+                                           dct_method="INTEGER_ACCURATE").numpy()
+                         for p in paths])
+    np.testing.assert_array_equal(ours, accurate)
+
+
+def test_pillow_reads_png_as_tensorflow_does(tmp_path, pillow):
+    root = str(_write_folder(tmp_path / "images"))
+    folder = data._image_folder(root)
+    png = [p for p in folder.paths["train"] + folder.paths["test"] if p.endswith(".png")]
+    np.testing.assert_array_equal(data._decode_pillow(png), data._decode_tensorflow(png))
+    d = data.load(root)  # by Pillow
+    assert d.class_names == CLASSES and d.x_train.shape == (12, 8, 8, 3)
+    assert d.x_train.dtype == np.uint8 and d.y_train.dtype == np.int32
+    np.testing.assert_array_equal(d.y_train, folder.labels["train"])
+    grey = [i for i, p in enumerate(folder.paths["train"]) if p.endswith("3.png")]
+    assert grey and all(np.ptp(d.x_train[i], axis=-1).max() == 0 for i in grey)
+
+
+def test_pillow_names_a_bad_image(tmp_path, pillow):
+    root = _write_folder(tmp_path / "images")
+    (root / "train" / "cat" / "broken.png").write_bytes(b"not a png at all")
+    with pytest.raises(data.BadDataError, match=r"Cannot decode image .*train/cat/broken\.png"):
+        data.load(str(root))
+
+
+def test_pillow_names_an_image_of_another_shape(tmp_path, pillow):
+    root = _write_folder(tmp_path / "images")
+    Image.new("RGB", (9, 8)).save(root / "test" / "dog" / "wide.png")
+    with pytest.raises(data.BadDataError, match=r"Image .*test/dog/wide\.png has shape"):
+        data.load(str(root))
+
+
+def test_pillow_keeps_the_checks(tmp_path, pillow):
+    root = _write_folder(tmp_path / "images")
+    with pytest.raises(data.BadDataError, match="max_train=13 but the train split"):
+        data.load(str(root), max_train=13)
+    a, b = (data.load(str(root), max_train=6, max_test=3, seed=4) for _ in range(2))
+    np.testing.assert_array_equal(a.x_train, b.x_train)
+    np.testing.assert_array_equal(np.bincount(a.y_train), [2, 2, 2])
+    os.makedirs(root / "train" / "emu")
+    Image.new("RGB", (8, 8)).save(root / "train" / "emu" / "0.png")
+    with pytest.raises(data.BadDataError, match="only in train/: \\['emu'\\]"):
+        data.load(str(root))
+
+
+def test_tfds_name_refused_on_another_backend(pillow):
+    with pytest.raises(data.BadDataError) as info:
+        data.load("cifar10")
+    message = str(info.value)
+    for part in ["'cifar10'", "needs TensorFlow", "the Keras backend is 'jax'",
+                 "folder or .tar.gz", "top/train/airplane/0001.jpg", "--dataset=bundled"]:
+        assert part in message, message
+
+
+# --- numpy_batches ------------------------------------------------------------
+
+# Image i is a texture; FLAT[i] is flat with grey level i + 1.
+N, BATCH = 70, 16
+TEXTURES = np.random.default_rng(0).integers(0, 256, (N, 32, 32, 3), dtype=np.uint8)
+FLAT = np.repeat(np.arange(1, N + 1, dtype=np.uint8), 32 * 32 * 3).reshape(N, 32, 32, 3)
+Y = np.arange(N, dtype=np.int32) % 7
+
+
+def _epoch(x=TEXTURES, **kwargs):
+    kwargs = {"batch_size": BATCH, "seed": 3, "epoch": 0, **kwargs}
+    batches = list(data.numpy_batches(x, Y, **kwargs))
+    return [b[0] for b in batches], [b[1] for b in batches]
+
+
+def test_numpy_batches_are_train_datasets_order():
+    images, labels = _epoch(FLAT, augment=False)
+    assert len(images) == data.steps_per_epoch(N, BATCH) == 4  # the partial batch dropped
+    assert all(b.shape == (BATCH, 32, 32, 3) and b.dtype == np.float32 for b in images)
+    assert all(b.shape == (BATCH,) and b.dtype == np.int32 for b in labels)
+    theirs = list(tfds.as_numpy(data.train_dataset(FLAT, Y, BATCH, 3, 0, augment=False)))
+    for ours_x, ours_y, (their_x, their_y) in zip(images, labels, theirs):
+        np.testing.assert_array_equal(ours_x, their_x)
+        np.testing.assert_array_equal(ours_y, their_y)
+    index = np.round(np.concatenate(images).max(axis=(1, 2, 3)) * 255).astype(int) - 1
+    np.testing.assert_array_equal(np.concatenate(labels), Y[index])  # labels aligned
+    assert not np.array_equal(images[0], _epoch(FLAT, augment=False, epoch=1)[0][0])
+    assert not np.array_equal(images[0], _epoch(FLAT, augment=False, seed=4)[0][0])
+
+
+def test_numpy_batches_are_deterministic_and_resume():
+    images, labels = _epoch(epoch=2)
+    again, _ = _epoch(epoch=2)
+    for a, b in zip(images, again):
+        np.testing.assert_array_equal(a, b)
+    for k in (1, 3, 4):
+        rest_images, rest_labels = _epoch(epoch=2, skip_batches=k)
+        assert len(rest_images) == 4 - k
+        for got, want in zip(rest_images + rest_labels, images[k:] + labels[k:]):
+            np.testing.assert_array_equal(got, want)
+    # Keyed by the position in the epoch, not by the batch: halved batches, same epoch.
+    halves, _ = _epoch(epoch=2, batch_size=BATCH // 2)
+    np.testing.assert_array_equal(np.concatenate(halves), np.concatenate(images))
+    assert not np.array_equal(np.concatenate(images), np.concatenate(_epoch(epoch=3)[0]))
+
+
+def test_numpy_augmentation_is_a_padded_crop_and_flip():
+    augmented = np.concatenate(_epoch()[0])
+    plain = np.concatenate(_epoch(augment=False)[0])
+    assert augmented.min() >= 0.0 and augmented.max() <= 1.0
+    changed = (augmented != plain).any(axis=(1, 2, 3))
+    assert changed.mean() > 0.8  # the unchanged are no shift and no flip: 1 in 162
+    assert (augmented == 0).all(axis=(2, 3)).any()  # some rows of zero padding
+    pad = data.PAD
+    seen = set()
+    for got, source in zip(augmented, plain):
+        padded = np.pad(source, [(pad, pad), (pad, pad), (0, 0)])
+        matches = [(top, left, flip)
+                   for top, left, flip in itertools.product(range(2 * pad + 1), repeat=3)
+                   if flip < 2 and np.array_equal(
+                       got, (padded[top:top + 32, left:left + 32])[:, ::-1 if flip else 1])]
+        assert matches, "not a crop of the padded image, flipped or not"
+        seen.update(matches)
+    assert len({m[2] for m in seen}) == 2 and len({m[0] for m in seen}) >= 6
+
+
+# --- without TensorFlow ---------------------------------------------------------
+
+_WITHOUT_TF = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from sparta_tf import data
+    bundled = data.load(data_dir=sys.argv[1], max_train=200, max_test=50, seed=0)
+    tiny = data.load(sys.argv[2], data_dir=sys.argv[1])
+    try:
+        data.load("cifar10", data_dir=sys.argv[1])
+        refused = None
+    except data.BadDataError as e:
+        refused = str(e)
+    batches = list(data.numpy_batches(tiny.x_train, tiny.y_train, 4, seed=0, epoch=0))
+    np.savez(sys.argv[3], x_train=bundled.x_train, y_train=bundled.y_train)
+    print("RESULT" + json.dumps({
+        "tensorflow_imported": "tensorflow" in sys.modules,
+        "bundled": [list(bundled.x_train.shape), list(bundled.x_test.shape),
+                    np.bincount(bundled.y_train).tolist(), bundled.class_names],
+        "tiny": [list(tiny.x_train.shape), list(tiny.x_test.shape), tiny.class_names],
+        "batches": [len(batches), list(batches[0][0].shape), str(batches[0][0].dtype)],
+        "refused": refused,
+    }))
+""")
+
+
+def _without_tensorflow(folder):
+    """A folder to put first on PYTHONPATH: `import tensorflow` (and tensorflow_datasets)
+    raise ImportError there, as on a machine without them."""
+    for name in ("tensorflow", "tensorflow_datasets"):
+        os.makedirs(os.path.join(folder, name))
+        with open(os.path.join(folder, name, "__init__.py"), "w") as f:
+            f.write('raise ImportError("blocked for the test")\n')
+    return str(folder)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="needs jax")
+def test_load_without_tensorflow(tmp_path):
+    archive = str(tmp_path / "tiny.tar.gz")
+    with tarfile.open(archive, "w:gz") as tar:  # the CIFAR-10 archive layout: a top folder
+        tar.add(_write_folder(tmp_path / "tiny"), arcname="tiny")
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([_without_tensorflow(tmp_path / "blocked"), REPO,
+                                           os.environ.get("PYTHONPATH", "")]))
+    arrays = str(tmp_path / "bundled.npz")
+    out = subprocess.run([sys.executable, "-c", _WITHOUT_TF, str(tmp_path / "cache"), archive,
+                          arrays], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = [l for l in out.stdout.splitlines() if l.startswith("RESULT")][-1]
+    r = json.loads(line[len("RESULT"):])
+    assert not r["tensorflow_imported"]
+    assert r["bundled"] == [[200, 32, 32, 3], [50, 32, 32, 3], [20] * 10,
+                            ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+                             "horse", "ship", "truck"]]
+    assert r["tiny"] == [[12, 8, 8, 3], [6, 8, 8, 3], CLASSES]
+    assert r["batches"] == [3, [4, 8, 8, 3], "float32"]
+    assert "TFDS dataset 'cifar10' needs TensorFlow" in r["refused"]
+    assert "the Keras backend is 'jax'" in r["refused"]
+    assert "top/train/airplane/0001.jpg" in r["refused"]
+    # The same class-balanced sample as on TensorFlow: the same images, decoded by Pillow.
+    on_tf = data.load(max_train=200, max_test=50, seed=0)
+    without = np.load(arrays)
+    np.testing.assert_array_equal(without["y_train"], on_tf.y_train)
+    assert np.abs(without["x_train"].astype(int) - on_tf.x_train).max() <= 5
