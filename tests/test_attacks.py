@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import jax_without_tensorflow, needs_jax
 from sparta_tf import layers
 from sparta_tf.attacks import PGD, fgsm
 
@@ -463,17 +464,7 @@ def test_loss_is_float32_for_float16_logits(loss):
 _JAX_CHECKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jax_checks_attacks.py")
 
 
-def _without_tensorflow(folder):
-    """A folder to put first on PYTHONPATH: `import tensorflow` (and tensorflow_datasets)
-    raise ImportError there, as on a machine without them."""
-    for name in ("tensorflow", "tensorflow_datasets"):
-        os.makedirs(os.path.join(folder, name))
-        with open(os.path.join(folder, name, "__init__.py"), "w") as f:
-            f.write('raise ImportError("blocked for the test")\n')
-    return str(folder)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="needs jax")
+@needs_jax
 def test_pgd_on_jax(tmp_path):
     # The reference on TensorFlow (on the CPU, as the JAX side: no TF32 on a GPU).
     spec = importlib.util.spec_from_file_location("jax_checks_attacks", _JAX_CHECKS)
@@ -482,10 +473,7 @@ def test_pgd_on_jax(tmp_path):
     with tf.device("/cpu:0"):
         checks.reference(str(tmp_path))
     # The checks on JAX, with TensorFlow unimportable, in one subprocess.
-    blocked = _without_tensorflow(tmp_path / "blocked")
-    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([blocked, os.path.dirname(os.path.dirname(
-                   _JAX_CHECKS)), os.environ.get("PYTHONPATH", "")]))
+    env = jax_without_tensorflow(tmp_path / "blocked")
     out = subprocess.run([sys.executable, _JAX_CHECKS, str(tmp_path)], capture_output=True,
                          text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

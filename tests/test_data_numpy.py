@@ -1,7 +1,6 @@
 """Tests of sparta_tf.data without TensorFlow: the Pillow reader, `numpy_batches`, and
 `load` in a process where TensorFlow cannot be imported (the JAX backend)."""
 
-import importlib.util
 import itertools
 import json
 import os
@@ -16,9 +15,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from conftest import jax_without_tensorflow, needs_jax
 from sparta_tf import data
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["ant", "cat", "dog"]
 
 
@@ -218,24 +217,12 @@ _WITHOUT_TF = textwrap.dedent("""
 """)
 
 
-def _without_tensorflow(folder):
-    """A folder to put first on PYTHONPATH: `import tensorflow` (and tensorflow_datasets)
-    raise ImportError there, as on a machine without them."""
-    for name in ("tensorflow", "tensorflow_datasets"):
-        os.makedirs(os.path.join(folder, name))
-        with open(os.path.join(folder, name, "__init__.py"), "w") as f:
-            f.write('raise ImportError("blocked for the test")\n')
-    return str(folder)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="needs jax")
+@needs_jax
 def test_load_without_tensorflow(tmp_path):
     archive = str(tmp_path / "tiny.tar.gz")
     with tarfile.open(archive, "w:gz") as tar:  # the CIFAR-10 archive layout: a top folder
         tar.add(_write_folder(tmp_path / "tiny"), arcname="tiny")
-    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([_without_tensorflow(tmp_path / "blocked"), REPO,
-                                           os.environ.get("PYTHONPATH", "")]))
+    env = jax_without_tensorflow(tmp_path / "blocked")
     arrays = str(tmp_path / "bundled.npz")
     out = subprocess.run([sys.executable, "-c", _WITHOUT_TF, str(tmp_path / "cache"), archive,
                           arrays], capture_output=True, text=True, env=env, timeout=300)

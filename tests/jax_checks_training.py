@@ -1,0 +1,75 @@
+"""One AT step of `adversarial.AdversarialModel` on a batch, for the TF/JAX cross-check.
+
+`tests/test_jax_training.py::test_the_tf_and_jax_steps_agree` runs `step(folder)` on
+TensorFlow in its own process, and this file as a script on JAX (TensorFlow unimportable):
+
+    KERAS_BACKEND=jax python tests/jax_checks_training.py FOLDER
+
+Both start from the weights and batch in FOLDER (written on TensorFlow by `setup`), attack
+without a random start, take one SGD step, and write what they got to FOLDER/<backend>.npz:
+the adversarial images, the loss, and every weight after the step.
+"""
+
+import os
+import sys
+
+import keras
+import numpy as np
+
+SHAPE = (16, 16, 3)
+WEIGHTS = "net.weights.h5"
+BATCH = "batch.npz"
+LR = 1.0  # plain SGD: the step's change of each weight is its gradient
+
+
+def _models(objective):
+    from sparta_tf import adversarial, attacks, models  # pylint: disable=import-outside-toplevel
+    net = models.build("resnet18", 10, "sparta", width_multiplier=0.0625, input_shape=SHAPE)
+    attack = attacks.PGD(8 / 255, 3, random_start=False)
+    model = adversarial.AdversarialModel(net, objective, attack, weight_decay=5e-4)
+    model.compile(keras.optimizers.SGD(LR))
+    model.optimizer.build(net.trainable_variables)
+    return net, model
+
+
+def setup(folder):
+    """On TensorFlow: the seeded network's weights and a batch."""
+    keras.utils.set_random_seed(0)
+    net, _ = _models("pgd")
+    net.save_weights(os.path.join(folder, WEIGHTS))
+    rng = np.random.default_rng(0)
+    np.savez(os.path.join(folder, BATCH), x=rng.uniform(size=(16, *SHAPE)).astype("float32"),
+             y=rng.integers(0, 10, 16).astype("int32"))
+
+
+def step(folder, objective="pgd"):
+    """One train step from FOLDER's weights and batch; writes FOLDER/<backend>.npz."""
+    net, model = _models(objective)
+    net.load_weights(os.path.join(folder, WEIGHTS))
+    batch = np.load(os.path.join(folder, BATCH))
+    x, y = batch["x"], batch["y"]
+    backend = keras.backend.backend()
+    if backend == "jax":
+        from sparta_tf.backend import jax_trainer  # pylint: disable=import-outside-toplevel
+        model(x[:1])  # built, as jax_trainer.run does
+        assert [v.path for v in model.trainable_variables] == \
+            [v.path for v in net.trainable_variables]
+        state = jax_trainer._state(model)  # pylint: disable=protected-access
+        x_adv = model.adversarial_examples(
+            lambda v, training=False: net.stateless_call(
+                state[0], state[1], v, training=training)[0], x, y, None)
+        logs, state = model.train_step(state, (x, y))
+        jax_trainer._assign(model, state)  # pylint: disable=protected-access
+    else:
+        x_adv = model.adversarial_examples(net, x, y, None)
+        logs = model.train_step((x, y))
+    x_adv = x if x_adv is None else x_adv  # `standard` trains on x itself
+    np.savez(os.path.join(folder, f"{backend}_{objective}.npz"),
+             x_adv=keras.ops.convert_to_numpy(x_adv), loss=float(logs["loss"]),
+             **{f"w{i}": keras.ops.convert_to_numpy(w) for i, w in enumerate(net.weights)})
+
+
+if __name__ == "__main__":
+    for name in ("pgd", "standard"):
+        step(sys.argv[1], name)
+    print("tensorflow imported:", "tensorflow" in sys.modules)

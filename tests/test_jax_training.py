@@ -1,0 +1,114 @@
+"""PGD adversarial training on JAX: the step agrees with TensorFlow's, and sparta-train runs,
+resumes after a kill and writes what TensorFlow's apps read, with TensorFlow unimportable."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import ROOT, jax_without_tensorflow, needs_jax
+from sparta_tf import transfer
+
+_CHECKS = os.path.join(ROOT, "tests", "jax_checks_training.py")
+
+
+def _checks():
+    spec = importlib.util.spec_from_file_location("jax_checks_training", _CHECKS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@needs_jax
+def test_the_tf_and_jax_steps_agree(tmp_path):
+    """The same weights and batch, PGD without a random start: the two backends' AT steps
+    give the same adversarial images, loss and updated weights (the gradients, lr 1).
+
+    TRADES is left out: without a random start its attack begins where the KL's gradient
+    is exactly 0, so the sign of round-off decides its first step on each backend."""
+    checks = _checks()
+    with tf.device("/cpu:0"):
+        checks.setup(str(tmp_path))
+        for objective in ("pgd", "standard"):
+            checks.step(str(tmp_path), objective)
+    out = subprocess.run([sys.executable, _CHECKS, str(tmp_path)], capture_output=True,
+                         text=True, env=jax_without_tensorflow(tmp_path / "blocked"),
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "tensorflow imported: False" in out.stdout
+    for objective in ("pgd", "standard"):
+        tf_out = np.load(tmp_path / f"tensorflow_{objective}.npz")
+        jax_out = np.load(tmp_path / f"jax_{objective}.npz")
+        same = np.mean(np.abs(tf_out["x_adv"] - jax_out["x_adv"]) < 1e-6)  # standard: x
+        assert same >= 0.999, f"{objective}: {same:.4%} of the adversarial pixels agree"
+        np.testing.assert_allclose(jax_out["loss"], tf_out["loss"], rtol=1e-5)
+        weights = [k for k in tf_out if k.startswith("w")]
+        assert len(weights) > 20
+        for name in weights:
+            np.testing.assert_allclose(jax_out[name], tf_out[name], rtol=1e-4, atol=1e-5,
+                                       err_msg=f"{objective} {name}")
+
+
+def _train(model_dir, env, **popen):
+    cmd = [sys.executable, "-m", "trainers.train", f"--model_dir={model_dir}",
+           "--max_train=96", "--max_test=20", "--width_multiplier=0.0625", "--epochs=2",
+           "--batch_size=16", "--pgd_steps=1", "--eval_pgd_steps=2", "--checkpoint_every=2"]
+    if popen:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, **popen)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _weights(model_dir):
+    return transfer.load(model_dir).get_weights()
+
+
+@needs_jax
+def test_sparta_train_on_jax_without_tensorflow_resumes_after_a_kill(tmp_path):
+    env = jax_without_tensorflow(tmp_path / "blocked")
+    straight = _train(tmp_path / "a", env)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert "not exported: a SavedModel needs TensorFlow" in straight.stdout
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["backend"] == "jax"
+
+    killed = tmp_path / "b"
+    proc = _train(killed, env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "ckpt-2").exists() and proc.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "results.json").exists(), "the run ended before it was killed"
+    resumed = _train(killed, env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming" in resumed.stdout
+    for a, b in zip(_weights(tmp_path / "a"), _weights(killed)):  # read on TensorFlow
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    assert json.loads((killed / "results.json").read_text()) == \
+        json.loads((tmp_path / "a" / "results.json").read_text())
+    assert [json.loads(l)["epoch"] for l in open(killed / "metrics.jsonl")] == [1, 2]
+
+    # TensorFlow's apps read it: resuming it on TensorFlow is refused (another backend) ...
+    on_tf = subprocess.run(
+        [sys.executable, "-m", "trainers.train", f"--model_dir={killed}", "--max_train=96",
+         "--max_test=20", "--width_multiplier=0.0625", "--epochs=2", "--batch_size=16",
+         "--pgd_steps=1", "--eval_pgd_steps=2"], cwd=ROOT, capture_output=True, text=True,
+        timeout=300)
+    assert on_tf.returncode != 0 and "backend: 'jax' in model_dir" in on_tf.stderr
+    # ... and sparta-evaluate evaluates it.
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "trainers.evaluate", f"--model_path={killed}", "--noautoattack",
+         "--eval_steps=2", "--pgd_restarts=1", "--square_queries=10"], cwd=ROOT,
+        capture_output=True, text=True, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    report = json.loads((killed / "eval.json").read_text())
+    assert report["accuracy"]["clean"] == pytest.approx(
+        json.loads((killed / "results.json").read_text())["clean_acc"], abs=0.1)
