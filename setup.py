@@ -24,9 +24,12 @@ setup(
         "adversarial-robustness-toolbox",
         "matplotlib",
         "tqdm",
+        "pillow",  # reads image folders where TensorFlow is not installed (JAX)
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist"],
+        # jax (its CPU build) for the backend tests: Sparta and PGD AT on JAX.
+        "test": ["pytest", "pytest-xdist", "jax>=0.4.30"],
+        "jax": ["jax>=0.4.30"],
         "and-cuda": ["tensorflow[and-cuda]>=2.16"],
     },
     entry_points={"console_scripts": [

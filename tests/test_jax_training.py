@@ -112,3 +112,15 @@ def test_sparta_train_on_jax_without_tensorflow_resumes_after_a_kill(tmp_path):
     report = json.loads((killed / "eval.json").read_text())
     assert report["accuracy"]["clean"] == pytest.approx(
         json.loads((killed / "results.json").read_text())["clean_acc"], abs=0.1)
+
+
+@needs_jax
+@pytest.mark.parametrize("app", ["evaluate", "export", "compare", "transfer"])
+def test_the_tensorflow_only_apps_refuse_jax_in_one_line(app, tmp_path):
+    out = subprocess.run([sys.executable, "-m", f"trainers.{app}", "--model_path=x"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env=jax_without_tensorflow(tmp_path / "blocked"))
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith("error: sparta-")
+    assert "needs TensorFlow" in out.stderr and "runs on jax here" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -30,4 +30,19 @@ def _quiet_tensorflow_start():
         os.close(null)
 
 
+def require_tensorflow(app, needs):
+    """Exits with one line unless Keras runs on TensorFlow: `app` needs it for `needs`.
+
+    Call it at the top of a TensorFlow-only app, before its imports load TensorFlow (on a
+    machine without it, an import would end in a traceback instead).
+    """
+    import sys
+
+    import keras
+    if keras.backend.backend() != "tensorflow":
+        sys.exit(f"error: {app} needs TensorFlow ({needs}), and Keras runs on "
+                 f"{keras.backend.backend()} here. Run it with KERAS_BACKEND=tensorflow; on "
+                 "JAX, sparta-train trains and evaluates.")
+
+
 _quiet_tensorflow_start()

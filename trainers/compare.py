@@ -13,8 +13,12 @@ same command resumes: finished cells are skipped, a killed one continues.
 --report_only writes the reports of the cells finished so far, training nothing.
 """
 
-import os
-import sys
+import trainers
+
+trainers.require_tensorflow("sparta-compare and sparta-transfer", "ART's AutoAttack and the grid's evaluation")
+
+import os  # noqa: E402  (after the check: the imports below load TensorFlow)
+import sys  # noqa: E402
 
 from absl import app, logging
 

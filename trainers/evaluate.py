@@ -14,8 +14,12 @@ its own graph, TensorFlow ops chosen by whoever wrote it: only evaluate SavedMod
 trust.
 """
 
-import os
-import sys
+import trainers
+
+trainers.require_tensorflow("sparta-evaluate", "SavedModels and ART's AutoAttack")
+
+import os  # noqa: E402  (after the check: the imports below load TensorFlow)
+import sys  # noqa: E402
 
 from absl import app, flags
 

@@ -9,7 +9,11 @@ and `serve_image_bytes` (JPEG or PNG bytes), both returning logits, probabilitie
 and class_names (see sparta_tf/export.py). An existing version is never overwritten.
 """
 
-import sys
+import trainers
+
+trainers.require_tensorflow("sparta-export", "a SavedModel is TensorFlow's")
+
+import sys  # noqa: E402  (after the check: the imports below load TensorFlow)
 
 from absl import app, logging
 
