@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, needs_jax
 
 
 def _run(script, *args):
@@ -51,3 +51,17 @@ def test_arm_overhead_times_every_arm_against_the_first(tmp_path):
     assert relu["time_vs_ref_median"] == relu["params_vs_ref"] == 1.0
     assert mean["params"] > relu["params"] and mean["s_per_step_median"] > 0
     assert "cores" in report["device"] or "GPU" in report["device"]
+
+
+@needs_jax
+def test_backends_times_tensorflow_against_jax(tmp_path):
+    out = _run("backends.py", "--width=0.0625", "--batch_size=8", "--rounds=2", "--steps=1",
+               f"--output_dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "backends.json").read_text())
+    assert set(report["seconds_per_step"]) == {
+        "tensorflow/relu", "jax/relu", "tensorflow/sparta", "jax/sparta"}
+    assert all(0 < s["min"] <= s["median"] <= s["max"] for s in report["seconds_per_step"].values())
+    assert set(report["ratios"]) == {"jax / tensorflow, relu", "jax / tensorflow, sparta",
+                                     "sparta / relu, tensorflow", "sparta / relu, jax"}
+    assert "TensorFlow against JAX" in (tmp_path / "BACKENDS.md").read_text()

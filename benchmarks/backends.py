@@ -1,0 +1,151 @@
+"""The AT step on TensorFlow against JAX: one machine, the same configuration, interleaved.
+
+    python benchmarks/backends.py --output_dir=results/benchmarks/NAME
+
+Keras picks its backend once per process, so two worker processes hold the compiled PGD-K
+AT step of `adversarial.AdversarialModel` (ResNet-18, each activation, the same batch every
+call, after a warm-up): on TensorFlow its `train_step` in one `tf.function`, on JAX its
+stateless `train_step` under `jax.jit` (as sparta-train runs them). This process asks them
+in turn to time `--steps` steps, configuration after configuration, round after round, so
+that a slow spell of the machine falls on all of them. Each figure is the median over
+rounds (with min and max); every ratio is taken within a round. Writes `backends.json` and
+`BACKENDS.md`.
+"""
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+import common
+
+flags.DEFINE_list("activations", ["relu", "sparta"], "Activations of the AT step.")
+flags.DEFINE_float("width", 0.25, "ResNet-18 width multiplier.")
+common.define_step_flags()
+flags.DEFINE_string("output_dir", None, "Where to write backends.json and BACKENDS.md.")
+flags.DEFINE_bool("worker", False, "Internal: serve timings on this process's backend.")
+FLAGS = flags.FLAGS
+BACKENDS = ("tensorflow", "jax")
+
+
+def _steps():
+    """{activation: a function running one AT step} on this process's backend."""
+    import keras
+    import numpy as np
+    from sparta_tf import adversarial, attacks, models
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(FLAGS.batch_size, 32, 32, 3)).astype("float32")
+    y = (np.arange(FLAGS.batch_size) % 10).astype("int32")
+    steps = {}
+    for activation in FLAGS.activations:
+        net = models.build("resnet18", 10, activation, FLAGS.width)
+        model = adversarial.AdversarialModel(net, "pgd", attacks.PGD(8 / 255, FLAGS.pgd_steps))
+        model.compile(keras.optimizers.SGD(0.1, momentum=0.9))
+        model.optimizer.build(net.trainable_variables)
+        steps[activation] = (_jax_step if keras.backend.backend() == "jax" else _tf_step)(
+            model, x, y)
+    return steps
+
+
+def _tf_step(model, x, y):
+    import tensorflow as tf
+    step, batch = tf.function(model.train_step), (tf.constant(x), tf.constant(y))
+    return lambda: float(step(batch)["loss"])
+
+
+def _jax_step(model, x, y):
+    import jax
+    from sparta_tf.backend import jax_trainer
+    model(x[:1])  # built, as jax_trainer.run does
+    step, holder = jax.jit(model.train_step, donate_argnums=0), [jax_trainer._state(model)]
+
+    def run():
+        logs, holder[0] = step(holder[0], (x, y))
+        return float(logs["loss"])
+    return run
+
+
+def _serve():
+    """The worker: reads `ACTIVATION N` lines, answers with the seconds of N steps."""
+    steps = _steps()
+    for run in steps.values():  # warm-up: compile, and a step after it
+        run()
+        run()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        activation, n = line.split()
+        start = time.perf_counter()
+        for _ in range(int(n)):
+            run = steps[activation]
+            run()  # float(): waits for the step's result
+        print(time.perf_counter() - start, flush=True)
+
+
+def _start(backend):
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
+    args = [a for a in sys.argv[1:] if not a.startswith("--output_dir")]
+    proc = subprocess.Popen([sys.executable, __file__, "--worker", *args], env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    while proc.stdout.readline().strip() != "ready":
+        if proc.poll() is not None:
+            raise RuntimeError(f"the {backend} worker failed to start")
+    return proc
+
+
+def _spread(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def main(argv):
+    del argv
+    if FLAGS.worker:
+        return _serve()
+    workers = {backend: _start(backend) for backend in BACKENDS}
+    rounds = []
+    for _ in range(FLAGS.rounds):
+        timing = {}
+        for activation in FLAGS.activations:
+            for backend, proc in workers.items():
+                proc.stdin.write(f"{activation} {FLAGS.steps}\n")
+                proc.stdin.flush()
+                timing[f"{backend}/{activation}"] = float(proc.stdout.readline()) / FLAGS.steps
+        rounds.append(timing)
+    for proc in workers.values():
+        proc.stdin.close()
+        proc.wait()
+    seconds = {k: _spread([r[k] for r in rounds]) for k in rounds[0]}
+    ratios = {}
+    for activation in FLAGS.activations:
+        ratios[f"jax / tensorflow, {activation}"] = _spread(
+            [r[f"jax/{activation}"] / r[f"tensorflow/{activation}"] for r in rounds])
+    for backend in BACKENDS:
+        for activation in FLAGS.activations[1:]:
+            ratios[f"{activation} / {FLAGS.activations[0]}, {backend}"] = _spread(
+                [r[f"{backend}/{activation}"] / r[f"{backend}/{FLAGS.activations[0]}"]
+                 for r in rounds])
+    report = {"machine": common.machine(), "batch_size": FLAGS.batch_size,
+              "pgd_steps": FLAGS.pgd_steps, "width": FLAGS.width, "rounds": FLAGS.rounds,
+              "steps": FLAGS.steps, "seconds_per_step": seconds, "ratios": ratios}
+    common.write(report, _markdown(report), FLAGS.output_dir, "backends.json", "BACKENDS.md")
+
+
+def _markdown(report):
+    lines = [f"# The PGD-{report['pgd_steps']} AT step: TensorFlow against JAX", "",
+             f"Machine: {report['machine']}. ResNet-18 at width {report['width']}, batch "
+             f"{report['batch_size']}, float32; {report['rounds']} interleaved rounds of "
+             f"{report['steps']} steps each (`benchmarks/backends.py`).", "",
+             "| step | img/s (median) | s/step median [min, max] |", "|---|---|---|"]
+    for name, s in report["seconds_per_step"].items():
+        lines.append(f"| {name} | {report['batch_size'] / s['median']:.0f} | "
+                     f"{s['median']:.3f} [{s['min']:.3f}, {s['max']:.3f}] |")
+    lines += ["", "| ratio of step times | median [min, max] |", "|---|---|"]
+    for name, r in report["ratios"].items():
+        lines.append(f"| {name} | {r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}] |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    app.run(main)
