@@ -5,14 +5,14 @@ The definition is `docs/SPARTA.md` of the project: for a feature map `X` in NHWC
     Z = DW_k(X) + b          # depthwise k x k convolution, stride 1, SAME zero padding
     Sparta(X) = X * sigmoid(Z)
 
-This module imports nothing else of `sparta_tf`.
+Everything here is `keras.ops` and Keras layers, so it runs on every Keras 3 backend
+(TensorFlow, JAX, PyTorch); the module imports no backend itself. It imports nothing else
+of `sparta_tf`.
 """
 
 import keras
 import numpy as np
-import tensorflow as tf
-
-_STRIDES = [1, 1, 1, 1]
+from keras import ops
 
 
 def normalized(x, epsilon=1e-6):
@@ -22,9 +22,17 @@ def normalized(x, epsilon=1e-6):
     each feature map, so `Sparta(c * x) = c * Sparta(x)` for c > 0. Half
     precision is computed in float32 and returned in x's dtype.
     """
-    wide = tf.cast(x, tf.float32 if x.dtype in (tf.float16, tf.bfloat16) else x.dtype)
-    rms = tf.sqrt(tf.reduce_mean(tf.square(wide), axis=[1, 2], keepdims=True) + epsilon)
-    return tf.cast(wide / rms, x.dtype)
+    half = keras.backend.standardize_dtype(x.dtype) in ("float16", "bfloat16")
+    wide = ops.cast(x, "float32") if half else x
+    # A sum over the count, not keras.ops.mean: on JAX that computes float64 in float32.
+    count = ops.cast(ops.shape(x)[1] * ops.shape(x)[2], wide.dtype)
+    rms = ops.sqrt(ops.sum(ops.square(wide), axis=(1, 2), keepdims=True) / count + epsilon)
+    return ops.cast(wide / rms, x.dtype)
+
+
+def gate_logits(u, kernel, bias):
+    """`Z = DW_k(u) + b`: the depthwise convolution, stride 1, SAME zero padding."""
+    return ops.depthwise_conv(u, kernel, padding="same") + bias
 
 
 def sparta_forward(x, kernel, bias, normalize=False):
@@ -33,51 +41,72 @@ def sparta_forward(x, kernel, bias, normalize=False):
     With `normalize`, the gate sees `normalized(x)` in place of `x`.
     """
     u = normalized(x) if normalize else x
-    z = tf.nn.depthwise_conv2d(u, kernel, _STRIDES, "SAME") + bias
-    return x * tf.sigmoid(z)
+    return x * ops.sigmoid(gate_logits(u, kernel, bias))
 
 
 def sparta_exact(x, kernel, bias, normalize=False):
     """The same forward with its exact gradient written out (SPARTA.md, "Gradients").
 
-    See `_gated`; with `normalize`, autodiff carries the gate input's gradient
-    on through `normalized`.
-    """
-    u = normalized(x) if normalize else x
-    return _gated(x, u, kernel, bias)
-
-
-@tf.custom_gradient
-def _gated(x, u, kernel, bias):
-    """`x * sigmoid(DW_k(u) + b)`, `u` the gate's input, with its exact gradient.
-
     With S = sigmoid(Z), upstream G and D = G * X * S * (1 - S) = dL/dZ:
 
-        dL/dX = G * S            (through the gated value)
-        dL/du = DW_k^T(D)        (through the gate)
-        dL/dK = depthwise_conv2d_backprop_filter(u, K.shape, D)
+        dL/dX = G * S + DW_k^T(D)
+        dL/dK = sum over N of the correlation of X with D
         dL/db = sum of D over N, H, W
 
-    With u = X, the two gradients to X add up to SPARTA.md's
-    dL/dX = G * S + DW_k^T(D). D is computed as (G * S) * (X - Y), Y = X * S
-    the output: the same number in three passes over the map instead of five
-    (G * S is needed anyway). The backward keeps X, u (the same tensor unless
-    normalised), S, Y (which the next layer keeps too) and K alive; nothing is
+    `_gate` (a `keras.ops.custom_gradient`) owns the nonlinear half: it takes
+    Z and returns X * S, and its backward gives G * S to X and D to Z from X
+    and an S that it recomputes. What it keeps for the backward is X, u (the
+    gate's input: X itself unless normalised), K and b; not Z, S or the
+    output. The linear half, Z = DW_k(u) + b, is differentiated by the
+    backend: D goes back through the depthwise convolution as DW_k^T(D) (the
+    kernel flipped) to u, as the correlation of u with D to K and as its sum
+    to b, in each backend's own depthwise-convolution gradient, which keeps
+    only u and K. Those are the formulas above, and no slower: written out in
+    `keras.ops` (a transposed, grouped or per-offset correlation), dL/dK took
+    3 to 10 times as long as TensorFlow's kernel on the CPU. With `normalize`,
+    autodiff carries u's gradient on through `normalized`. Nothing is
     approximated, so attacks see the true gradient.
     """
-    s = tf.sigmoid(tf.nn.bias_add(tf.nn.depthwise_conv2d(u, kernel, _STRIDES, "SAME"), bias))
-    y = x * s
+    u = normalized(x) if normalize else x
+    z = gate_logits(u, kernel, bias)
+    return _gate(x, z, ops.stop_gradient(u), ops.stop_gradient(kernel),
+                 ops.stop_gradient(bias))
 
-    def grad(g):
+
+@ops.custom_gradient
+def _gate(x, z, u, kernel, bias):
+    """`x * sigmoid(z)`, z = DW_k(u) + b, with S recomputed from u in the backward.
+
+    u, kernel and bias come in (gradient-stopped) only for the recomputation;
+    their gradients reach them through `gate_logits`, so this returns None
+    for them.
+    """
+    y = x * ops.sigmoid(z)
+
+    def grad(*args, upstream=None):  # TF, JAX: grad(G); PyTorch: grad(*inputs, upstream=G)
+        g = args[0] if upstream is None else upstream
+        s = ops.sigmoid(gate_logits(u, kernel * _one_after(g), bias))
         gs = g * s
-        d = gs * (x - y)
-        du = tf.nn.depthwise_conv2d_backprop_input(tf.shape(u), kernel, d, _STRIDES, "SAME")
-        dk = tf.nn.depthwise_conv2d_backprop_filter(
-            u, tf.shape(kernel), d, _STRIDES, "SAME")
-        db = tf.reduce_sum(d, axis=[0, 1, 2])
-        return gs, du, dk, db
+        return gs, gs * (x - x * s), None, None, None
 
     return y, grad
+
+
+def _one_after(g):
+    """The number 1, computed from `g`.
+
+    `K * _one_after(G)` is K, but a compiler cannot see that, so the backward's
+    recomputed convolution differs from the forward's one. Without it
+    common-subexpression elimination (grappler's and XLA's both) merges the
+    two, keeps Z alive from the forward to the backward, and undoes the
+    memory saving. It costs a few scalar operations.
+    """
+    return ops.sign(1.0 + ops.abs(ops.nan_to_num(ops.sum(g[:1, :1, :1, :1]))))
+
+
+# Backends whose keras.ops.custom_gradient differentiates; NumPy's and OpenVINO's
+# (inference only) just run the forward, and there the layer uses `sparta_forward`.
+_HAS_CUSTOM_GRADIENT = keras.backend.backend() in ("tensorflow", "jax", "torch")
 
 
 def _check_nhwc(layer, shape):
@@ -103,13 +132,30 @@ class Sparta(keras.layers.Layer):
     With `normalize_gate_input`, the gate is `sigmoid(DW_k(normalized(x)) + b)`:
     it sees each feature map divided by its root mean square (`normalized`).
 
+    Backends. The layer is `keras.ops` only. The exact custom gradient
+    (`sparta_exact`, through `keras.ops.custom_gradient`) is used on
+    TensorFlow, JAX and PyTorch, which all have `custom_gradient`; on a
+    backend without one (NumPy, OpenVINO: inference only) the layer falls
+    back to `sparta_forward`, which gives the same numbers. PyTorch's
+    `custom_gradient` saves every input of the op, Z included, so there it
+    saves no memory.
+
+    Cost against autodiff (`benchmarks/sparta_memory.py`: ResNet-18 at
+    width 0.25, batch 128, 32x32, one forward and backward, 2-core CPU;
+    results/benchmarks/sparta_memory/): on TensorFlow the custom gradient
+    holds 0.76x autodiff's peak memory in 0.97x its time. On JAX (XLA on
+    the CPU) it holds 0.91x in 1.34x the time: XLA already plans autodiff's
+    buffers tightly, and the recomputed depthwise convolution is slow on
+    its CPU, so there both targets (0.8x, 1.05x) are missed;
+    `use_custom_gradient=False` is the faster choice on JAX's CPU.
+
     Args:
         kernel_size: odd int, the size k of the depthwise gate kernel.
         beta0: the initial centre weight of the kernel.
         use_custom_gradient: if True, differentiate through `sparta_exact`
-            (the hand-written exact gradient, less activation memory); if
-            False, through autodiff of `sparta_forward`. Both give the same
-            numbers.
+            (the exact gradient that recomputes the gate in the backward,
+            less activation memory); if False, through autodiff of
+            `sparta_forward`. Both give the same numbers.
         kernel_regularizer: optional regularizer for the gate kernel.
         bias_regularizer: optional regularizer for the gate bias.
         normalize_gate_input: if True, the gate sees `normalized(x)`, so it
@@ -143,7 +189,8 @@ class Sparta(keras.layers.Layer):
         init[k // 2, k // 2] = self.beta0  # Swish with beta0 at the start
         self.kernel = self.add_weight(
             name="kernel", shape=init.shape,
-            initializer=lambda shape, dtype=None: tf.constant(init, dtype or "float32"),
+            initializer=lambda shape, dtype=None: ops.convert_to_tensor(
+                init, dtype or "float32"),
             regularizer=self.kernel_regularizer)
         self.bias = self.add_weight(
             name="bias", shape=(channels,), initializer="zeros",
@@ -151,19 +198,19 @@ class Sparta(keras.layers.Layer):
         self.input_spec = keras.layers.InputSpec(ndim=4, axes={-1: channels})
 
     def call(self, inputs):
-        kernel = tf.cast(self.kernel, inputs.dtype)
-        bias = tf.cast(self.bias, inputs.dtype)
-        fn = sparta_exact if self.use_custom_gradient else sparta_forward
+        kernel = ops.cast(self.kernel, inputs.dtype)
+        bias = ops.cast(self.bias, inputs.dtype)
+        exact = self.use_custom_gradient and _HAS_CUSTOM_GRADIENT
+        fn = sparta_exact if exact else sparta_forward
         return fn(inputs, kernel, bias, normalize=self.normalize_gate_input)
 
     def gate(self, inputs):
         """The attention map `sigmoid(DW_k(x) + b)`, for plots and analysis."""
-        inputs = tf.convert_to_tensor(inputs, self.compute_dtype)
+        inputs = ops.convert_to_tensor(inputs, self.compute_dtype)
         if self.normalize_gate_input:
             inputs = normalized(inputs)
-        z = tf.nn.depthwise_conv2d(inputs, tf.cast(self.kernel, inputs.dtype),
-                                   _STRIDES, "SAME")
-        return tf.sigmoid(z + tf.cast(self.bias, inputs.dtype))
+        return ops.sigmoid(gate_logits(inputs, ops.cast(self.kernel, inputs.dtype),
+                                       ops.cast(self.bias, inputs.dtype)))
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -199,9 +246,11 @@ class FReLU(keras.layers.Layer):
         self.conv = keras.layers.DepthwiseConv2D(
             kernel_size, padding="same", use_bias=False, dtype=self.dtype_policy,
             name="dw")
-        # Synchronised over replicas, as every other batch norm of sparta_tf.models.
-        self.bn = keras.layers.BatchNormalization(synchronized=True, dtype=self.dtype_policy,
-                                                  name="bn")
+        # Synchronised over replicas, as every other batch norm of sparta_tf.models, on
+        # TensorFlow: Keras has the option on that backend only (elsewhere it raises).
+        self.bn = keras.layers.BatchNormalization(
+            synchronized=keras.backend.backend() == "tensorflow", dtype=self.dtype_policy,
+            name="bn")
 
     def build(self, input_shape):
         _check_nhwc(self, input_shape)
@@ -210,7 +259,7 @@ class FReLU(keras.layers.Layer):
         self.input_spec = keras.layers.InputSpec(ndim=4, axes={-1: input_shape[-1]})
 
     def call(self, inputs, training=None):
-        return tf.maximum(inputs, self.bn(self.conv(inputs), training=training))
+        return ops.maximum(inputs, self.bn(self.conv(inputs), training=training))
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -259,11 +308,11 @@ class NonLocalMeans(keras.layers.Layer):
     def call(self, inputs):
         theta = self.theta(inputs) if self.embed else inputs
         phi = self.phi(inputs) if self.embed else inputs
-        shape = tf.shape(inputs)
-        flat = lambda t: tf.reshape(t, [shape[0], shape[1] * shape[2], t.shape[-1]])
-        scores = tf.matmul(flat(theta), flat(phi), transpose_b=True)  # [N, HW, HW]
-        weights = tf.nn.softmax(scores * tf.cast(self.embed_channels ** -0.5, scores.dtype))
-        return tf.reshape(tf.matmul(weights, flat(inputs)), shape)
+        shape = ops.shape(inputs)
+        flat = lambda t: ops.reshape(t, (shape[0], shape[1] * shape[2], t.shape[-1]))
+        scores = ops.einsum("nid,njd->nij", flat(theta), flat(phi))  # [N, HW, HW]
+        weights = ops.softmax(scores * (self.embed_channels ** -0.5), axis=-1)
+        return ops.reshape(ops.matmul(weights, flat(inputs)), shape)
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -104,11 +104,18 @@ def _conv(x, width, kernel_size, stride, name):
         kernel_initializer="he_normal", name=name)(x)
 
 
+def _batch_norm(**kwargs):
+    # PyTorch's BatchNorm2d defaults, as in the references. Synchronized on TensorFlow,
+    # so that the statistics under MirroredStrategy are those of the global batch;
+    # Keras has `synchronized` on that backend only (elsewhere it raises), and it adds
+    # no weights, so a model has the same parameters on every backend.
+    return keras.layers.BatchNormalization(
+        momentum=0.9, epsilon=1e-5, synchronized=keras.backend.backend() == "tensorflow",
+        **kwargs)
+
+
 def _bn(x, name):
-    # PyTorch's BatchNorm2d defaults, as in the references. Synchronized, so that
-    # the statistics under MirroredStrategy are those of the global batch.
-    return keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, synchronized=True,
-                                           name=name)(x)
+    return _batch_norm(name=name)(x)
 
 
 def _denoise_block(x, kind, prefix):
@@ -118,8 +125,7 @@ def _denoise_block(x, kind, prefix):
     else:
         y = keras.layers.AveragePooling2D(3, strides=1, padding="same", name=prefix)(x)
     y = _conv(y, x.shape[-1], 1, 1, f"{prefix}_conv")
-    y = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, synchronized=True,
-                                        gamma_initializer="zeros", name=f"{prefix}_bn")(y)
+    y = _batch_norm(gamma_initializer="zeros", name=f"{prefix}_bn")(y)
     return keras.layers.Add(name=f"{prefix}_add")([x, y])
 
 

@@ -10,8 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_jax = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="needs jax")
 
 
-def jax_without_tensorflow(folder):
-    """The environment of a subprocess on Keras's JAX backend (on the CPU) in which
+def without_tensorflow(folder, backend="jax"):
+    """The environment of a subprocess on Keras's `backend` (on the CPU) in which
     `import tensorflow` and `import tensorflow_datasets` raise ImportError, as on a machine
     without them: `folder` gets stand-ins for both and goes first on PYTHONPATH."""
     for name in ("tensorflow", "tensorflow_datasets"):
@@ -19,5 +19,10 @@ def jax_without_tensorflow(folder):
         with open(os.path.join(folder, name, "__init__.py"), "w") as f:
             f.write('raise ImportError("blocked for the test")\n')
     path = [str(folder), ROOT, os.environ.get("PYTHONPATH", "")]
-    return dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
+    return dict(os.environ, KERAS_BACKEND=backend, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="",
                 PYTHONPATH=os.pathsep.join(p for p in path if p))
+
+
+def jax_without_tensorflow(folder):
+    """`without_tensorflow` on JAX."""
+    return without_tensorflow(folder, "jax")

@@ -72,6 +72,37 @@ def test_custom_gradient_matches_finite_differences(shape, normalize):
         assert err < 1e-6, f"{name}: custom gradient vs finite differences differ by {err:.3g}"
 
 
+def test_custom_gradient_holds_less_memory_than_autodiff():
+    # The backward keeps X and recomputes S, so it holds less than autodiff, which keeps S
+    # (and Z, had a compiler merged the recomputation with the forward's convolution).
+    # TensorFlow's allocator peak over one step of a chain of convolutions and Sparta.
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(32, 32, 32, 16)), tf.float32)  # 2 MiB a map
+    weights = [tf.constant(rng.normal(size=(3, 3, 16, 16)) * 0.1, tf.float32) for _ in range(4)]
+    k = tf.constant(rng.normal(size=(3, 3, 16, 1)) * 0.1, tf.float32)
+    b = tf.zeros([16])
+    peaks = {}
+    for fn in (layers.sparta_exact, layers.sparta_forward):
+        @tf.function
+        def step(x, fn=fn):
+            with tf.GradientTape() as tape:
+                tape.watch([x, k, b])
+                h = x
+                for w in weights:
+                    h = fn(tf.nn.conv2d(h, w, 1, "SAME"), k, b)
+                loss = tf.reduce_sum(h)
+            return tape.gradient(loss, [x, k, b])
+        step(x)
+        try:
+            tf.config.experimental.reset_memory_stats("CPU:0")
+            before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+        except (ValueError, RuntimeError):
+            pytest.skip("no allocator statistics on this device")
+        step(x)
+        peaks[fn.__name__] = tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
+    assert peaks["sparta_exact"] < 0.9 * peaks["sparta_forward"], peaks
+
+
 def test_starts_as_swish():
     x = tf.random.normal([2, 6, 5, 3])
     for kernel_size, beta0 in [(1, 1.0), (3, 1.0), (5, 4.0)]:

@@ -247,3 +247,12 @@ def test_denoising_blocks_follow_every_stage_and_start_as_the_identity(denoise, 
     np.testing.assert_allclose(keras.models.load_model(path)(x), model(x), rtol=1e-6)
     with pytest.raises(ValueError, match="none, nonlocal, mean"):
         models.build("resnet18", 10, denoise="median")
+
+
+def test_every_batch_norm_is_synchronised_on_tensorflow():
+    # Synchronised on TensorFlow (MirroredStrategy's global batch), the one backend where
+    # Keras has the option; tests/test_backends.py builds the same models on JAX and PyTorch
+    # with the same parameter count.
+    model = models.build("resnet18", 10, "frelu", TINY, denoise="nonlocal")
+    norms = [l for l in model._flatten_layers() if isinstance(l, keras.layers.BatchNormalization)]
+    assert len(norms) > 20 and all(l.synchronized for l in norms)
