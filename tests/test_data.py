@@ -73,6 +73,21 @@ def test_image_folder(tmp_path):
     _check_shades(d.x_test, d.y_test)
 
 
+def test_the_test_split_alone_is_read_without_the_training_images(tmp_path):
+    root = _write_folder(tmp_path / "images")
+    both = data.load(str(root), max_test=4, seed=3)
+    (root / "train" / "cat" / "broken.png").write_bytes(b"not a png at all")  # never decoded
+    test = data.load(str(root), max_train=5, max_test=4, seed=3, splits=("test",))
+    np.testing.assert_array_equal(test.x_test, both.x_test)
+    np.testing.assert_array_equal(test.y_test, both.y_test)
+    assert test.x_train.shape == (0, 8, 8, 3) and test.y_train.shape == (0,)
+    assert test.x_train.dtype == np.uint8 and test.y_train.dtype == np.int32
+    assert test.class_names == FOLDER_CLASSES
+    for splits in ((), ("validation",)):
+        with pytest.raises(ValueError, match="splits must be some of"):
+            data.load(str(root), splits=splits)
+
+
 def test_corrupt_image_is_named(tmp_path):
     root = _write_folder(tmp_path / "images")
     (root / "train" / "cat" / "broken.png").write_bytes(b"not a png at all")
@@ -180,6 +195,10 @@ def test_tfds_reading(name, num_classes, tmp_path, monkeypatch):
     assert d.x_train.shape == (6, 32, 32, 3) and d.x_train.dtype == np.uint8
     assert d.x_test.shape == (4, 32, 32, 3) and d.num_classes == num_classes
     assert d.y_train.dtype == np.int32 and 0 <= d.y_train.min() <= d.y_train.max() < num_classes
+    with tfds.testing.mock_data(num_examples=6):
+        test = data.load(name, data_dir=str(tmp_path), max_test=4, splits=("test",))
+    np.testing.assert_array_equal(test.x_test, d.x_test)
+    assert test.x_train.shape == (0, 32, 32, 3) and test.num_classes == num_classes
 
 
 # Pipelines: image i is flat with grey level i + 1, and its label is i % 7.

@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from conftest import jax_without_tensorflow, needs_jax
-from sparta_tf import data
+from sparta_tf import archive, data, image_folder
 
 CLASSES = ["ant", "cat", "dog"]
 
@@ -45,7 +45,7 @@ def _write_folder(root, per_split=(("train", 4), ("test", 2)), size=8):
 # --- the reader ---------------------------------------------------------------
 
 def test_folder_order_and_tensorflow_pixels_are_tfds_image_folders():
-    folder = data._image_folder(data._extract(data.BUNDLED_ARCHIVE))
+    folder = image_folder.read(archive.extract(data.BUNDLED_ARCHIVE))
     builder = tfds.ImageFolder(folder.root)
     assert folder.class_names == builder.info.features["label"].names
     for split in ("train", "test"):
@@ -54,16 +54,16 @@ def test_folder_order_and_tensorflow_pixels_are_tfds_image_folders():
         assert paths == folder.paths[split]  # the same images in the same order
         np.testing.assert_array_equal(np.concatenate([e["label"] for e in examples]),
                                       folder.labels[split])
-        np.testing.assert_array_equal(data._decode_tensorflow(folder.paths[split]),
+        np.testing.assert_array_equal(image_folder.decode_tensorflow(folder.paths[split]),
                                       np.concatenate([e["image"] for e in examples]))
 
 
 def test_pillow_differs_from_tensorflow_only_by_the_jpeg_dct():
     # The documented difference: TensorFlow decodes JPEG with the fast integer DCT, Pillow
     # with the accurate one; with the accurate DCT TensorFlow gives Pillow's pixels exactly.
-    folder = data._image_folder(data._extract(data.BUNDLED_ARCHIVE))
+    folder = image_folder.read(archive.extract(data.BUNDLED_ARCHIVE))
     paths = folder.paths["test"]
-    ours, theirs = data._decode_pillow(paths), data._decode_tensorflow(paths)
+    ours, theirs = image_folder.decode_pillow(paths), image_folder.decode_tensorflow(paths)
     assert ours.shape == theirs.shape == (1000, 32, 32, 3) and ours.dtype == np.uint8
     difference = np.abs(ours.astype(int) - theirs)
     print(f"Pillow vs TensorFlow on the bundled test split: {np.mean(difference > 0):.3f} of "
@@ -78,9 +78,10 @@ def test_pillow_differs_from_tensorflow_only_by_the_jpeg_dct():
 
 def test_pillow_reads_png_as_tensorflow_does(tmp_path, pillow):
     root = str(_write_folder(tmp_path / "images"))
-    folder = data._image_folder(root)
+    folder = image_folder.read(root)
     png = [p for p in folder.paths["train"] + folder.paths["test"] if p.endswith(".png")]
-    np.testing.assert_array_equal(data._decode_pillow(png), data._decode_tensorflow(png))
+    np.testing.assert_array_equal(image_folder.decode_pillow(png),
+                                  image_folder.decode_tensorflow(png))
     d = data.load(root)  # by Pillow
     assert d.class_names == CLASSES and d.x_train.shape == (12, 8, 8, 3)
     assert d.x_train.dtype == np.uint8 and d.y_train.dtype == np.int32
@@ -196,7 +197,7 @@ def test_numpy_augmentation_is_a_padded_crop_and_flip():
 _WITHOUT_TF = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from sparta_tf import data
+    from sparta_tf import archive, data, image_folder
     bundled = data.load(data_dir=sys.argv[1], max_train=200, max_test=50, seed=0)
     tiny = data.load(sys.argv[2], data_dir=sys.argv[1])
     try:

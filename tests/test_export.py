@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from sparta_tf import data, export, layers, models
+from sparta_tf import archive, data, export, layers, models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
@@ -30,7 +30,7 @@ def _model(seed=0):
 
 def _bundled_jpeg():
     """The bytes of one real test image of the bundled sample (a CIFAR-10 JPEG)."""
-    folder = data._extract(data.BUNDLED_ARCHIVE)
+    folder = archive.extract(data.BUNDLED_ARCHIVE)
     return open(sorted(glob.glob(os.path.join(folder, "**", "test", "cat", "*.jpg"),
                                  recursive=True))[0], "rb").read()
 

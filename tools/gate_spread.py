@@ -19,7 +19,7 @@ def main(args):
         sys.exit(__doc__)
     path, dataset, n, data_dir = args + [None, "bundled", "200", None][len(args):]
     model = evaluation.load_model(path)
-    ds = data.load(dataset, data_dir=data_dir, max_train=1, max_test=int(n))
+    ds = data.load(dataset, data_dir=data_dir, max_test=int(n), splits=("test",))
     try:
         spread = plots.gate_spread(model, ds.x_test / np.float32(255))
     except ValueError as e:

@@ -13,11 +13,11 @@ import json
 import os
 import sys
 
-from sparta_tf import data, export
+from sparta_tf import archive, data, export
 
 
 def main(version_dir, request_path="request.json"):
-    folder = data._extract(data.BUNDLED_ARCHIVE)
+    folder = archive.extract(data.BUNDLED_ARCHIVE)
     image = sorted(glob.glob(os.path.join(folder, "**", "test", "cat", "*.jpg"),
                              recursive=True))[0]
     with open(image, "rb") as f:
