@@ -7,6 +7,7 @@
 # DATASET: the trainers' --dataset (for example $DATA/cifar10-jpeg.tar.gz). Each probe is a
 # sparta-train run in OUT/<name> (metrics.jsonl per epoch, results.json on 200 test images);
 # a probe with a results.json is skipped, so the script can be run again after a stop.
+# The last probe reads the transfer source's model: `bash tools/fetch_models.sh` first.
 set -u
 [ $# -eq 3 ] || { sed -n 2,9p "$0"; exit 2; }
 dataset=$1 data_dir=$2 out=$3
