@@ -5,6 +5,10 @@ import os
 
 import pytest
 
+# TensorFlow's CPU allocator keeps statistics (tf.config.experimental.get_memory_info, read
+# by the memory tests) only as the BFC allocator; ask for it before TensorFlow is imported.
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 needs_jax = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="needs jax")
