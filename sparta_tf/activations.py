@@ -17,6 +17,9 @@ The names, in `NAMES` order:
 - `sparta`: `layers.Sparta`; keyword arguments (`kernel_size`, `beta0`,
   `use_custom_gradient`, `normalize_gate_input`, `kernel_regularizer`,
   `bias_regularizer`) go to the layer.
+- `sparta_shift`, `sparta_bn`: `layers.Sparta` with `shift=True` (an output for
+  negative inputs, PSSiLU's shift) or `gate_batch_norm=True` (a batch norm on the
+  gate's convolution); the same keyword arguments as `sparta`.
 
 This module imports nothing of `sparta_tf` but `layers`.
 """
@@ -27,7 +30,8 @@ import keras
 
 from sparta_tf import layers
 
-NAMES = ("relu", "silu", "softplus", "gelu", "elu", "prelu", "frelu", "sparta")
+NAMES = ("relu", "silu", "softplus", "gelu", "elu", "prelu", "frelu", "sparta",
+         "sparta_shift", "sparta_bn")
 
 _ALIASES = {"swish": "silu"}
 
@@ -37,6 +41,8 @@ _PARAMETRIC = {
     "prelu": functools.partial(keras.layers.PReLU, shared_axes=[1, 2]),
     "frelu": layers.FReLU,
     "sparta": layers.Sparta,
+    "sparta_shift": functools.partial(layers.Sparta, shift=True),
+    "sparta_bn": functools.partial(layers.Sparta, gate_batch_norm=True),
 }
 
 

@@ -17,6 +17,7 @@ OBJECTIVES = ("standard", "pgd", "trades")
 STRATEGIES = ("mirrored", "multi_worker")
 LR_SCHEDULES = ("piecewise", "cosine", "onecycle")
 ONECYCLE_WARMUP = 0.3  # the share of the steps that one-cycle spends rising
+SPARTA_FAMILY = ("sparta", "sparta_shift", "sparta_bn")  # activations that take the sparta_* settings
 
 PRESETS = {
     # The default: a small Sparta ResNet-18 on the bundled sample, minutes on 2 CPU cores.
@@ -105,7 +106,7 @@ class TrainConfig:
         return values
 
     def activation_kwargs(self):
-        if self.activation != "sparta":
+        if self.activation not in SPARTA_FAMILY:
             return {}
         return {"kernel_size": self.sparta_kernel_size, "beta0": self.sparta_beta0,
                 "use_custom_gradient": self.sparta_custom_gradient,

@@ -109,6 +109,23 @@ def _one_after(g):
 _HAS_CUSTOM_GRADIENT = keras.backend.backend() in ("tensorflow", "jax", "torch")
 
 
+MAX_SHIFT = 0.95  # the most `beta` of `Sparta(shift=True)` can be: 1 / (1 - beta) <= 20
+
+
+@keras.saving.register_keras_serializable(package="sparta_tf")
+class _Interval(keras.constraints.Constraint):
+    """Clips a weight into [low, high] after each update."""
+
+    def __init__(self, low, high):
+        self.low, self.high = float(low), float(high)
+
+    def __call__(self, w):
+        return ops.clip(w, self.low, self.high)
+
+    def get_config(self):
+        return {"low": self.low, "high": self.high}
+
+
 def _check_nhwc(layer, shape):
     if len(shape) != 4:
         raise ValueError(
@@ -161,6 +178,18 @@ class Sparta(keras.layers.Layer):
         normalize_gate_input: if True, the gate sees `normalized(x)`, so it
             does not depend on the scale of each feature map. Off by default
             (the README's ablation).
+        shift: if True (activation `sparta_shift`), the output is
+            `x * (sigmoid(Z) - beta) / (1 - beta)`, with `beta` learned per
+            channel in [0, 0.95] (it starts at 0, as plain Sparta): negative
+            inputs get an output, as in PSSiLU (Dai et al. 2022). The custom
+            gradient is kept: the output is `(Sparta(x) - beta * x) / (1 - beta)`.
+        gate_batch_norm: if True (activation `sparta_bn`), the gate is
+            `sigmoid(BN(DW_k(x)) + b)`, a batch norm on the spatial branch as
+            in FReLU, so the gate does not depend on the scale of its input.
+            It starts away from Swish (the batch norm standardises DW_k(x)),
+            and it is differentiated by autodiff: the batch norm sits between
+            the convolution and the sigmoid, where the custom gradient would
+            have to recompute it.
         **kwargs: the usual Keras layer arguments (`name`, `dtype`,
             `trainable`, ...).
 
@@ -170,7 +199,7 @@ class Sparta(keras.layers.Layer):
 
     def __init__(self, kernel_size=3, beta0=1.0, use_custom_gradient=True,
                  kernel_regularizer=None, bias_regularizer=None,
-                 normalize_gate_input=False, **kwargs):
+                 normalize_gate_input=False, shift=False, gate_batch_norm=False, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int; got {kernel_size!r}.")
@@ -178,8 +207,15 @@ class Sparta(keras.layers.Layer):
         self.beta0 = float(beta0)
         self.use_custom_gradient = bool(use_custom_gradient)
         self.normalize_gate_input = bool(normalize_gate_input)
+        self.shift = bool(shift)
+        self.gate_batch_norm = bool(gate_batch_norm)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+        if self.gate_batch_norm:
+            # Synchronised on TensorFlow, as every batch norm of sparta_tf.models.
+            self.gate_bn = keras.layers.BatchNormalization(
+                momentum=0.9, epsilon=1e-5, center=False, dtype=self.dtype_policy,
+                synchronized=keras.backend.backend() == "tensorflow", name="gate_bn")
 
     def build(self, input_shape):
         _check_nhwc(self, input_shape)
@@ -195,22 +231,40 @@ class Sparta(keras.layers.Layer):
         self.bias = self.add_weight(
             name="bias", shape=(channels,), initializer="zeros",
             regularizer=self.bias_regularizer)
+        if self.shift:
+            self.beta = self.add_weight(name="beta", shape=(channels,), initializer="zeros",
+                                        constraint=_Interval(0.0, MAX_SHIFT))
+        if self.gate_batch_norm:
+            self.gate_bn.build(input_shape)
         self.input_spec = keras.layers.InputSpec(ndim=4, axes={-1: channels})
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
         kernel = ops.cast(self.kernel, inputs.dtype)
         bias = ops.cast(self.bias, inputs.dtype)
-        exact = self.use_custom_gradient and _HAS_CUSTOM_GRADIENT
-        fn = sparta_exact if exact else sparta_forward
-        return fn(inputs, kernel, bias, normalize=self.normalize_gate_input)
+        if self.gate_batch_norm:
+            y = inputs * ops.sigmoid(self._gate_logits(inputs, training))
+        else:
+            exact = self.use_custom_gradient and _HAS_CUSTOM_GRADIENT
+            fn = sparta_exact if exact else sparta_forward
+            y = fn(inputs, kernel, bias, normalize=self.normalize_gate_input)
+        if self.shift:
+            beta = ops.cast(self.beta, inputs.dtype)
+            y = (y - beta * inputs) / (1.0 - beta)
+        return y
+
+    def _gate_logits(self, inputs, training=None):
+        u = normalized(inputs) if self.normalize_gate_input else inputs
+        kernel = ops.cast(self.kernel, inputs.dtype)
+        bias = ops.cast(self.bias, inputs.dtype)
+        if not self.gate_batch_norm:
+            return gate_logits(u, kernel, bias)
+        z = self.gate_bn(ops.depthwise_conv(u, kernel, padding="same"), training=training)
+        return z + bias
 
     def gate(self, inputs):
-        """The attention map `sigmoid(DW_k(x) + b)`, for plots and analysis."""
-        inputs = ops.convert_to_tensor(inputs, self.compute_dtype)
-        if self.normalize_gate_input:
-            inputs = normalized(inputs)
-        return ops.sigmoid(gate_logits(inputs, ops.cast(self.kernel, inputs.dtype),
-                                       ops.cast(self.bias, inputs.dtype)))
+        """The attention map `sigmoid(Z)`, Z = DW_k(x) + b (with `gate_batch_norm`,
+        BN(DW_k(x)) + b, the batch norm in inference mode), for plots and analysis."""
+        return ops.sigmoid(self._gate_logits(ops.convert_to_tensor(inputs, self.compute_dtype)))
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -222,6 +276,8 @@ class Sparta(keras.layers.Layer):
             "beta0": self.beta0,
             "use_custom_gradient": self.use_custom_gradient,
             "normalize_gate_input": self.normalize_gate_input,
+            "shift": self.shift,
+            "gate_batch_norm": self.gate_batch_norm,
             "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
             "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
         })

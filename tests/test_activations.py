@@ -29,7 +29,8 @@ _EXPECTED = {
 
 def test_names_are_the_documented_ones():
     assert activations.NAMES == (
-        "relu", "silu", "softplus", "gelu", "elu", "prelu", "frelu", "sparta")
+        "relu", "silu", "softplus", "gelu", "elu", "prelu", "frelu", "sparta",
+        "sparta_shift", "sparta_bn")
 
 
 @pytest.mark.parametrize("name", activations.NAMES + ("swish",))
