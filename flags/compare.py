@@ -14,10 +14,12 @@ from absl import flags
 
 from flags import core
 from sparta_tf import activations, autoattack, config
-from sparta_tf.experiments import compare
+from sparta_tf.experiments.arms import EXTRA_ARMS, TRANSFER_ARM
+from sparta_tf.experiments.cells import EvalSettings
+from sparta_tf.experiments.grid import REPORT
 
 FLAGS = flags.FLAGS
-_ARMS = activations.NAMES + ("swish",) + compare.EXTRA_ARMS
+_ARMS = activations.NAMES + ("swish",) + EXTRA_ARMS
 _PER_CELL = {"activation": "activations", "seed": "seeds", "objective": "objectives"}
 
 
@@ -62,12 +64,12 @@ def define_compare(model_dir="runs/compare", arms=activations.NAMES,
     flags.register_validator(
         "activations", _distinct_in(_ARMS),
         message=f"must be a comma-separated list of distinct arms out of: "
-                f"{', '.join(activations.NAMES + ('swish',))}, {compare.TRANSFER_ARM}, "
+                f"{', '.join(activations.NAMES + ('swish',))}, {TRANSFER_ARM}, "
                 "{activation}_nonlocal, {activation}_mean")
     flags.register_multi_flags_validator(
         ["activations", "sparta_from"],
-        lambda v: compare.TRANSFER_ARM not in v["activations"] or v["sparta_from"] is not None,
-        message=f"the {compare.TRANSFER_ARM} arm needs --sparta_from (the Sparta to copy)")
+        lambda v: TRANSFER_ARM not in v["activations"] or v["sparta_from"] is not None,
+        message=f"the {TRANSFER_ARM} arm needs --sparta_from (the Sparta to copy)")
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds of every activation.")
     flags.register_validator("seeds", _seeds,
                              message="must be a comma-separated list of distinct ints >= 0")
@@ -85,14 +87,14 @@ def define_compare(model_dir="runs/compare", arms=activations.NAMES,
                          "chain. N: AutoAttack is --autoattack_attacks on every test image, and "
                          "Square runs alone on a class-balanced N of them, for the masking "
                          "check (Square is the costly attack on a CPU).", lower_bound=1)
-    flags.DEFINE_string("report_name", compare.REPORT,
+    flags.DEFINE_string("report_name", REPORT,
                         "The reports' name: NAME.md and NAME.json in --model_dir, and NAME_ "
                         "before the PNGs' names unless it is the default; a second report "
                         "of the same cells (fewer arms, AutoAttack added) gets its own name.")
     flags.register_validator(
         "report_name", lambda name: bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name)),
         message="must be a plain file name: letters, digits, '_', '.', '-'")
-    flags.DEFINE_list("autoattack_attacks", list(compare.EvalSettings.autoattack_attacks),
+    flags.DEFINE_list("autoattack_attacks", list(EvalSettings.autoattack_attacks),
                       "AutoAttack's white-box attacks, run in this order before Square: "
                       "apgd-ce, apgd-t (standard; one run per target class, 9 of them) and "
                       "apgd-dlr (untargeted, one run; a cheaper stand-in for apgd-t).")
@@ -113,21 +115,21 @@ def define_compare(model_dir="runs/compare", arms=activations.NAMES,
 
 def define_transfer():
     """The flags of trainers/transfer.py: those of `define_compare`, other defaults."""
-    define_compare("runs/transfer", ("relu", "sparta", compare.TRANSFER_ARM), ("pgd",))
+    define_compare("runs/transfer", ("relu", "sparta", TRANSFER_ARM), ("pgd",))
     flags.mark_flag_as_required("sparta_from")
 
 
 def grid(base):
-    """The keyword arguments of `compare.run_grid` for the recipe `base` (`core.train_config`),
-    but `base` itself."""
+    """The keyword arguments of `sparta_tf.experiments.grid.run_grid` for the recipe `base`
+    (`core.train_config`), but `base` itself."""
     return dict(
         activations=list(dict.fromkeys(
-            a if a in compare.EXTRA_ARMS else activations.canonical_name(a)
+            a if a in EXTRA_ARMS else activations.canonical_name(a)
             for a in FLAGS.activations)),
         seeds=[int(s) for s in FLAGS.seeds], objectives=FLAGS.objectives,
         root=base.model_dir, make_plots=FLAGS.plots, overwrite=FLAGS.overwrite,
         report_only=FLAGS.report_only, report_name=FLAGS.report_name,
-        settings=compare.EvalSettings(
+        settings=EvalSettings(
             eps=base.eps, pgd_steps=base.eval_pgd_steps, autoattack=FLAGS.autoattack,
             autoattack_iterations=FLAGS.autoattack_iterations,
             square_queries=FLAGS.square_queries, square_examples=FLAGS.square_examples,

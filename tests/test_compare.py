@@ -1,4 +1,4 @@
-"""Tests of sparta_tf.experiments.compare, sparta_tf.plots, flags/compare.py and trainers/compare.py.
+"""Tests of sparta_tf.experiments (the grid), sparta_tf.plots, flags/compare.py and trainers/compare.py.
 
 One tiny grid (ResNet-18 at width 1/16, 64 training images, 1 epoch of PGD-1 AT
 and of standard training, relu and sparta, one seed, 20 test images) is trained
@@ -20,12 +20,15 @@ import pytest
 from matplotlib import image as mpimg
 
 from sparta_tf import data, models, plots, training
-from sparta_tf.experiments import compare
+from sparta_tf.experiments import ablation, arms, cache, stats
+from sparta_tf.experiments.cells import EvalSettings, evaluate, pack, stalled, unpack
+from sparta_tf.experiments.grid import run_cell, run_grid
+from sparta_tf.experiments.report import after_table, paired_table, square_check, table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(dataset="bundled", max_train=64, max_test=20, width_multiplier=0.0625, epochs=1,
             batch_size=32, pgd_steps=1, eval_pgd_steps=1, checkpoint_every=0)
-SETTINGS = compare.EvalSettings(pgd_steps=1, autoattack=False, eps_curve=(0.0, 8 / 255))
+SETTINGS = EvalSettings(pgd_steps=1, autoattack=False, eps_curve=(0.0, 8 / 255))
 GRID = dict(activations=["relu", "sparta"], seeds=[0], objectives=["pgd", "standard"])
 # The same grid as trainer flags.
 FLAGS = [f"--{k}={v}" for k, v in TINY.items()] + [
@@ -42,13 +45,13 @@ def _mtimes(root):
     """mtime of every cell's model.keras and compare_eval.json."""
     return {os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
             for d, _, files in os.walk(root) for f in files
-            if f in ("model.keras", compare.EVAL_FILE)}
+            if f in ("model.keras", cache.EVAL_FILE)}
 
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("compare"))
-    results = compare.run_grid(training.TrainConfig(**TINY), **GRID, root=root,
+    results = run_grid(training.TrainConfig(**TINY), **GRID, root=root,
                                settings=SETTINGS, verbose=0)
     return root, results, _mtimes(root)
 
@@ -81,7 +84,7 @@ def test_grid_writes_the_table_per_objective(grid):
     root, results, _ = grid
     assert len(results["cells"]) == 4
     assert os.path.isdir(os.path.join(root, "pgd", "sparta", "seed0"))
-    markdown = compare.table(results)
+    markdown = table(results)
     assert open(os.path.join(root, "comparison.md")).read() == markdown
     tables = _tables(markdown)
     assert list(tables) == ["PGD-1 adversarial training", "Standard training"]
@@ -94,7 +97,7 @@ def test_grid_writes_the_table_per_objective(grid):
     for title, objective in (("PGD-1 adversarial training", "pgd"),
                              ("Standard training", "standard")):
         for arm, (clean, pgd, _, _) in tables[title][1].items():
-            with open(os.path.join(root, objective, arm, "seed0", compare.EVAL_FILE)) as f:
+            with open(os.path.join(root, objective, arm, "seed0", cache.EVAL_FILE)) as f:
                 stored = json.load(f)["results"]
             assert (clean, pgd) == (f"{100 * stored['clean']:.1f}", f"{100 * stored['pgd']:.1f}")
     summary = results["summary"][0]
@@ -110,7 +113,7 @@ def test_grid_writes_the_table_per_objective(grid):
             assert curve[title][1][arm][0] == clean
     # A dataset path is named as the cells' identity counts it: by its file name.
     elsewhere = {**results, "train": {**results["train"], "dataset": "/a/b/gtsrb-32.tar.gz"}}
-    assert compare.table(elsewhere).splitlines()[0].endswith(" on gtsrb-32.tar.gz, 1 epoch")
+    assert table(elsewhere).splitlines()[0].endswith(" on gtsrb-32.tar.gz, 1 epoch")
 
 
 def test_a_cell_that_did_not_learn_is_marked_stalled(grid, tmp_path):
@@ -124,14 +127,14 @@ def test_a_cell_that_did_not_learn_is_marked_stalled(grid, tmp_path):
                          for e, v in enumerate(losses))
 
     write([2.39, 2.30, 2.29])  # the ResNet-34 Sparta of seed 1: at chance, ln 10 = 2.303
-    assert compare.stalled(config, 10)
-    assert not compare.stalled(dataclasses.replace(config, objective="trades"), 10)
+    assert stalled(config, 10)
+    assert not stalled(dataclasses.replace(config, objective="trades"), 10)
     write([2.39, 2.30, 2.29, 2.17])  # learning by its last epoch
-    assert not compare.stalled(config, 10)
+    assert not stalled(config, 10)
     # The table marks it, names it and still counts it.
     cells = [{**c, "stalled": c["activation"] == "sparta" and c["objective"] == "pgd"}
              for c in results["cells"]]
-    markdown = compare.table({**results, "cells": cells})
+    markdown = table({**results, "cells": cells})
     by_seed = _tables(markdown, "seed by seed: clean / PGD")["PGD-1 adversarial training"][1]
     assert by_seed["sparta"][0].endswith(" (stalled)")
     assert not by_seed["relu"][0].endswith(" (stalled)")
@@ -139,7 +142,7 @@ def test_a_cell_that_did_not_learn_is_marked_stalled(grid, tmp_path):
     # Where cells ran AutoAttack, seed by seed shows it too ("-" where a cell did not).
     cells = [{**c, "autoattack": 0.125 if c["activation"] == "sparta" else None}
              for c in cells]
-    by_seed = _tables(compare.table({**results, "cells": cells}),
+    by_seed = _tables(table({**results, "cells": cells}),
                       "seed by seed: clean / PGD / AutoAttack")["PGD-1 adversarial training"][1]
     assert by_seed["sparta"][0].endswith(" / 12.5 (stalled)")
     assert by_seed["relu"][0].endswith(" / -") and by_seed["relu"][0].count(" / ") == 2
@@ -148,7 +151,7 @@ def test_a_cell_that_did_not_learn_is_marked_stalled(grid, tmp_path):
 def test_rerun_skips_finished_cells(grid):
     root, results, mtimes = grid
     start = time.perf_counter()
-    again = compare.run_grid(training.TrainConfig(**TINY), **GRID, root=root,
+    again = run_grid(training.TrainConfig(**TINY), **GRID, root=root,
                              settings=SETTINGS, make_plots=False, verbose=0)
     assert time.perf_counter() - start < 10  # a training run takes longer
     assert _mtimes(root) == mtimes
@@ -158,31 +161,31 @@ def test_rerun_skips_finished_cells(grid):
 def test_report_only_covers_the_finished_cells_and_lists_the_rest(grid, tmp_path):
     root, results, mtimes = grid
     wider = dict(GRID, activations=["relu", "silu", "sparta"], seeds=[0, 1])
-    report = compare.run_grid(training.TrainConfig(**TINY), **wider, root=root,
+    report = run_grid(training.TrainConfig(**TINY), **wider, root=root,
                               settings=SETTINGS, make_plots=False, verbose=0,
                               report_only=True)
     assert _mtimes(root) == mtimes  # nothing trained or evaluated
     assert report["summary"] == results["summary"]
     assert len(report["missing"]) == 8  # silu at seed 0, everything at seed 1
     assert os.path.join(root, "standard", "silu", "seed0") in report["missing"]
-    assert "Not finished, so not in the table: 8 cells" in compare.table(report)
+    assert "Not finished, so not in the table: 8 cells" in table(report)
     one = {**report, "missing": report["missing"][:1]}
-    assert "Not finished, so not in the table: 1 cell (" in compare.table(one)
+    assert "Not finished, so not in the table: 1 cell (" in table(one)
     with pytest.raises(FileNotFoundError, match="no finished cell"):
-        compare.run_grid(training.TrainConfig(**TINY), **GRID, root=str(tmp_path),
+        run_grid(training.TrainConfig(**TINY), **GRID, root=str(tmp_path),
                          settings=SETTINGS, verbose=0, report_only=True)
     assert os.listdir(tmp_path) == []
     # Cells stored before a TrainConfig field existed count as its default.
     old = shutil.copytree(root, tmp_path / "old")
     for path in _mtimes(old):
-        if path.endswith(compare.EVAL_FILE):
+        if path.endswith(cache.EVAL_FILE):
             with open(path) as f:
                 stored = json.load(f)
             del stored["config"]["sparta_lr_multiplier"]
             with open(path, "w") as f:
                 json.dump(stored, f)
     os.remove(old / "pgd" / "sparta" / "seed0" / "model.keras")  # as in a clone of results/
-    report = compare.run_grid(training.TrainConfig(**TINY), **GRID, root=str(old),
+    report = run_grid(training.TrainConfig(**TINY), **GRID, root=str(old),
                               settings=SETTINGS, verbose=0, report_only=True)
     assert report["summary"] == results["summary"] and not report["missing"]
     assert [os.path.basename(p) for p in report["plots"]] == [
@@ -194,7 +197,7 @@ def test_a_second_report_of_the_same_cells_has_its_own_name(grid, tmp_path):
     shutil.copytree(grid[0], root)
     before = {n: os.path.getmtime(os.path.join(root, n)) for n in os.listdir(root)
               if os.path.isfile(os.path.join(root, n))}
-    report = compare.run_grid(training.TrainConfig(**TINY), activations=["sparta"], seeds=[0],
+    report = run_grid(training.TrainConfig(**TINY), activations=["sparta"], seeds=[0],
                               objectives=["pgd"], root=root, settings=SETTINGS, verbose=0,
                               report_only=True, report_name="subset")
     assert {n: os.path.getmtime(os.path.join(root, n)) for n in before} == before
@@ -202,7 +205,7 @@ def test_a_second_report_of_the_same_cells_has_its_own_name(grid, tmp_path):
         "subset_eps_curve_pgd.png", "subset_attention_maps.png", "subset_gate_weights.png"]
     with open(os.path.join(root, "subset.json")) as f:
         assert [c["activation"] for c in json.load(f)["cells"]] == ["sparta"]
-    assert open(os.path.join(root, "subset.md")).read() == compare.table(report)
+    assert open(os.path.join(root, "subset.md")).read() == table(report)
 
 
 def test_plots_are_written(grid):
@@ -279,19 +282,19 @@ def test_evaluate_with_autoattack():
     model = models.build("resnet18", 10, "sparta", 0.0625, input_shape=(16, 16, 3))
     x = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3)).astype(np.uint8)
     y = np.argmax(model(x / 255.0), axis=1)  # all correct when clean
-    settings = compare.EvalSettings(pgd_steps=2, autoattack_iterations=2, square_queries=5,
+    settings = EvalSettings(pgd_steps=2, autoattack_iterations=2, square_queries=5,
                                     eps_curve=(0.0,))
-    results = compare.evaluate(model, x, y, settings)
+    results = evaluate(model, x, y, settings)
     assert results["clean"] == 1.0 and results["eps_curve"] == [[0.0, 1.0]]
     assert 0 <= results["autoattack"] <= results["pgd"] + 0.25
     assert "square_check" not in results  # Square ran in the chain, on every image
-    assert compare.unpack(results["per_image"]["autoattack"]).mean() == results["autoattack"]
+    assert unpack(results["per_image"]["autoattack"]).mean() == results["autoattack"]
     # Square alone on a class-balanced subset, for the masking check; APGD on every image.
     subset = dataclasses.replace(settings, square_examples=4)
-    checked = compare.evaluate(model, x, y, subset)
+    checked = evaluate(model, x, y, subset)
     assert checked["square_check"]["examples"] == 4
     assert 0 <= checked["square_check"]["square"] <= 1
-    markdown = "\n".join(compare._square_check(
+    markdown = "\n".join(square_check(
         [{"objective": "pgd", "activation": "sparta", "seed": 0, **checked}], "pgd", "PGD-2", 5))
     assert "class-balanced 4 of the test images" in markdown
     assert checked["square_check"]["autoattack"] <= checked["square_check"]["pgd"] + 0.25
@@ -300,89 +303,57 @@ def test_evaluate_with_autoattack():
         kept = {"examples": 100, "square": square, "pgd": pgd,
                 **({} if autoattack is None else {"autoattack": autoattack})}
         cell = {"objective": "pgd", "activation": "sparta", "seed": 0, "square_check": kept}
-        return compare._square_check([cell], "pgd", "PGD-20", 5000)[0]
+        return square_check([cell], "pgd", "PGD-20", 5000)[0]
     assert "never beats" in check(0.25, 0.27, 0.24)  # below PGD-20, above AutoAttack
     assert "**WARNING**" in check(0.22, 0.27, 0.24) and "(Square 22.0 against 24.0)" in \
         check(0.22, 0.27, 0.24)
     assert "**WARNING**" in check(0.25, 0.27)  # kept before: PGD-20 alone
     assert "against the better of PGD-20 and AutoAttack's white-box" in check(0.25, 0.27, 0.24)
     # Another white-box chain; the accuracy after each of its attacks is kept and tabled.
-    dlr = compare.evaluate(model, x, y, dataclasses.replace(
+    dlr = evaluate(model, x, y, dataclasses.replace(
         subset, autoattack_attacks=("apgd-ce", "apgd-dlr")))
     assert list(dlr["autoattack_after"]) == ["apgd-ce", "apgd-dlr"]
     assert dlr["autoattack_after"]["apgd-dlr"] == dlr["autoattack"]
     cells = [{"objective": "pgd", "activation": "sparta", "seed": 0, **dlr}]
-    assert compare._after_table(cells, "pgd", ["sparta"])[2] == (
+    assert after_table(cells, "pgd", ["sparta"])[2] == (
         f"| sparta | {100 * dlr['autoattack_after']['apgd-ce']:.1f} | "
         f"{100 * dlr['autoattack']:.1f} | 1 |")
-
-
-def test_a_cell_stored_before_a_setting_existed_is_reused(tmp_path):
-    config = compare.cell_config(training.TrainConfig(**TINY), str(tmp_path), "pgd", "relu", 0)
-    os.makedirs(config.model_dir)
-    key = compare._key(config, SETTINGS)
-    del key["settings"]["square_examples"]  # as stored before the setting existed
-    with open(os.path.join(config.model_dir, compare.EVAL_FILE), "w") as f:
-        json.dump({**key, "results": {"clean": 0.5}}, f)
-    assert compare.stored_results(config, SETTINGS) == {"clean": 0.5}
-    assert compare.stored_results(config, dataclasses.replace(SETTINGS, square_examples=9)) \
-        is None
-
-
-def test_an_evaluation_with_autoattack_serves_one_without_it(tmp_path):
-    config = compare.cell_config(training.TrainConfig(**TINY), str(tmp_path), "pgd", "relu", 0)
-    os.makedirs(config.model_dir)
-    strong = dataclasses.replace(SETTINGS, autoattack=True, square_examples=4)
-    results = {"clean": 0.5, "pgd": 0.3, "autoattack": 0.2, "eps_curve": [[0.0, 0.5]],
-               "square_check": {"examples": 4, "square": 0.25, "pgd": 0.25},
-               "per_image": {"clean": "2:c0", "pgd": "2:80", "autoattack": "2:00"}}
-    with open(os.path.join(config.model_dir, compare.EVAL_FILE), "w") as f:
-        json.dump({**compare._key(config, strong), "results": results}, f)
-    assert compare.stored_results(config, strong) == results
-    assert compare.stored_results(config, SETTINGS) == {
-        "clean": 0.5, "pgd": 0.3, "autoattack": None, "eps_curve": [[0.0, 0.5]],
-        "per_image": {"clean": "2:c0", "pgd": "2:80", "autoattack": None}}
-    # Not where anything else differs, nor for AutoAttack of other sizes.
-    for other in (dict(pgd_steps=2), dict(eps_curve=(0.0,)), dict(seed=1)):
-        assert compare.stored_results(config, dataclasses.replace(SETTINGS, **other)) is None
-    for other in (dict(square_examples=None), dict(autoattack_iterations=10)):
-        assert compare.stored_results(config, dataclasses.replace(strong, **other)) is None
 
 
 def test_summary_and_cell_config():
     cells = [{"objective": "pgd", "activation": "relu", "seed": s, "clean": c, "pgd": p,
               "autoattack": None, "eps_curve": [[0.0, c]]}
              for s, c, p in [(0, 0.5, 0.2), (1, 0.7, 0.4)]]
-    (row,) = compare.summarize(cells)
+    (row,) = stats.summarize(cells)
     assert row["clean"]["mean"] == pytest.approx(0.6) and row["clean"]["n"] == 2
     assert row["pgd"]["std"] == pytest.approx(np.std([0.2, 0.4], ddof=1))
     assert row["autoattack"]["mean"] is None and row["eps_curve"] == [[0.0, 0.6]]
     base = training.TrainConfig(sparta_sharing="stage")
-    relu = compare.cell_config(base, "root", "pgd", "relu", 1)
+    relu = arms.cell_config(base, "root", "pgd", "relu", 1)
     assert relu.model_dir == os.path.join("root", "pgd", "relu", "seed1")
     assert relu.sparta_sharing == "layer" and relu.seed == 1 and relu.objective == "pgd"
-    assert compare.cell_config(base, "root", "pgd", "sparta", 1).sparta_sharing == "stage"
+    assert arms.cell_config(base, "root", "pgd", "sparta", 1).sparta_sharing == "stage"
 
 
 def test_arms_other_than_activations():
     base = training.TrainConfig(sparta_sharing="stage", sparta_from="src.keras",
                                 sparta_from_sha256="ab", denoise="mean")
-    denoised = compare.cell_config(base, "root", "pgd", "relu_nonlocal", 0)
+    denoised = arms.cell_config(base, "root", "pgd", "relu_nonlocal", 0)
     assert (denoised.activation, denoised.denoise, denoised.sparta_sharing) == (
         "relu", "nonlocal", "layer")
     assert denoised.sparta_from is None and denoised.sparta_from_sha256 is None
-    moved = compare.cell_config(base, "root", "pgd", "sparta_transfer", 0)
+    moved = arms.cell_config(base, "root", "pgd", "sparta_transfer", 0)
     assert (moved.activation, moved.sparta_from, moved.sparta_from_sha256) == (
         "sparta", "src.keras", "ab")
     assert moved.model_dir == os.path.join("root", "pgd", "sparta_transfer", "seed0")
     assert moved.denoise == "none" and moved.sparta_sharing == "stage"
-    fresh = compare.cell_config(base, "root", "pgd", "sparta", 0)
+    fresh = arms.cell_config(base, "root", "pgd", "sparta", 0)
     assert fresh.sparta_from is None and fresh.denoise == "none"
     with pytest.raises(ValueError, match="set sparta_from"):
-        compare.arm_overrides("sparta_transfer", training.TrainConfig())
+        arms.arm_overrides("sparta_transfer", training.TrainConfig())
     for unknown in ("relu_median", "relu_none"):
         with pytest.raises(ValueError, match="relu_nonlocal"):
-            compare.arm_overrides(unknown, base)
+            arms.arm_overrides(unknown, base)
 
 
 def test_trainer_reuses_the_grid_and_writes_the_reports(grid):
@@ -417,8 +388,8 @@ def test_ablation_table_names_what_each_variant_changes(grid):
     k1["train"].update(sparta_kernel_size=1, model_dir="elsewhere")
     for cell in k1["cells"]:
         cell["pgd"] = 0.125
-    k1["summary"] = compare.summarize(k1["cells"])
-    rows = compare.ablation_table([results, k1]).splitlines()
+    k1["summary"] = stats.summarize(k1["cells"])
+    rows = ablation.ablation_table([results, k1]).splitlines()
     assert rows[0] == "| variant | clean, seed 0 | PGD-1, seed 0 | clean | PGD-1 | n |"
     assert rows[2].startswith("| baseline (k 3, beta0 1, sharing layer, Sparta weight decay "
                               "on, Sparta lr x1, custom gradient on, gate input normalised "
@@ -427,37 +398,22 @@ def test_ablation_table_names_what_each_variant_changes(grid):
     clean = f"{100 * cell['clean']:.1f}"
     assert rows[3] == f"| k 1 | {clean} | 12.5 | {clean} | 12.5 | 1 |"
     k1["train"]["sparta_normalize_gate_input"] = True
-    assert compare.ablation_table([results, k1]).splitlines()[3].startswith(
+    assert ablation.ablation_table([results, k1]).splitlines()[3].startswith(
         "| k 1, gate input normalised on |")
     k1["settings"]["pgd_steps"] = 7
     with pytest.raises(ValueError, match=r"differs in \['pgd_steps'\]"):
-        compare.ablation_table([results, k1])
+        ablation.ablation_table([results, k1])
     out = subprocess.run([sys.executable, "tools/ablation_table.py", grid[0], grid[0]],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[3].startswith("| the baseline's settings |")
 
 
-def test_a_stored_evaluation_is_reused_by_the_runs_identity_alone(tmp_path):
-    config = compare.cell_config(training.TrainConfig(**TINY), str(tmp_path), "pgd", "relu", 0)
-    os.makedirs(config.model_dir)
-    with open(os.path.join(config.model_dir, compare.EVAL_FILE), "w") as f:
-        json.dump({**compare._key(config, SETTINGS), "results": {"clean": 0.5}}, f)
-    same = [dict(data_dir="/elsewhere"), dict(jit_compile=True), dict(checkpoint_every=7)]
-    other = [dict(lr=0.05), dict(momentum=0.5), dict(mixed_precision="mixed_bfloat16"),
-             dict(epochs=2), dict(max_test=10)]
-    for change in same:
-        assert compare.stored_results(dataclasses.replace(config, **change), SETTINGS) == {
-            "clean": 0.5}, change
-    for change in other:
-        assert compare.stored_results(dataclasses.replace(config, **change), SETTINGS) is None
-
-
 def test_cells_keep_which_images_they_got_right(grid):
     _, results, _ = grid
     for cell in results["cells"]:
         for metric in ("clean", "pgd"):
-            hits = compare.unpack(cell["per_image"][metric])
+            hits = unpack(cell["per_image"][metric])
             assert hits.dtype == bool and len(hits) == results["test_examples"]
             assert hits.mean() == cell[metric]
         assert cell["per_image"]["autoattack"] is None  # not run in this grid
@@ -467,12 +423,12 @@ def test_pack_and_unpack_round_trip():
     rng = np.random.default_rng(0)
     for n in (1, 7, 8, 2000):
         hits = rng.random(n) < 0.3
-        np.testing.assert_array_equal(compare.unpack(compare.pack(hits)), hits)
+        np.testing.assert_array_equal(unpack(pack(hits)), hits)
 
 
 def _cells(hits_by_arm):
     return [{"objective": "pgd", "activation": arm, "seed": seed,
-             "per_image": {"pgd": compare.pack(h), "autoattack": None}}
+             "per_image": {"pgd": pack(h), "autoattack": None}}
             for arm, by_seed in hits_by_arm.items() for seed, h in enumerate(by_seed)]
 
 
@@ -482,18 +438,18 @@ def test_paired_differences_and_their_interval():
     base = [rng.random(n) < 0.3 for _ in range(3)]
     # b: the same images right as a, plus 5% more of the images at every seed.
     more = [h | (rng.random(n) < 0.05 / 0.7) for h in base]
-    p = compare.paired(_cells({"a": more, "b": base}), "pgd", "a", "b", "pgd")
+    p = stats.paired(_cells({"a": more, "b": base}), "pgd", "a", "b", "pgd")
     assert p["seeds"] == 3 and p["images"] == n
     for s in range(3):
         assert p["by_seed"][s] == pytest.approx((more[s].astype(int) - base[s]).mean())
     assert 0.03 < p["low"] < p["mean"] < p["high"] < 0.07
     # Two arms that differ by chance alone: the interval holds 0.
     noise = [rng.random(n) < 0.3 for _ in range(3)]
-    q = compare.paired(_cells({"a": noise, "b": base}), "pgd", "a", "b", "pgd")
+    q = stats.paired(_cells({"a": noise, "b": base}), "pgd", "a", "b", "pgd")
     assert q["low"] < 0 < q["high"] and q["high"] - q["low"] < 0.06
-    assert compare.paired(_cells({"a": more, "b": base}), "pgd", "a", "b", "autoattack") is None
+    assert stats.paired(_cells({"a": more, "b": base}), "pgd", "a", "b", "autoattack") is None
     arms = {"relu": base, "sparta": more, "sparta_transfer": noise}
-    markdown = "\n".join(compare._paired_table(_cells(arms), "pgd", list(arms), "PGD-20"))
+    markdown = "\n".join(paired_table(_cells(arms), "pgd", list(arms), "PGD-20"))
     by_seed = ", ".join(f"{s}: {100 * (more[s].astype(int) - base[s]).mean():+.2f}"
                         for s in range(3))
     assert f"| sparta - relu | PGD-20 | {by_seed} | {100 * p['mean']:+.2f} [" in markdown
@@ -501,7 +457,7 @@ def test_paired_differences_and_their_interval():
     assert pairs == ["sparta - relu", "sparta - sparta_transfer", "sparta_transfer - relu"]
     # How far an interval reaches at this size: the smallest and largest half-width.
     widths = [50 * (p["high"] - p["low"]) for p in (
-        compare.paired(_cells(arms), "pgd", a, b, "pgd")
+        stats.paired(_cells(arms), "pgd", a, b, "pgd")
         for a, b in [("sparta", "relu"), ("sparta", "sparta_transfer"),
                      ("sparta_transfer", "relu")])]
     assert markdown.endswith(f"either side of its mean (points, smallest to largest over the "
@@ -510,10 +466,28 @@ def test_paired_differences_and_their_interval():
     # 2,000 images, 3 seeds, ~30% accuracy: under 1 point for arms that agree on most
     # images (sparta - relu here), about 3 for independent ones.
     assert 0.5 < min(widths) < 1.0 and 2.5 < max(widths) < 3.5
-    one = "\n".join(compare._paired_table(_cells({"relu": base, "sparta": more}), "pgd",
+    one = "\n".join(paired_table(_cells({"relu": base, "sparta": more}), "pgd",
                                            ["relu", "sparta"], "PGD-20"))
     assert one.endswith(f"pairs): PGD-20 {widths[0]:.1f}. A difference must be about that "
                         "large to stand out.")  # one pair: one number
+
+
+def test_the_paired_mean_is_over_every_seed_not_one():
+    """Seeds that differ by different amounts: 1, 5 and 9 points. The mean is 5 points,
+    every seed's difference counts, and the interval holds it; seed 0 alone would say 1."""
+    n = 1000
+    base = [np.zeros(n, bool) for _ in range(3)]
+    more = [np.arange(n) < points * n // 100 for points in (1, 5, 9)]
+    p = stats.paired(_cells({"a": more, "b": base}), "pgd", "a", "b", "pgd")
+    assert p["by_seed"] == {0: 0.01, 1: 0.05, 2: 0.09}
+    assert p["mean"] == pytest.approx(0.05)
+    assert p["low"] <= p["mean"] <= p["high"]
+    assert p["low"] < 0.05 < p["high"] and p["high"] - p["low"] > 0.04  # seeds disagree
+    # The other way round, and with the seeds in another order: the same mean.
+    assert stats.paired(_cells({"a": base, "b": more}), "pgd", "a", "b", "pgd")["mean"] == \
+        pytest.approx(-0.05)
+    shuffled = stats.paired(_cells({"a": more[::-1], "b": base}), "pgd", "a", "b", "pgd")
+    assert shuffled["mean"] == pytest.approx(0.05) and shuffled["by_seed"][0] == 0.09
 
 
 def test_a_finished_cell_is_evaluated_anew_not_retrained(grid, tmp_path):
@@ -521,7 +495,7 @@ def test_a_finished_cell_is_evaluated_anew_not_retrained(grid, tmp_path):
     shutil.copytree(grid[0], root)
     trained = {p: os.path.getmtime(p) for p in _mtimes(root) if p.endswith("model.keras")}
     other = dataclasses.replace(SETTINGS, eps_curve=(0.0,))  # other settings: evaluate again
-    again = compare.run_grid(training.TrainConfig(**TINY), activations=["relu"], seeds=[0],
+    again = run_grid(training.TrainConfig(**TINY), activations=["relu"], seeds=[0],
                              objectives=["pgd"], root=root, settings=other, make_plots=False,
                              verbose=0)
     assert again["cells"][0]["eps_curve"] == [[0.0, again["cells"][0]["clean"]]]
@@ -529,16 +503,16 @@ def test_a_finished_cell_is_evaluated_anew_not_retrained(grid, tmp_path):
     metrics = os.path.join(root, "pgd", "relu", "seed0", "metrics.jsonl")
     assert len(open(metrics).readlines()) == TINY["epochs"]
     # The model's first evaluation stays beside the new one and still serves its settings.
-    config = compare.cell_config(training.TrainConfig(**TINY), root, "pgd", "relu", 0)
+    config = arms.cell_config(training.TrainConfig(**TINY), root, "pgd", "relu", 0)
     first = next(c for c in grid[1]["cells"] if (c["objective"], c["activation"]) == (
         "pgd", "relu"))
-    assert compare.stored_results(config, SETTINGS)["pgd"] == first["pgd"]
-    assert compare.stored_results(config, other)["eps_curve"] == [[0.0, first["clean"]]]
+    assert cache.stored_results(config, SETTINGS)["pgd"] == first["pgd"]
+    assert cache.stored_results(config, other)["eps_curve"] == [[0.0, first["clean"]]]
     # A cell trained again is a new model: the earlier evaluations go with the old one.
     ds = data.load("bundled", None, max_test=TINY["max_test"], splits=("test",))
-    compare.run_cell(config, ds.x_test, ds.y_test, other, overwrite=True, verbose=0)
-    assert compare.stored_results(config, other) is not None
-    assert compare.stored_results(config, SETTINGS) is None
+    run_cell(config, ds.x_test, ds.y_test, other, overwrite=True, verbose=0)
+    assert cache.stored_results(config, other) is not None
+    assert cache.stored_results(config, SETTINGS) is None
 
 
 def test_the_flags_make_the_evaluation_settings():

@@ -6,14 +6,14 @@ Each argument is the --model_dir of a `sparta-compare` run (or its comparison.js
 the first is the baseline, the others change settings of Sparta only (--sparta_kernel_size,
 --sparta_beta0, --sparta_sharing, --sparta_weight_decay, --sparta_lr_multiplier,
 --sparta_custom_gradient, --sparta_normalize_gate_input).
-See `sparta_tf.experiments.compare.ablation_table`.
+See `sparta_tf.experiments.ablation.ablation_table`.
 """
 
 import json
 import os
 import sys
 
-from sparta_tf.experiments import compare
+from sparta_tf.experiments import ablation
 
 
 def main(paths):
@@ -26,7 +26,7 @@ def main(paths):
         with open(path) as f:
             reports.append(json.load(f))
     try:
-        print(compare.ablation_table(reports), end="")
+        print(ablation.ablation_table(reports), end="")
     except ValueError as e:
         sys.exit(f"error: {e}")
 

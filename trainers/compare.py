@@ -25,7 +25,7 @@ from absl import app, logging
 from flags import compare as compare_flags
 from flags import core
 from sparta_tf import data, training, transfer
-from sparta_tf.experiments import compare
+from sparta_tf.experiments import grid, report
 
 def main(argv):
     if len(argv) > 1:
@@ -33,12 +33,12 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # keep TF's INFO lines off the progress output
     try:
         base = core.train_config()
-        results = compare.run_grid(base, **compare_flags.grid(base))
+        results = grid.run_grid(base, **compare_flags.grid(base))
     except (training.ConfigMismatchError, training.NonFiniteLossError,
             data.DatasetUnavailableError, data.BadDataError, FileNotFoundError,
             transfer.TransferError) as e:
         sys.exit(f"error: {e}")
-    print(compare.table(results))
+    print(report.table(results))
     name = compare_flags.FLAGS.report_name
     written = [f"{name}.md", f"{name}.json"]
     written += [os.path.basename(path) for path in results["plots"]]

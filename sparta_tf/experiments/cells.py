@@ -1,0 +1,126 @@
+"""One cell of a grid, evaluated: its settings (`EvalSettings`), `evaluate`, and what it keeps.
+
+`evaluate(model, x, y, settings)` measures one trained cell on the grid's test images:
+clean, PGD and optionally AutoAttack accuracy, a robust accuracy against eps curve, and
+which images each attack left right (`per_image`, packed by `pack`), for the paired
+comparisons of `stats.paired`. `stalled(config, num_classes)` says whether the cell's
+network learned at all. Nothing here trains or writes files.
+"""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from sparta_tf import attacks, autoattack, data, evaluation, model_dir, training
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """How every cell is evaluated.
+
+    Args:
+        eps: the L-inf budget of PGD and AutoAttack, in pixels.
+        pgd_steps: the steps of the PGD (step size 2.5 * eps / steps, one
+            random start).
+        autoattack: also run `autoattack.robust_accuracy`: `autoattack_attacks`,
+            then Square.
+        autoattack_iterations, square_queries: its sizes (100 and 5000 are
+            standard AutoAttack's).
+        square_examples: None: Square is the last attack of AutoAttack's chain,
+            on every test image. A number N: AutoAttack is `autoattack_attacks`
+            (the worst case per image) on every test image, and Square (black
+            box, the costly one on a CPU) runs alone on a class-balanced N of
+            them, for the masking check: it must not beat the white-box attacks
+            (PGD, AutoAttack's chain) there.
+        autoattack_attacks: the white-box attacks of AutoAttack, in order, out
+            of `autoattack.KNOWN` but Square: APGD-CE and APGD-T as standard
+            AutoAttack (APGD-T runs once per target class, 9 of them), or
+            APGD-DLR (`apgd-dlr`, one untargeted run) in APGD-T's place.
+        eps_curve: the budgets of the robust accuracy against eps curve (PGD
+            with `pgd_steps` steps at each); empty for none.
+        batch_size: examples per batch.
+        seed: the seed of the class-balanced test sample and of PGD's noise.
+    """
+
+    eps: float = 8 / 255
+    pgd_steps: int = 20
+    autoattack: bool = True
+    autoattack_iterations: int = 100
+    square_queries: int = 5000
+    eps_curve: tuple = ()
+    batch_size: int = 256
+    seed: int = 0
+    square_examples: int | None = None
+    autoattack_attacks: tuple = ("apgd-ce", "apgd-t")
+
+
+def pgd(eps, settings):
+    """PGD at `eps` seeded by `settings.seed`: a callable `attack(model, x, y) -> x_adv`."""
+    return evaluation.seeded(attacks.PGD(eps, settings.pgd_steps), settings.seed)
+
+
+def evaluate(model, x, y, settings, verbose=False):
+    """Accuracies of `model` on (x, y): clean, PGD, AutoAttack (or None), eps curve, and
+    `per_image`: which test images each of clean, PGD and AutoAttack got right (`pack`), for
+    the paired comparisons."""
+    def correct(attack=None, label=None):
+        return evaluation.correct(model, x, y, attack, settings.batch_size,
+                                  label if verbose else None)
+
+    hits = {"clean": correct(label="clean"),
+            "pgd": correct(pgd(settings.eps, settings), f"PGD-{settings.pgd_steps}"),
+            "autoattack": None}
+    def robust(x, y, chain):
+        return autoattack.robust_accuracy(
+            model, x, y, settings.eps, settings.batch_size, chain,
+            iterations=settings.autoattack_iterations, queries=settings.square_queries,
+            verbose=verbose, seed=settings.seed)
+
+    square = after = None
+    if settings.autoattack:
+        chain = tuple(settings.autoattack_attacks)
+        if settings.square_examples is None:
+            chain += ("square",)
+        aa = robust(x, y, chain)
+        hits["autoattack"], after = aa["robust"], aa["after"]
+        if settings.square_examples is not None:
+            subset = data.balanced_subset(y, settings.square_examples, settings.seed)
+            square = {"examples": len(subset),
+                      "square": float(robust(x[subset], y[subset], ("square",))["accuracy"]),
+                      "pgd": float(hits["pgd"][subset].mean()),
+                      "autoattack": float(hits["autoattack"][subset].mean())}
+    results = {m: None if h is None else float(h.mean()) for m, h in hits.items()}
+    if after is not None:  # the accuracy after each attack of the chain and those before it
+        results["autoattack_after"] = after
+    if square is not None:
+        results["square_check"] = square
+    results["eps_curve"] = [[eps, float(correct(pgd(eps, settings),
+                                                f"PGD at eps {eps:.4g}").mean())]
+                            for eps in settings.eps_curve]
+    results["per_image"] = {m: None if h is None else pack(h) for m, h in hits.items()}
+    return results
+
+
+def pack(hits):
+    """A bool array as a short string: its length and its bits in hex (`unpack` reverses)."""
+    return f"{len(hits)}:{np.packbits(np.asarray(hits, bool)).tobytes().hex()}"
+
+
+def unpack(text):
+    """The bool array of `pack`."""
+    length, bits = text.split(":")
+    return np.unpackbits(np.frombuffer(bytes.fromhex(bits), np.uint8))[:int(length)].astype(bool)
+
+
+def stalled(config, num_classes):
+    """Whether the cell's training loss was still at chance at its last epoch
+    (`training.stalled`, read from its metrics.jsonl): a network that did not learn."""
+    path = os.path.join(config.model_dir, model_dir.METRICS_FILE)
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return bool(rows) and training.stalled(rows[-1]["loss"], num_classes, rows[-1]["epoch"],
+                                           config.objective)
