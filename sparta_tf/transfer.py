@@ -24,7 +24,8 @@ that names both layers and both shapes, raised before any value is copied. Froze
 are `trainable=False`: they get no gradient, no weight decay, and keep their values through
 checkpoints and `.keras` files.
 
-This module imports nothing of `sparta_tf` but `layers`.
+This module imports nothing of `sparta_tf` but `layers`, `model_dir` (where a model_dir
+keeps its model.keras) and `keras_private` (to find nested layers).
 """
 
 import hashlib
@@ -34,7 +35,7 @@ import zipfile
 import keras
 import numpy as np
 
-from sparta_tf import layers, model_dir
+from sparta_tf import keras_private, layers, model_dir
 
 _STAGE_SHARED = re.compile(r"sparta_s\d+(_c\d+)?")
 _PER_LAYER = re.compile(r"sparta_s(\d+)b(\d+)_(\w+)")
@@ -80,8 +81,7 @@ def load(path):
 
 def sparta_layers(model):
     """The `layers.Sparta` layers of `model` (nested ones too), in model order, by name."""
-    found = [l for l in model._flatten_layers(include_self=False)
-             if isinstance(l, layers.Sparta)]
+    found = [l for l in keras_private.nested_layers(model) if isinstance(l, layers.Sparta)]
     return {l.name: l for l in found}
 
 

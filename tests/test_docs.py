@@ -6,6 +6,7 @@ machines appears in them, their links lead to files, and the README's headline t
 committed comparison's.
 """
 
+import ast
 import glob
 import json
 import os
@@ -106,3 +107,37 @@ def test_the_tests_that_reliability_md_names_exist():
     assert len(named) >= 25
     for file, name in named:
         assert re.search(rf"^def {name}\(", _read("tests", file), re.M), f"{file}::{name}"
+
+
+def _sparta_imports(path):
+    """The modules of sparta_tf that the file at `path` imports, anywhere in it."""
+    found = set()
+    for node in ast.walk(ast.parse(_read(path))):
+        if isinstance(node, ast.ImportFrom) and node.module == "sparta_tf":
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sparta_tf."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("sparta_tf.")}
+    return found
+
+
+def test_what_a_module_says_it_imports_of_sparta_tf_is_what_it_imports():
+    """A docstring's "imports nothing (else) of `sparta_tf` (but `a`, `b`)" is the truth."""
+    modules = {os.path.splitext(os.path.basename(p))[0]
+               for p in glob.glob(os.path.join(ROOT, "sparta_tf", "**", "*.py"), recursive=True)}
+    modules |= {"backend", "experiments"}
+    claims = 0
+    for path in glob.glob(os.path.join(ROOT, "sparta_tf", "**", "*.py"), recursive=True):
+        text = " ".join(_read(path).split())
+        claim = re.search(r"imports nothing (?:else )?of `sparta_tf`(.*?)\.(?:\s|$)", text)
+        if not claim:
+            continue
+        claims += 1
+        but = claim[1] if claim[1].startswith(" but ") else ""
+        said = set(re.findall(r"`(\w+)`", but)) & modules
+        itself = os.path.splitext(os.path.basename(path))[0]
+        imported = _sparta_imports(path) - {itself}
+        assert imported == said, f"{os.path.relpath(path, ROOT)} says it imports {sorted(said)} " \
+                                 f"of sparta_tf, and imports {sorted(imported)}"
+    assert claims >= 8

@@ -24,7 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from sparta_tf import attacks, data, evaluation, model_dir, training
+from sparta_tf import attacks, data, evaluation, keras_private, model_dir, training
 from sparta_tf.config import STRATEGIES, NonFiniteLossError, SetupError
 
 
@@ -193,12 +193,10 @@ def run(config, overwrite, verbose):
     with strategy.scope():  # built first: a transfer that does not fit writes nothing
         model = adversarial.build(config, ds.num_classes, ds.x_train.shape[1:], steps, source)
     if workers > 1:
-        # Keras 3.15's fit() reduces the first batch to build the model symbolically, a
-        # reduce that MultiWorkerMirroredStrategy cannot do on a (images, labels) tuple of
-        # PerReplica values. The model is built already: skip that step, and let fit() find
-        # the strategy from the scope it runs in (below).
-        model._distribute_strategy = None
-        # It then averages the step's logs over the replicas along axis 0, which fails on
+        # The model is built already: fit() need not reduce a first batch to build it, which
+        # this strategy cannot do; fit() finds the strategy from the scope it runs in (below).
+        keras_private.skip_fit_strategy_build(model)
+        # fit() then averages the step's logs over the replicas along axis 0, which fails on
         # scalars under this strategy: the step returns them as vectors of one.
         model.logs_as_vectors = True
     with training.holding(config, overwrite, chief):
