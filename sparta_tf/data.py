@@ -33,8 +33,8 @@ differ by a few grey levels (on CIFAR-10's JPEGs and the bundled sample: 65% of 
 differ, by 0.99 on average and 5 at most). Pillow's pixels are exactly TensorFlow's with
 `dct_method="INTEGER_ACCURATE"`. TensorFlow keeps its decoder, so its numbers do not move.
 
-This module imports nothing of `sparta_tf` but `image_folder` and `archive`, which read image
-folders and archives for it.
+This module imports nothing of `sparta_tf` but `image_folder` and `archive`, which read
+image folders and archives for it.
 """
 
 import dataclasses

@@ -30,3 +30,18 @@ def without_tensorflow(folder, backend="jax"):
 def jax_without_tensorflow(folder):
     """`without_tensorflow` on JAX."""
     return without_tensorflow(folder, "jax")
+
+
+def spy_on_sparta_paths(monkeypatch):
+    """A list that records, call by call, which path the Sparta layers take: "sparta_exact"
+    (the exact custom gradient) or "sparta_forward" (autodiff of the plain forward).
+
+    Both give the same numbers by design, so only a spy tells which one ran."""
+    from sparta_tf import layers  # pylint: disable=import-outside-toplevel
+    calls = []
+    for name in ("sparta_exact", "sparta_forward"):
+        def spy(*args, _name=name, _real=getattr(layers, name), **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(layers, name, spy)
+    return calls

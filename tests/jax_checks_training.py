@@ -1,4 +1,5 @@
-"""One AT step of `adversarial.AdversarialModel` on a batch, for the TF/JAX cross-check.
+"""One AT step of `adversarial.AdversarialModel` on a batch, for the TF/JAX cross-check, and
+one whose attack returns known images (`known_images_step`).
 
 `tests/test_jax_training.py::test_the_tf_and_jax_steps_agree` runs `step(folder)` on
 TensorFlow in its own process, and this file as a script on JAX (TensorFlow unimportable):
@@ -7,7 +8,8 @@ TensorFlow in its own process, and this file as a script on JAX (TensorFlow unim
 
 Both start from the weights and batch in FOLDER (written on TensorFlow by `setup`), attack
 without a random start, take one SGD step, and write what they got to FOLDER/<backend>.npz:
-the adversarial images, the loss, and every weight after the step.
+the adversarial images, the loss, and every weight after the step. The script also writes
+FOLDER/jax_known_pgd.npz, `known_images_step("pgd")` on JAX.
 """
 
 import os
@@ -69,7 +71,47 @@ def step(folder, objective="pgd"):
              **{f"w{i}": keras.ops.convert_to_numpy(w) for i, w in enumerate(net.weights)})
 
 
+def known_images_step(objective):
+    """One train step of `objective` whose attack is a stub that returns known images (the
+    batch x reversed), on this process's backend: {"loss": the step's loss, "known": the loss
+    on the known images, "clean": the loss on x}, both in training mode before the update."""
+    from sparta_tf import adversarial  # pylint: disable=import-outside-toplevel
+    keras.utils.set_random_seed(0)
+    wide = keras.initializers.RandomNormal(stddev=3.0)  # logits far from uniform
+    net = keras.Sequential([keras.Input(SHAPE), keras.layers.Conv2D(4, 3),
+                            keras.layers.BatchNormalization(), keras.layers.ReLU(),
+                            keras.layers.GlobalAveragePooling2D(),
+                            keras.layers.Dense(10, kernel_initializer=wide)])
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(16, *SHAPE)).astype("float32")
+    y = rng.integers(0, 10, 16).astype("int32")
+    known = x[::-1].copy()  # each image with another's label
+
+    def attack(model, images, labels, seed=None):
+        return keras.ops.convert_to_tensor(known)
+
+    def loss_on(images):
+        logits = net(images, training=True)
+        return float(keras.ops.mean(keras.ops.sparse_categorical_crossentropy(
+            y, logits, from_logits=True)))
+
+    model = adversarial.AdversarialModel(net, objective, attack)
+    model.compile(keras.optimizers.SGD(LR))
+    model.optimizer.build(net.trainable_variables)
+    found = {"known": loss_on(known), "clean": loss_on(x)}
+    if keras.backend.backend() == "jax":
+        import jax  # pylint: disable=import-outside-toplevel
+        from sparta_tf.backend import jax_trainer  # pylint: disable=import-outside-toplevel
+        model(x[:1])  # built, as jax_trainer.run does
+        state = jax_trainer._state(model)  # pylint: disable=protected-access
+        logs, _ = jax.jit(model.train_step)(state, (x, y))
+    else:
+        logs = model.train_step((keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y)))
+    return dict(found, loss=float(logs["loss"]))
+
+
 if __name__ == "__main__":
     for name in ("pgd", "standard"):
         step(sys.argv[1], name)
+    np.savez(os.path.join(sys.argv[1], "jax_known_pgd.npz"), **known_images_step("pgd"))
     print("tensorflow imported:", "tensorflow" in sys.modules)

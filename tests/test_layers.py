@@ -7,6 +7,7 @@ import pytest
 import keras
 import tensorflow as tf
 
+from conftest import spy_on_sparta_paths
 from sparta_tf import layers
 
 # Shapes with odd H and W, H = W = 1, and batch 1.
@@ -101,6 +102,20 @@ def test_custom_gradient_holds_less_memory_than_autodiff():
         step(x)
         peaks[fn.__name__] = tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
     assert peaks["sparta_exact"] < 0.9 * peaks["sparta_forward"], peaks
+
+
+@pytest.mark.parametrize("custom,path", [(True, "sparta_exact"), (False, "sparta_forward")])
+def test_use_custom_gradient_chooses_the_exact_gradient_or_autodiff(custom, path, monkeypatch):
+    calls = spy_on_sparta_paths(monkeypatch)
+    layer = layers.Sparta(use_custom_gradient=custom)
+    x = tf.random.normal([2, 5, 5, 3])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x)
+    tape.gradient(y, x)
+    assert calls == [path]
+    layers.Sparta.from_config(layer.get_config())(x)  # and a saved layer keeps its path
+    assert calls == [path, path]
 
 
 def test_starts_as_swish():

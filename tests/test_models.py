@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from sparta_tf import layers, models
+from conftest import spy_on_sparta_paths
+from sparta_tf import config, layers, models
 
 TINY = 0.0625  # ResNet widths 4, 8, 16, 32; WRN stem 1, widths 10, 20, 40
 
@@ -172,6 +173,19 @@ def test_inference_depends_on_each_image_alone():
     others = np.concatenate([x[:1], 1 - x[1:]])
     assert not np.allclose(model(x, training=True)[0], model(others, training=True)[0],
                            atol=1e-4)
+
+
+@pytest.mark.parametrize("custom,path", [(True, "sparta_exact"), (False, "sparta_forward")])
+def test_the_custom_gradient_flag_reaches_every_sparta_layer(custom, path, monkeypatch):
+    """sparta-train's --sparta_custom_gradient, through TrainConfig and models.build, decides
+    which path each Sparta layer takes."""
+    calls = spy_on_sparta_paths(monkeypatch)
+    kwargs = config.TrainConfig(sparta_custom_gradient=custom).activation_kwargs()
+    model = models.build("resnet18", 10, "sparta", TINY, input_shape=(16, 16, 3),
+                         activation_kwargs=kwargs)
+    calls.clear()
+    model(_pixels((2, 16, 16, 3)), training=True)
+    assert calls == [path] * len(_spartas(model)) == [path] * _ACTIVATION_COUNTS["resnet18"]
 
 
 def test_input_gradient_is_the_same_with_and_without_the_custom_gradient():

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import jax_checks_training
 from sparta_tf import adversarial, attacks, layers, model_dir, models, training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,6 +43,15 @@ def test_objectives_train_and_report_metrics(objective):
     assert set(history.history) == expected
     assert np.isfinite(history.history["loss"][0])
     assert any(not np.array_equal(a, b) for a, b in zip(before, net.get_weights()))
+
+
+@pytest.mark.parametrize("objective,trained_on", [("pgd", "known"), ("standard", "clean")])
+def test_the_step_trains_on_the_images_of_its_objective(objective, trained_on):
+    """PGD's step takes its loss on what the attack returns (stubbed to known images), not on
+    the clean batch; the standard step on the clean batch."""
+    found = jax_checks_training.known_images_step(objective)
+    assert abs(found["known"] - found["clean"]) > 0.01, found  # the two can be told apart
+    np.testing.assert_allclose(found["loss"], found[trained_on], rtol=1e-5)
 
 
 def test_sparta_weight_decay_switch():
