@@ -1,12 +1,17 @@
 """The benchmarks run and write their reports (tiny sizes: this checks the instruments, not
 the speed; the figures are in docs/BENCHMARKS.md)."""
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
+import tarfile
 
-from conftest import ROOT, needs_jax
+import numpy as np
+from PIL import Image
+
+from conftest import ROOT, jax_without_tensorflow, needs_jax
 
 
 def _run(script, *args):
@@ -65,3 +70,79 @@ def test_backends_times_tensorflow_against_jax(tmp_path):
     assert set(report["ratios"]) == {"jax / tensorflow, relu", "jax / tensorflow, sparta",
                                      "sparta / relu, tensorflow", "sparta / relu, jax"}
     assert "TensorFlow against JAX" in (tmp_path / "BACKENDS.md").read_text()
+
+
+def _tiny_cifar(folder):
+    """A .tar.gz in the CIFAR-10 archive's layout: 10 classes, 8 training and 4 test images
+    of noise each, under a top folder."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("test", 4)):
+        for c in range(10):
+            os.makedirs(folder / "tiny" / split / f"class{c}")
+            for i in range(count):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / "tiny" / split / f"class{c}" / f"{i}.png")
+    archive = folder / "tiny.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder / "tiny", arcname="tiny")
+    return str(archive)
+
+
+@needs_jax
+def test_gpu_jax_tiny_runs_every_part_without_tensorflow(tmp_path):
+    """TINY=1 is the GPU run's whole path on the CPU, with TensorFlow unimportable as on the
+    lent GPU machine: a GPU never meets the script untried. (Minutes on 2 cores: compiling
+    the 11 steps is nearly all of it.)"""
+    env = dict(jax_without_tensorflow(tmp_path / "blocked"), TINY="1", PYTHON=sys.executable,
+               WHEELS="")
+    out_dir = tmp_path / "out"
+    out = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_jax.sh"), str(out_dir),
+                          _tiny_cifar(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=1500)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads((out_dir / "gpu_jax.json").read_text())
+    assert not report["tensorflow_imported"]
+    assert report["machine"]["keras_backend"] == "jax" and report["machine"]["jax"]
+
+    step = report["step"]
+    assert set(step["configs"]) == {f"{kind}/{a}/bfloat16" for kind, a in [
+        ("at", "relu"), ("at", "sparta"), ("at", "sparta_autodiff"), ("standard", "relu"),
+        ("standard", "sparta")]}
+    for figures in step["configs"].values():
+        assert figures["img_s"] > 0 and figures["compile_s"] > 0 and figures["xla_bytes"] > 0
+        s = figures["s_per_step"]
+        assert 0 < s["min"] <= s["median"] <= s["max"]
+    assert set(step["ratios"]) == {
+        "sparta / relu, AT, bfloat16", "sparta custom gradient / autodiff, AT, bfloat16",
+        "AT efficiency (K+1) t(standard) / t(AT), relu, bfloat16",
+        "AT efficiency (K+1) t(standard) / t(AT), sparta, bfloat16"}
+
+    pilot = report["pilot"]
+    assert pilot["plan"]["arms"] == ["relu", "sparta"] and pilot["plan"]["epochs"] == 1
+    assert pilot["plan"]["train_images"] == 64 and pilot["plan"]["test_images"] == 32
+    for arm in ("relu", "sparta"):
+        result = pilot["arms"][arm]
+        assert 0 <= result["results"]["clean_acc"] <= 1 and "pgd2_acc" in result["results"]
+        assert [row["epoch"] for row in result["epochs"]] == [1]
+        model = (out_dir / result["model"]).read_bytes()  # for AutoAttack afterwards
+        assert hashlib.sha256(model).hexdigest() == result["model_sha256"]
+        config = json.loads((out_dir / "pilot" / arm / "config.json").read_text())
+        assert config["lr_schedule"] == "onecycle" and config["backend"] == "jax"
+    markdown = (out_dir / "GPU_JAX.md").read_text()
+    assert "## The compiled AT step" in markdown and "| sparta | " in markdown
+
+
+def test_gpu_jax_fits_the_pilot_to_the_time_left():
+    """The pilot's epochs are the most that fit; the last arm goes while fewer than the
+    minimum fit, down to two arms."""
+    code = ("import gpu_jax as g; s = {'relu': 1e-4, 'sparta': 2e-4, 'silu': 1.5e-4}; "
+            "o = dict.fromkeys(s, 60); print(g.fit_pilot(list(s), s, o, 50000, 450, 10, 15), "
+            "g.fit_pilot(list(s), s, o, 50000, 4000, 10, 15), "
+            "g.fit_pilot(list(s), {a: 10 * v for a, v in s.items()}, o, 50000, 300, 10, 15))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.join(ROOT, "benchmarks"),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # 450 s: 3 arms fit 8 epochs (1.25 * (180 + 8 * 22.5) = 450), under 10: SiLU goes;
+    # 4000 s: all 3 at the most; 300 s with steps 10 times slower: not one epoch.
+    assert out.stdout.split("\n")[0] == \
+        "(['relu', 'sparta'], 15) (['relu', 'sparta', 'silu'], 15) (['relu', 'sparta'], 0)"
