@@ -1,63 +1,39 @@
 """Robustness evaluation: accuracy under attack, AutoAttack, masking checks, reports.
 
-- `accuracy(model, x, y, attack)`: top-1 accuracy, clean or after an attack of
-  `sparta_tf.attacks` (the project's one PGD; FGSM is its 1-step case), and
-  `correct(...)`, the same example by example.
+- `accuracy(model, x, y, attack)`: top-1 accuracy, clean or after any attack, and
+  `correct(...)`, the same example by example. The project's PGD accuracy is one
+  protocol, `sparta_tf.protocol` (the settings in one `Protocol`, run by
+  `protocol.correct`), which the trainer, sparta-compare and this module all call.
 - `robustness_report(model, x, y, eps)`: clean, FGSM, PGD-20/100 with the CE and
   CW losses, Square and AutoAttack, and the gradient-masking sanity checks of
   Carlini et al., "On Evaluating Adversarial Robustness" (arXiv:1902.06705,
-  2019; `sparta_tf.masking`). `to_markdown(report)` renders it. AutoAttack
-  itself is `sparta_tf.autoattack`.
+  2019; `sparta_tf.masking`), naming its PGD protocol. `to_markdown(report)`
+  renders it. AutoAttack itself is `sparta_tf.autoattack`.
 - `load_model(path)`: a model_dir, a `.keras` file or an exported SavedModel;
   `check_writable(folder)`, to fail before an evaluation rather than after it.
 
 Models take pixels in [0, 1] and return logits. This module imports no absl.
 """
 
+import dataclasses
 import os
 import tempfile
 
 import keras
 import numpy as np
-import tensorflow as tf
-from tqdm.auto import tqdm
 
 # `layers` registers Sparta and FReLU with Keras, so that `.keras` files load.
 from sparta_tf import (attacks, autoattack, data, export, layers, masking,  # noqa: F401
-                       model_dir, transfer)
+                       model_dir, protocol, transfer)
 
 ModelFileError = transfer.ModelFileError
 
 
 def correct(model, x, y, attack=None, batch_size=256, progress=None):
-    """Which examples `model` classifies correctly, after `attack` if one is given.
-
-    Args:
-        model: a callable `model(x, training=False)` from pixels in [0, 1] to
-            logits, such as a Keras model or what `load_model` returns.
-        x: uint8 images (scaled by 1/255) or floats in [0, 1], NHWC.
-        y: int labels.
-        attack: None, or a callable `attack(model, x, y) -> x_adv` such as
-            `attacks.PGD`.
-        batch_size: examples per batch.
-        progress: None, or the label of a progress bar to show.
-
-    Returns: a bool array, one entry per example.
-    """
-    @tf.function
-    def hits(xb, yb):
-        if attack is not None:
-            xb = attack(model, xb, yb)
-        return tf.argmax(model(xb, training=False), axis=-1, output_type=tf.int32) == yb
-
-    x, y = data.pixels(x), np.asarray(y, np.int32)
-    out = []
-    with tqdm(total=len(x), desc=progress, unit="img", disable=progress is None) as bar:
-        for i in range(0, len(x), batch_size):
-            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-            out.append(hits(tf.constant(xb), tf.constant(yb)).numpy())
-            bar.update(len(xb))
-    return np.concatenate(out)
+    """Which examples `model` classifies correctly, after `attack` if one is given: a bool
+    array, one entry per example (`protocol.hits`, whose arguments these are). For the
+    project's PGD accuracy, run a `protocol.Protocol` with `protocol.correct` instead."""
+    return protocol.hits(model, x, y, attack, batch_size, progress)
 
 
 def accuracy(model, x, y, attack=None, batch_size=256, progress=None):
@@ -144,22 +120,10 @@ class _ServedLogits:
         return self.layer(x)["logits"]
 
 
-def seeded(attack, seed):
-    """`attack` with a fixed seed: restart 0 of R restarts is then the 1-restart run."""
-    seed = tf.constant([seed, 0], tf.int64)
-    return lambda model, x, y: attack(model, x, y, seed=seed)
-
-
-def eps_text(eps):
-    """`8/255` for whole numbers of 1/255, else the float."""
-    n = eps * 255
-    return f"{round(n)}/255" if abs(n - round(n)) < 1e-6 else f"{eps:.4g}"
-
-
 def robustness_report(model, x, y, eps, steps=(20, 100), losses=("ce", "cw"), restarts=3,
                       run_autoattack=True, autoattack_iterations=100, square_queries=5000,
-                      eps_multiples=(0.25, 0.5, 1, 2, 4), large_eps=0.5, tolerance=0.01,
-                      batch_size=256, seed=0, verbose=True):
+                      eps_multiples=(0.25, 0.5, 1, 2, 4), large_eps=0.5,
+                      tolerance=masking.TOLERANCE, batch_size=256, seed=0, verbose=True):
     """Clean and attacked accuracy at `eps`, and the checks for gradient masking.
 
     At `eps`: clean, FGSM, PGD with each of `steps` and `losses` ("ce":
@@ -182,22 +146,31 @@ def robustness_report(model, x, y, eps, steps=(20, 100), losses=("ce", "cw"), re
         seed: the seed of PGD's random starts.
         verbose: show progress bars.
 
-    Returns: a JSON-able dict: `eps`, `examples`, `settings`, `accuracy`
-        (name -> accuracy at eps), `autoattack_after` (accuracy after each
-        AutoAttack attack, cumulative), `eps_sweep` ([eps, accuracy] pairs)
-        and `checks` (`masking.checks` of the rest).
+    Every PGD number is `protocol.correct` of one protocol (`sparta_tf.protocol`): the
+    first row's, `protocol` in the report (PGD-steps[0] with losses[0] and `restarts`,
+    in batches of `batch_size` seeded with `seed`), with its steps and loss changed for
+    the other rows, and its eps changed and 1 restart for the sweep.
+
+    Returns: a JSON-able dict: `eps`, `examples`, `settings`, `protocol` (as
+        `Protocol.to_json`), `accuracy` (name -> accuracy at eps), `autoattack_after`
+        (accuracy after each AutoAttack attack, cumulative), `eps_sweep` ([eps,
+        accuracy] pairs) and `checks` (`masking.checks` of the rest).
     """
     x, y = data.pixels(x), np.asarray(y, np.int32)
+    first = protocol.Protocol(eps=eps, steps=steps[0], restarts=restarts, loss=losses[0],
+                              batch_size=batch_size, seed=seed)
 
-    def acc(attack=None, label=None):
-        return accuracy(model, x, y, attack, batch_size, label if verbose else None)
+    def acc(run, label, clean=False):
+        hits = protocol.correct(model, x, y, run, clean, label if verbose else None)
+        return float(hits.mean())
 
-    results = {"clean": acc(), "fgsm": acc(attacks.fgsm(eps), "FGSM")}
+    results = {"clean": acc(first, None, clean=True),
+               "fgsm": accuracy(model, x, y, attacks.fgsm(eps), batch_size,
+                                "FGSM" if verbose else None)}
     for n in steps:
         for loss in losses:
-            pgd = attacks.PGD(eps, n, restarts=restarts, loss=loss)
-            results[f"pgd{n}_{loss}"] = acc(seeded(pgd, seed),
-                                            f"PGD-{n} {loss.upper()} x{restarts}")
+            run = dataclasses.replace(first, steps=n, loss=loss)
+            results[f"pgd{n}_{loss}"] = acc(run, run.name)
     # Square first: its accuracy alone is then the first step of the chain.
     chain = ("square", "apgd-ce", "apgd-t") if run_autoattack else ("square",)
     aa = autoattack.robust_accuracy(model, x, y, eps, batch_size, chain,
@@ -206,7 +179,8 @@ def robustness_report(model, x, y, eps, steps=(20, 100), losses=("ce", "cw"), re
     if run_autoattack:
         results["autoattack"] = aa["accuracy"]
     sweep = sorted({eps * m for m in eps_multiples} | {eps, large_eps})
-    sweep = [[e, acc(seeded(attacks.PGD(e, steps[0], loss=losses[0]), seed),
+    one = dataclasses.replace(first, restarts=1)
+    sweep = [[e, acc(dataclasses.replace(one, eps=e),
                      f"PGD-{steps[0]} {losses[0].upper()} at {e:.4g}")] for e in sweep]
     report = {
         "eps": eps, "examples": len(x),
@@ -214,6 +188,7 @@ def robustness_report(model, x, y, eps, steps=(20, 100), losses=("ce", "cw"), re
                      "autoattack_iterations": autoattack_iterations,
                      "square_queries": square_queries, "tolerance": tolerance,
                      "large_eps": large_eps, "seed": seed},
+        "protocol": first.to_json(),
         "accuracy": results, "autoattack_after": aa["after"], "eps_sweep": sweep,
     }
     return {**report, "checks": masking.checks(report)}
@@ -230,14 +205,18 @@ def to_markdown(report):
         for loss in s["losses"]:
             names[f"pgd{n}_{loss}"] = (f"PGD-{n}, {loss.upper()} loss, {s['restarts']} "
                                       f"restart{'s' * (s['restarts'] > 1)}")
-    lines = [f"## Robustness at eps = {eps_text(report['eps'])} "
-             f"({report['examples']} examples)", "",
-             "| attack | accuracy |", "| --- | ---: |"]
+    lines = [f"## Robustness at eps = {protocol.eps_text(report['eps'])} "
+             f"({report['examples']} examples)", ""]
+    if report.get("protocol"):  # reports written before it was kept have none
+        described = protocol.Protocol.from_json(report["protocol"]).describe()
+        lines += [f"PGD protocol (`sparta_tf.protocol`): {described}; the other PGD rows "
+                  "change its steps and loss, the eps sweep its eps, with 1 restart.", ""]
+    lines += ["| attack | accuracy |", "| --- | ---: |"]
     lines += [f"| {names[k]} | {100 * v:.2f}% |" for k, v in report["accuracy"].items()]
     lines += ["", f"### Accuracy against eps (PGD-{s['steps'][0]}, "
               f"{s['losses'][0].upper()} loss, 1 restart)", "",
               "| eps | accuracy |", "| --- | ---: |"]
-    lines += [f"| {eps_text(e)} | {100 * a:.2f}% |" for e, a in report["eps_sweep"]]
+    lines += [f"| {protocol.eps_text(e)} | {100 * a:.2f}% |" for e, a in report["eps_sweep"]]
     lines += ["", "### Gradient-masking checks (Carlini et al., 2019)", ""]
     lines += [f"- {'pass' if c['passed'] else '**WARNING**'} `{c['name']}`: {c['detail']}"
               for c in report["checks"]]

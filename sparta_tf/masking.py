@@ -3,13 +3,14 @@
 After Carlini et al., "On Evaluating Adversarial Robustness" (arXiv:1902.06705, 2019).
 Each check reads the numbers of a report (`evaluation.robustness_report`) and returns
 `{"name", "passed", "detail"}`; none runs a model. Noise is allowed up to `slack`, the
-larger of the report's tolerance and one example.
+larger of the report's tolerance (`TOLERANCE` by default) and one example.
 
 - `eps_monotone`: accuracy under PGD does not rise with eps.
 - `steps_monotone_{loss}`: PGD with more steps is not less successful than with fewer.
 - `large_eps`: accuracy at a huge eps (0.5: any image can be turned into uniform grey) is ~0.
 - `black_box_weaker`: Square (black-box) does not beat the best white-box PGD; if it does,
-  the gradients mislead PGD: the classic sign of masking.
+  the gradients mislead PGD: the classic sign of masking. sparta-compare's cells run it on
+  the images that Square attacked (`black_box_weaker_on_subset`).
 - `restarts`: PGD with several random restarts is not less successful than with one. The
   runs share a seed, so for a deterministic model restart 0 is the 1-restart run, and
   only a model that is random at inference (or a broken attack) can fail.
@@ -22,13 +23,21 @@ eps and `large_eps`) and `settings` (`steps`, `losses`, `restarts`, `tolerance`,
 """
 
 
+TOLERANCE = 0.01  # the noise a check allows by default, as a fraction of the examples
+
+
 def _check(name, passed, detail):
     return {"name": name, "passed": bool(passed), "detail": detail}
 
 
+def allowed_noise(tolerance, examples):
+    """The noise a check allows: `tolerance`, or one example of `examples` if that is more."""
+    return max(tolerance, 1 / examples)
+
+
 def slack(report):
-    """The noise each check allows: the tolerance, or one example if that is more."""
-    return max(report["settings"]["tolerance"], 1 / report["examples"])
+    """The noise each check of `report` allows (`allowed_noise`)."""
+    return allowed_noise(report["settings"]["tolerance"], report["examples"])
 
 
 def eps_monotone(report):
@@ -58,12 +67,32 @@ def large_eps(report):
                   f"PGD-{s['steps'][0]} at eps {s['large_eps']:.4g}: {acc:.1%} (should be ~0%)")
 
 
+def square_against(square, white_box, noise):
+    """`black_box_weaker` on numbers: Square's accuracy `square` against the best (lowest)
+    of `white_box` ({attack: accuracy} on the same images), allowing `noise`."""
+    best = min(white_box, key=white_box.get)
+    return _check("black_box_weaker", square >= white_box[best] - noise,
+                  f"Square {square:.1%} vs the best white-box, {best}, {white_box[best]:.1%}")
+
+
 def black_box_weaker(report):
     acc = report["accuracy"]
-    pgd = {k: v for k, v in acc.items() if k.startswith("pgd")}
-    best = min(pgd, key=pgd.get)
-    return _check("black_box_weaker", acc["square"] >= pgd[best] - slack(report),
-                  f"Square {acc['square']:.1%} vs the best white-box, {best}, {pgd[best]:.1%}")
+    return square_against(acc["square"], {k: v for k, v in acc.items() if k.startswith("pgd")},
+                          slack(report))
+
+
+def white_box(square_check):
+    """The white-box accuracies of a grid cell's `square_check` ({"examples", "square",
+    "pgd" and, where the cell kept it, "autoattack"}: accuracies on Square's images)."""
+    return {k: v for k, v in square_check.items() if k in ("pgd", "autoattack")}
+
+
+def black_box_weaker_on_subset(square_check, tolerance=TOLERANCE):
+    """`black_box_weaker` of a grid cell, on the class-balanced subset that Square ran on
+    (`experiments.cells.evaluate`): Square against the better of PGD and AutoAttack's
+    white-box chain there."""
+    return square_against(square_check["square"], white_box(square_check),
+                          allowed_noise(tolerance, square_check["examples"]))
 
 
 def restarts(report):

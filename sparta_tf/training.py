@@ -6,7 +6,9 @@ its checkpoints, then save model.keras and evaluate it. The training loop is the
 backend's: `sparta_tf/backend/tensorflow_trainer.py` (MirroredStrategy, multi-worker,
 tf.train checkpoints) or `jax_trainer.py` (one device, Keras-native checkpoints). What
 both share lives here: the model_dir's preparation (the config check, `--overwrite`, the
-lock, what a killed run left half-written), the metrics rows, `finished` and the summary.
+lock, what a killed run left half-written), the metrics rows, `finished`, the final
+evaluation (`finish`, under the project's one PGD protocol, `sparta_tf.protocol`) and the
+summary.
 This module imports no TensorFlow; `TrainConfig` and its errors come from
 `sparta_tf.config` and are named here too.
 """
@@ -21,7 +23,7 @@ import zipfile
 
 import keras
 
-from sparta_tf import data, model_dir, transfer
+from sparta_tf import data, model_dir, protocol, transfer
 from sparta_tf.config import (  # noqa: F401  (the names users know from here)
     LR_SCHEDULES, OBJECTIVES, STRATEGIES, ConfigMismatchError, NonFiniteLossError, SetupError,
     TrainConfig, learning_rate, stalled)
@@ -228,6 +230,27 @@ def save_model(config, net, ds):
     with model_dir.atomic_path(os.path.join(config.model_dir, model_dir.MODEL)) as tmp:
         net.save(tmp)
     model_dir.write_json(os.path.join(config.model_dir, model_dir.CLASS_NAMES), ds.class_names)
+
+
+def eval_protocol(config):
+    """The PGD protocol of a run's final evaluation (`sparta_tf.protocol`): PGD with
+    `eval_pgd_steps` steps at `eps` (whatever the objective), seeded with the run's seed."""
+    return protocol.Protocol(eps=config.eps, steps=config.eval_pgd_steps, seed=config.seed)
+
+
+def finish(config, net, ds):
+    """The end of a run on either backend: saves `net` as model_dir/model.keras (and the
+    class names beside it), evaluates its clean and PGD accuracy under `eval_protocol`
+    (`protocol.correct`; PGD only if `eval_pgd_steps`) and writes results.json, which names
+    the protocol."""
+    save_model(config, net, ds)
+    pgd = eval_protocol(config)
+    x, y = ds.x_test, ds.y_test
+    results = {"clean_acc": float(protocol.correct(net, x, y, pgd, clean=True).mean())}
+    if config.eval_pgd_steps:
+        results[f"pgd{pgd.steps}_acc"] = float(protocol.correct(net, x, y, pgd).mean())
+        results["protocol"] = pgd.to_json()
+    return write_results(config, ds, results)
 
 
 def write_results(config, ds, results):

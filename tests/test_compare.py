@@ -1,4 +1,4 @@
-"""Tests of sparta_tf.experiments (the grid), sparta_tf.plots, flags/compare.py and trainers/compare.py.
+"""Tests of sparta_tf.experiments (the grid), plots, flags/compare.py and trainers/compare.py.
 
 One tiny grid (ResNet-18 at width 1/16, 64 training images, 1 epoch of PGD-1 AT
 and of standard training, relu and sparta, one seed, 20 test images) is trained
@@ -102,6 +102,14 @@ def test_grid_writes_the_table_per_objective(grid):
             assert (clean, pgd) == (f"{100 * stored['clean']:.1f}", f"{100 * stored['pgd']:.1f}")
     summary = results["summary"][0]
     assert summary["eps_curve"][0][1] == summary["clean"]["mean"]  # eps 0 is clean
+    # The report names the protocol of its PGD numbers.
+    assert results["protocol"] == SETTINGS.protocol().to_json()
+    assert markdown.splitlines()[3] == (
+        "PGD protocol (`sparta_tf.protocol`): PGD-1 at eps 8/255, CE loss, 1 step of "
+        "2.5 eps / 1, 1 random start, batches of 256 seeded with [0, 0].")
+    old = {k: v for k, v in results.items() if k != "protocol"}  # as comparison.json was
+    assert table(old).splitlines() == [line for i, line in enumerate(markdown.splitlines())
+                                       if i != 3]
     # Seed by seed, and the eps curve, from the cells (one seed: the means above).
     by_seed = _tables(markdown, "seed by seed: clean / PGD")
     curve = _tables(markdown, "PGD accuracy at eps")

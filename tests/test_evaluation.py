@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from sparta_tf import attacks, autoattack, evaluation, export, layers, models
+from sparta_tf import attacks, autoattack, evaluation, export, layers, models, protocol
 
 SHAPE = (8, 8, 3)
 
@@ -183,6 +183,13 @@ def test_masking_checks_pass_on_a_normal_model_and_catch_a_masked_one():
     assert "**WARNING** `black_box_weaker`" in markdown
     assert "**WARNING** `large_eps`" in markdown
     assert "| PGD-20, CE loss, 2 restarts |" in markdown and "eps = 8/255" in markdown
+    # The report names its PGD protocol (`sparta_tf.protocol`); one written before has none.
+    assert fake["protocol"] == protocol.Protocol(eps=8 / 255, steps=5, restarts=2,
+                                                 batch_size=32).to_json()
+    assert ("PGD protocol (`sparta_tf.protocol`): PGD-5 CE x2 at eps 8/255, CE loss, 5 steps "
+            "of 2.5 eps / 5, 2 random starts, batches of 32 seeded with [0, 0]; ") in markdown
+    old = evaluation.to_markdown({k: v for k, v in fake.items() if k != "protocol"})
+    assert old.splitlines() == markdown.splitlines()[:2] + markdown.splitlines()[4:]
 
 
 # --- load_model -------------------------------------------------------------------

@@ -73,3 +73,26 @@ def test_noise_up_to_the_slack_is_allowed():
     assert all(c["passed"] for c in masking.checks(report))
     report["examples"] = 200  # now 1.9% is more than the slack of 1%
     assert not masking.eps_monotone(report)["passed"]
+
+
+def test_a_grid_cells_square_check_is_the_same_check_on_its_subset():
+    """sparta-compare's cells run Square on a subset: the same pure check, against the better
+    of PGD and AutoAttack's white-box chain there, with the same slack."""
+    kept = {"examples": 100, "square": 0.25, "pgd": 0.27, "autoattack": 0.24}
+    assert masking.white_box(kept) == {"pgd": 0.27, "autoattack": 0.24}
+    passed = masking.black_box_weaker_on_subset(kept)  # below PGD, above AutoAttack
+    assert passed["passed"] and passed["name"] == "black_box_weaker"
+    assert "autoattack, 24.0%" in passed["detail"]
+    failed = masking.black_box_weaker_on_subset({**kept, "square": 0.22})
+    assert not failed["passed"] and "Square 22.0%" in failed["detail"]
+    # One example of 100 is the 1% tolerance; of 50 it is 2%, so 0.225 against 0.24 passes.
+    assert not masking.black_box_weaker_on_subset({**kept, "square": 0.225})["passed"]
+    assert masking.black_box_weaker_on_subset({**kept, "square": 0.225, "examples": 50})["passed"]
+    assert masking.allowed_noise(masking.TOLERANCE, 50) == pytest.approx(0.02)
+    # Kept before the subset's AutoAttack accuracy was: PGD alone.
+    assert not masking.black_box_weaker_on_subset({"examples": 100, "square": 0.25,
+                                                   "pgd": 0.27})["passed"]
+    # The report's check is the same function on the report's numbers.
+    assert masking.black_box_weaker(SOUND) == masking.square_against(
+        0.45, {k: v for k, v in SOUND["accuracy"].items() if k.startswith("pgd")},
+        masking.slack(SOUND))

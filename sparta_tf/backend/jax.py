@@ -1,4 +1,5 @@
-"""PGD's pieces on JAX (`sparta_tf.attacks`): the input gradient, the loop, the noise.
+"""PGD's pieces on JAX (`sparta_tf.attacks`): the input gradient, the loop, the noise; and
+the compiled batch of an evaluation (`correct_fn`, for `sparta_tf.protocol`).
 
 `jax.grad` to the input and `jax.lax.fori_loop`, so that the attack runs inside `jax.jit`
 when the model is a pure function (`logits_fn(x)`, e.g. over `model.stateless_call`).
@@ -49,3 +50,22 @@ def uniform_like(x, key, minval, maxval):
     if key is None:
         return keras.random.uniform(x.shape, minval, maxval, dtype=x.dtype)
     return jax.random.uniform(key, x.shape, x.dtype, minval, maxval)
+
+
+def correct_fn(model, attack=None):
+    """`batch(x, y)`: which examples of a NumPy batch the Keras `model` classifies correctly
+    after `attack` (None: clean), as a NumPy bool array; attack and model in one `jax.jit`
+    over `model.stateless_call` with the variables' values as they are now. The loop over
+    batches is `sparta_tf.protocol.hits`."""
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+
+    @jax.jit
+    def hits(trainable, non_trainable, x, y):
+        def logits(images, training=False):
+            return model.stateless_call(trainable, non_trainable, images, training=training)[0]
+        if attack is not None:
+            x = attack(logits, x, y)
+        return jnp.argmax(logits(x), axis=-1) == y
+
+    return lambda x, y: np.asarray(hits(trainable, non_trainable, x, y))

@@ -9,8 +9,11 @@ folder `checkpoints/ckpt-N/` of Keras's own files: `state.weights.h5` (the weigh
 optimizer's variables, `Model.save_weights`) and `position.json` (epoch and step), written
 to a temporary folder and renamed into place. The data position is the (epoch, step)
 counter: the batches of an epoch depend only on (seed, epoch), so a killed run resumes on
-the same batches and the same PGD noise. What stays TensorFlow's (MirroredStrategy and
-multi-worker jobs, the SavedModel export, ART's AutoAttack) is refused here by name.
+the same batches and the same PGD noise. A run ends in `training.finish`, as on
+TensorFlow: model.keras, then clean and PGD accuracy under the one evaluation protocol
+(`sparta_tf.protocol`, its batches compiled by `sparta_tf/backend/jax.py`), in results.json.
+What stays TensorFlow's (MirroredStrategy and multi-worker jobs, the SavedModel export,
+ART's AutoAttack) is refused here by name.
 """
 
 import json
@@ -25,7 +28,7 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
-from sparta_tf import attacks, data, model_dir, training
+from sparta_tf import data, model_dir, training
 from sparta_tf.config import NonFiniteLossError, SetupError
 
 POSITION = "position.json"
@@ -162,7 +165,7 @@ def _train(config, model, ds, steps, verbose):
         checkpoints.save(model, epoch + 1, 0)      # the epoch's end, and rewrites its row
         training.warn_if_stalled(config, row, ds.num_classes)
         skip = 0
-    return finish(config, model.model, ds)
+    return training.finish(config, model.model, ds)
 
 
 def _finite(model):
@@ -226,37 +229,3 @@ class Checkpoints:
             raise SetupError(f"No checkpoint in {self.folder} can be read. Use --overwrite to "
                              "start again, or restore the folder from a backup.")
         return 0, 0
-
-
-def accuracy(net, x, y, attack=None, batch_size=256, seed=0):
-    """Top-1 accuracy of `net` on (x, y), after `attack` if one is given, its random start
-    seeded with [seed, 0] in every batch (as `evaluation.seeded` on TensorFlow)."""
-    trainable = [v.value for v in net.trainable_variables]
-    non_trainable = [v.value for v in net.non_trainable_variables]
-    key = jnp.asarray([seed, 0], "int32")
-
-    @jax.jit
-    def hits(trainable, non_trainable, xb, yb):
-        def model(images, training=False):
-            return net.stateless_call(trainable, non_trainable, images, training=training)[0]
-        if attack is not None:
-            xb = attack(model, xb, yb, seed=key)
-        return jnp.argmax(model(xb), axis=-1) == yb
-
-    x, y = data.pixels(x), np.asarray(y, np.int32)
-    correct = [np.asarray(hits(trainable, non_trainable, x[i:i + batch_size],
-                               y[i:i + batch_size]))
-               for i in range(0, len(x), batch_size)]
-    return float(np.concatenate(correct).mean())
-
-
-def finish(config, net, ds):
-    """Saves `net` as model_dir/model.keras (and the class names beside it), then evaluates
-    clean and PGD accuracy, as on TensorFlow."""
-    training.save_model(config, net, ds)
-    results = {"clean_acc": accuracy(net, ds.x_test, ds.y_test)}
-    if config.eval_pgd_steps:  # at --eps whatever the objective, with a seeded random start
-        pgd = attacks.PGD(config.eps, config.eval_pgd_steps)
-        results[f"pgd{config.eval_pgd_steps}_acc"] = accuracy(
-            net, ds.x_test, ds.y_test, attack=pgd, seed=config.seed)
-    return training.write_results(config, ds, results)

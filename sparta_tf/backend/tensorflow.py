@@ -1,4 +1,5 @@
-"""PGD's pieces on TensorFlow (`sparta_tf.attacks`): the input gradient, the loop, the noise.
+"""PGD's pieces on TensorFlow (`sparta_tf.attacks`): the input gradient, the loop, the noise;
+and the compiled batch of an evaluation (`correct_fn`, for `sparta_tf.protocol`).
 
 A `tf.GradientTape` and a `tf.while_loop`, so that the attack runs eagerly, inside
 `tf.function`, inside a compiled Keras `train_step` and in a `strategy.run` replica
@@ -41,3 +42,16 @@ def uniform_like(x, seed_, minval, maxval):
     if seed_ is None:
         return tf.random.uniform(tf.shape(x), minval, maxval, dtype=x.dtype)
     return tf.random.stateless_uniform(tf.shape(x), seed_, minval, maxval, dtype=x.dtype)
+
+
+def correct_fn(model, attack=None):
+    """`batch(x, y)`: which examples of a NumPy batch `model` classifies correctly after
+    `attack` (None: clean), as a NumPy bool array; attack and model in one `tf.function`.
+    The loop over batches is `sparta_tf.protocol.hits`."""
+    @tf.function
+    def hits(x, y):
+        if attack is not None:
+            x = attack(model, x, y)
+        return tf.argmax(model(x, training=False), axis=-1, output_type=tf.int32) == y
+
+    return lambda x, y: hits(tf.constant(x), tf.constant(y)).numpy()

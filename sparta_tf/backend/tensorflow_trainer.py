@@ -12,7 +12,8 @@ checkpoints, logs, model, results), and the other workers keep their share of th
 collective saves in a hidden folder of model_dir that they delete when done. All randomness
 (data order, augmentation, PGD's random start) is stateless and keyed on (seed, epoch,
 step), so the checkpointed counters are the whole RNG state: a killed run resumes with the
-same batches and the same noise it would have seen.
+same batches and the same noise it would have seen. A run ends in `training.finish`, as on
+JAX (model.keras, the evaluation under `sparta_tf.protocol`, results.json).
 """
 
 import math
@@ -24,7 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from sparta_tf import attacks, data, evaluation, keras_private, model_dir, training
+from sparta_tf import data, keras_private, model_dir, training
 from sparta_tf.config import STRATEGIES, NonFiniteLossError, SetupError
 
 
@@ -253,7 +254,7 @@ def _train(config, strategy, model, ds, steps, overwrite, verbose):
         model.model.save(os.path.join(private, model_dir.MODEL))  # its share of the save
         shutil.rmtree(private, ignore_errors=True)
         return None
-    return finish(config, model.model, ds)
+    return training.finish(config, model.model, ds)
 
 
 def _summaries(writer, row):
@@ -263,17 +264,3 @@ def _summaries(writer, row):
             if name != "epoch":
                 tf.summary.scalar(name, value)
     writer.flush()
-
-
-def finish(config, net, ds):
-    """Saves `net` as model_dir/model.keras (and the class names beside it), then evaluates
-    clean and PGD accuracy."""
-    training.save_model(config, net, ds)
-    x, y = ds.x_test, ds.y_test
-    results = {"clean_acc": evaluation.accuracy(net, x, y)}
-    if config.eval_pgd_steps:  # at --eps whatever the objective, with a seeded random start
-        pgd = evaluation.seeded(attacks.PGD(config.eps, config.eval_pgd_steps), config.seed)
-        results[f"pgd{config.eval_pgd_steps}_acc"] = evaluation.accuracy(net, x, y, attack=pgd)
-    return training.write_results(config, ds, results)
-
-

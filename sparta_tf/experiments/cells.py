@@ -1,10 +1,11 @@
 """One cell of a grid, evaluated: its settings (`EvalSettings`), `evaluate`, and what it keeps.
 
 `evaluate(model, x, y, settings)` measures one trained cell on the grid's test images:
-clean, PGD and optionally AutoAttack accuracy, a robust accuracy against eps curve, and
-which images each attack left right (`per_image`, packed by `pack`), for the paired
-comparisons of `stats.paired`. `stalled(config, num_classes)` says whether the cell's
-network learned at all. Nothing here trains or writes files.
+clean and PGD accuracy under the project's one protocol (`EvalSettings.protocol`,
+`sparta_tf.protocol`), optionally AutoAttack accuracy, a robust accuracy against eps
+curve, and which images each attack left right (`per_image`, packed by `pack`), for the
+paired comparisons of `stats.paired`. `stalled(config, num_classes)` says whether the
+cell's network learned at all. Nothing here trains or writes files.
 """
 
 import dataclasses
@@ -13,7 +14,7 @@ import os
 
 import numpy as np
 
-from sparta_tf import attacks, autoattack, data, evaluation, model_dir, training
+from sparta_tf import autoattack, data, model_dir, protocol, training
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,8 +23,8 @@ class EvalSettings:
 
     Args:
         eps: the L-inf budget of PGD and AutoAttack, in pixels.
-        pgd_steps: the steps of the PGD (step size 2.5 * eps / steps, one
-            random start).
+        pgd_steps: the steps of the PGD (`protocol()`: step size 2.5 * eps / steps,
+            one random start).
         autoattack: also run `autoattack.robust_accuracy`: `autoattack_attacks`,
             then Square.
         autoattack_iterations, square_queries: its sizes (100 and 5000 are
@@ -55,23 +56,26 @@ class EvalSettings:
     square_examples: int | None = None
     autoattack_attacks: tuple = ("apgd-ce", "apgd-t")
 
-
-def pgd(eps, settings):
-    """PGD at `eps` seeded by `settings.seed`: a callable `attack(model, x, y) -> x_adv`."""
-    return evaluation.seeded(attacks.PGD(eps, settings.pgd_steps), settings.seed)
+    def protocol(self):
+        """The PGD protocol of the cells (`sparta_tf.protocol`): PGD-`pgd_steps` at `eps`,
+        in batches of `batch_size`, seeded with `seed`; its other settings are the defaults."""
+        return protocol.Protocol(eps=self.eps, steps=self.pgd_steps,
+                                 batch_size=self.batch_size, seed=self.seed)
 
 
 def evaluate(model, x, y, settings, verbose=False):
     """Accuracies of `model` on (x, y): clean, PGD, AutoAttack (or None), eps curve, and
     `per_image`: which test images each of clean, PGD and AutoAttack got right (`pack`), for
-    the paired comparisons."""
-    def correct(attack=None, label=None):
-        return evaluation.correct(model, x, y, attack, settings.batch_size,
-                                  label if verbose else None)
+    the paired comparisons. Clean, PGD and the eps curve are `settings.protocol()` (at each
+    eps of the curve), run by `protocol.correct`."""
+    pgd = settings.protocol()
 
-    hits = {"clean": correct(label="clean"),
-            "pgd": correct(pgd(settings.eps, settings), f"PGD-{settings.pgd_steps}"),
+    def correct(run, label, clean=False):
+        return protocol.correct(model, x, y, run, clean, label if verbose else None)
+
+    hits = {"clean": correct(pgd, "clean", clean=True), "pgd": correct(pgd, pgd.name),
             "autoattack": None}
+
     def robust(x, y, chain):
         return autoattack.robust_accuracy(
             model, x, y, settings.eps, settings.batch_size, chain,
@@ -96,7 +100,7 @@ def evaluate(model, x, y, settings, verbose=False):
         results["autoattack_after"] = after
     if square is not None:
         results["square_check"] = square
-    results["eps_curve"] = [[eps, float(correct(pgd(eps, settings),
+    results["eps_curve"] = [[eps, float(correct(dataclasses.replace(pgd, eps=eps),
                                                 f"PGD at eps {eps:.4g}").mean())]
                             for eps in settings.eps_curve]
     results["per_image"] = {m: None if h is None else pack(h) for m, h in hits.items()}

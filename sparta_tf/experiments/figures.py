@@ -8,7 +8,6 @@ import numpy as np
 import tensorflow as tf
 
 from sparta_tf import evaluation, model_dir, plots
-from sparta_tf.experiments import cells as cells_lib
 
 PLOT_EXAMPLES = 256  # test images for the activation-change plot
 
@@ -19,7 +18,8 @@ def pictures(results, x, y, root, settings, prefix=""):
     The eps curves are per objective (mean over seeds). The attention maps and
     gate weights (sparta) and the activation change (relu against sparta) use
     the models of the first seed, adversarially trained where the grid has
-    `pgd`, each attacked by its own PGD at eps; they are left out, with a
+    `pgd`, each attacked by its own PGD (the cells' protocol, `settings.protocol()`) at
+    eps, on the first `PLOT_EXAMPLES` test images at once; they are left out, with a
     warning, where that model's model.keras is missing.
 
     Returns: the paths written, and the plotted values: `gate_weights` (of the
@@ -48,7 +48,7 @@ def pictures(results, x, y, root, settings, prefix=""):
     if "sparta" not in first:
         return paths, {}
     x = x[:PLOT_EXAMPLES] / np.float32(255)
-    pgd = cells_lib.pgd(settings.eps, settings)
+    pgd = settings.protocol().attack()
     wanted = [a for a in ("relu", "sparta") if a in first]
     loaded = {a: evaluation.load_model(first[a]["model_dir"]) for a in wanted}
     x_adv = {a: pgd(m, tf.constant(x), tf.constant(y[:PLOT_EXAMPLES])).numpy()

@@ -77,12 +77,12 @@ def run_grid(base, activations, seeds, objectives=("pgd", "standard"), root="run
             that several reports (a subset of arms, AutoAttack added) can
             read the same cells without overwriting each other.
 
-    Returns: a JSON-able dict: `train` (the base config), `settings`,
-        `test_examples`, `cells` (one per run: objective, activation, seed,
-        model_dir, the results of `cells.evaluate` and `stalled`), `missing` (the
-        model_dirs of the cells left out by `report_only`), `summary` (see
-        `stats.summarize`), `plots` (the PNG paths), `activation_change` and
-        `gate_weights` (see `figures.pictures`).
+    Returns: a JSON-able dict: `train` (the base config), `settings`, `test_examples`,
+        `cells` (one per run: objective, activation, seed, model_dir, the results of
+        `cells.evaluate` and `stalled`), `missing` (the model_dirs of the cells left out
+        by `report_only`), `summary` (see `stats.summarize`), `protocol` (the cells' PGD
+        protocol, `EvalSettings.protocol`, as `Protocol.to_json`), `plots` (the PNG
+        paths), `activation_change` and `gate_weights` (see `figures.pictures`).
 
     Raises:
         what `training.run` and `data.load` raise, e.g.
@@ -114,8 +114,8 @@ def run_grid(base, activations, seeds, objectives=("pgd", "standard"), root="run
         raise FileNotFoundError(f"no finished cell of this grid in {root}")
     results = {"train": base.to_json(), "settings": dataclasses.asdict(settings),
                "test_examples": len(ds.y_test), "cells": cells, "missing": missing,
-               "summary": stats.summarize(cells), "plots": [], "activation_change": None,
-               "gate_weights": None}
+               "summary": stats.summarize(cells), "protocol": settings.protocol().to_json(),
+               "plots": [], "activation_change": None, "gate_weights": None}
     if make_plots:
         prefix = "" if report_name == REPORT else f"{report_name}_"
         results["plots"], values = figures.pictures(results, ds.x_test, ds.y_test, root,

@@ -4,14 +4,15 @@ Per objective: a table with a row per arm (clean, PGD and AutoAttack accuracy, m
 sample std over seeds, ranked by AutoAttack where it ran), then seed by seed, the eps
 curve, the accuracy after each attack of AutoAttack's chain, the paired differences of
 Sparta against every other arm (`stats.paired`) and the masking check of Square. It
-reads only the JSON-able results of `grid.run_grid` (as comparison.json holds them).
+reads only the JSON-able results of `grid.run_grid` (as comparison.json holds them),
+and names the PGD protocol of the cells (`sparta_tf.protocol`) where the results hold it.
 """
 
 import os
 
 import numpy as np
 
-from sparta_tf import evaluation
+from sparta_tf import masking, protocol
 from sparta_tf.experiments import stats
 from sparta_tf.experiments.arms import TRANSFER_ARM
 from sparta_tf.experiments.cells import EvalSettings
@@ -43,11 +44,13 @@ def table(results):
     lines = [f"# Activations compared: {train['model']} x{train['width_multiplier']} on "
              f"{dataset}, {train['epochs']} epoch{'s' * (train['epochs'] != 1)}", "",
              f"Test accuracy (%) on {results['test_examples']} test images at L-inf eps "
-             f"{evaluation.eps_text(s['eps'])}: PGD-{s['pgd_steps']} "
+             f"{protocol.eps_text(s['eps'])}: PGD-{s['pgd_steps']} "
              f"(step 2.5 eps / {s['pgd_steps']}, 1 random start)"
              + (f" and AutoAttack ({_chain_text(s)}; `sparta_tf.autoattack`)."
                 if s["autoattack"] else "; AutoAttack not run.")
-             + " Mean ± sample std over n seeds.", ""]
+             + " Mean ± sample std over n seeds.",
+             *([f"PGD protocol (`sparta_tf.protocol`): {_protocol_text(results['protocol'])}."]
+               if results.get("protocol") else []), ""]
     if any(c["activation"] == TRANSFER_ARM for c in results["cells"]):
         lines += [f"`{TRANSFER_ARM}`: Sparta ({train['sparta_sharing']} sharing) copied from "
                   f"`{train['sparta_from']}` (sha256 {train['sparta_from_sha256'][:16]}...) "
@@ -124,22 +127,18 @@ def _span(values):
 def square_check(cells, objective, pgd_name, queries):
     """A line on the masking check of the cells that ran Square on a subset, or none.
 
-    As `masking.black_box_weaker`: Square (black box) must not beat the best white-box
-    attack on the same images, PGD or AutoAttack's white-box chain (cells evaluated before
-    the subset's AutoAttack accuracy was kept compare with PGD alone).
+    The check is `masking.black_box_weaker_on_subset`: Square (black box) must not beat the
+    best white-box attack on the same images, PGD or AutoAttack's white-box chain (cells
+    evaluated before the subset's AutoAttack accuracy was kept compare with PGD alone).
     """
     checked = [c for c in cells if c["objective"] == objective and c.get("square_check")]
     if not checked:
         return []
     n = checked[0]["square_check"]["examples"]
-    slack = max(0.01, 1 / n)  # as `masking.slack`: 1% or one example
-
-    def white_box(check):
-        return min(v for k, v in check.items() if k in ("pgd", "autoattack"))
-
     failed = [f"{c['activation']} seed {c['seed']} (Square {100 * c['square_check']['square']:.1f}"
-              f" against {100 * white_box(c['square_check']):.1f})" for c in checked
-              if c["square_check"]["square"] < white_box(c["square_check"]) - slack]
+              f" against {100 * min(masking.white_box(c['square_check']).values()):.1f})"
+              for c in checked
+              if not masking.black_box_weaker_on_subset(c["square_check"])["passed"]]
     both = all("autoattack" in c["square_check"] for c in checked)
     best = f"the better of {pgd_name} and AutoAttack's white-box attacks" if both else pgd_name
     head = (f"Masking check (`black_box_weaker`): Square ({queries} queries, black box) on a "
@@ -205,13 +204,18 @@ def eps_table(cells, objective, arms):
     if not curves:
         return []
     eps = [e for e, _ in next(c for c in cells if c["objective"] == objective)["eps_curve"]]
-    lines = ["| PGD accuracy at eps | " + " | ".join(evaluation.eps_text(e) for e in eps)
+    lines = ["| PGD accuracy at eps | " + " | ".join(protocol.eps_text(e) for e in eps)
              + " |", "| --- |" + " ---: |" * len(eps)]
     for arm in arms:
         if arm in curves:
             values = [stats.mean_std(list(v)) for v in zip(*curves[arm])]
             lines.append(f"| {arm} | " + " | ".join(percent(v) for v in values) + " |")
     return lines
+
+
+def _protocol_text(stored):
+    """`Protocol.describe` of a protocol as a report keeps it (`Protocol.to_json`)."""
+    return protocol.Protocol.from_json(stored).describe()
 
 
 def _chain_text(settings):
