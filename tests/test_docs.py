@@ -7,12 +7,15 @@ committed comparison's.
 """
 
 import ast
+import fnmatch
 import glob
 import json
 import os
 import re
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = ["README.md", "BUILD.md", *sorted(
@@ -141,3 +144,61 @@ def test_what_a_module_says_it_imports_of_sparta_tf_is_what_it_imports():
         assert imported == said, f"{os.path.relpath(path, ROOT)} says it imports {sorted(said)} " \
                                  f"of sparta_tf, and imports {sorted(imported)}"
     assert claims >= 8
+
+
+def test_build_md_lists_every_app_that_setup_py_installs():
+    scripts = re.findall(r'"(sparta-\w+) = trainers\.\w+:run"', _read("setup.py"))
+    assert len(scripts) >= 5
+    sentence = re.search(r"The console scripts (.*?) come with it", " ".join(
+        _read("BUILD.md").split()))
+    assert sentence, "BUILD.md no longer says which console scripts the install gives"
+    assert re.findall(r"`(sparta-\w+)`", sentence[1]) == scripts
+
+
+def _results_tree():
+    """The paths under results/ that a fresh clone has (the files git tracks, and their
+    folders), with the models that a MODELS.sha256 manifest lists (tools/fetch_models.sh
+    puts them back)."""
+    out = subprocess.run(["git", "ls-files", "-z", "--", "results"], cwd=ROOT,
+                         capture_output=True, text=True)
+    if out.returncode:
+        pytest.skip("not a git checkout")
+    files = set(filter(None, out.stdout.split("\0")))
+    for manifest in [f for f in files if os.path.basename(f) == "MODELS.sha256"]:
+        for line in _read(manifest).splitlines():
+            if line.strip():
+                files.add(os.path.join(os.path.dirname(manifest), line.split(None, 1)[1]))
+    folders = {os.path.dirname(f) for f in files}
+    while any(os.path.dirname(f) not in folders for f in folders if f):
+        folders |= {os.path.dirname(f) for f in folders if f}
+    return files | folders
+
+
+# Paths under results/ that a page names and that a command on that page writes: not in a
+# fresh clone until the command has run. Each with where the page says so.
+WRITTEN_BY_A_COMMAND = {
+    # docs/RESULTS.md: "a variant's model is there once its command has run"
+    "results/ablation_r18w025/beta0_0/pgd/sparta/seed0/model.keras",
+}
+
+
+def test_every_results_path_that_the_docs_name_is_in_a_fresh_clone():
+    """A results/ path that README.md, BUILD.md or docs/ names is a file or folder that git
+    tracks, or a model listed in a MODELS.sha256 manifest; a glob matches one. Placeholders
+    (`<card>`) name no path."""
+    tree = _results_tree()
+    for page in PAGES:
+        for path in re.findall(r"results/[\w./*<>-]+", _read(page)):
+            path = path.rstrip(".").rstrip("/")
+            if "<" in path or path in WRITTEN_BY_A_COMMAND:
+                continue
+            found = fnmatch.filter(tree, path) if "*" in path else path in tree
+            assert found, f"{page} names {path}, which a fresh clone does not have"
+
+
+def test_the_docs_say_what_is_not_what_must_be():
+    """The pages describe the project; none reads as the brief it was built from."""
+    for page in PAGES:
+        text = " ".join(_read(page).split())
+        found = re.findall(r"[^.]*\b(?:must|should) (?:say|show|be shown)\b[^.]*", text)
+        assert not found, f"{page}: {found}"
