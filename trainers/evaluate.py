@@ -50,8 +50,8 @@ def main(argv):
                  for name in FROM_CONFIG}
         model = evaluation.load_model(path)
         evaluation.check_writable(output_dir)  # before the evaluation, not after it
-        ds = data.load(given["dataset"], given["data_dir"], max_train=1,  # the test split only
-                       max_test=given["max_test"], seed=given["seed"])
+        ds = data.load(given["dataset"], given["data_dir"], max_test=given["max_test"],
+                       seed=given["seed"], splits=("test",))
     except (FileNotFoundError, ValueError, data.DatasetUnavailableError) as e:
         sys.exit(f"error: {e}")
     report = evaluation.robustness_report(

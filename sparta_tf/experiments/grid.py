@@ -92,8 +92,8 @@ def run_grid(base, activations, seeds, objectives=("pgd", "standard"), root="run
         arm_overrides(arm, base)
     if TRANSFER_ARM in activations:
         base, _ = training.with_sparta_source(base)  # its sha256 is part of the cells' key
-    ds = data.load(base.dataset, base.data_dir, max_train=1, max_test=base.max_test,
-                   seed=settings.seed)  # only the test split is used
+    ds = data.load(base.dataset, base.data_dir, max_test=base.max_test, seed=settings.seed,
+                   splits=("test",))
     cells, missing = [], []
     for seed in seeds:
         for objective in objectives:
