@@ -132,7 +132,8 @@ def check_deletable(path):
     """Raises unless `path` is a model_dir of sparta-train that --overwrite may delete.
 
     A model_dir holds a config.json and nothing but the names of `KNOWN` (with `.worker<i>`
-    folders and temporary files). An empty folder or a missing one passes too.
+    folders and temporary files). An empty folder or a missing one passes too, and so does
+    one that holds only the lock and temporary files (a run that stopped before config.json).
 
     Raises:
         NotAModelDirError: naming what in `path` is not of a model_dir.
@@ -145,7 +146,9 @@ def check_deletable(path):
     entries = sorted(os.listdir(path))
     foreign = [e for e in entries if e not in KNOWN and not is_temporary(e)
                and not e.startswith(".worker")]
-    if foreign or (entries and CONFIG not in entries):
+    # The lock comes first (`lock` creates it), so a folder with only it counts as empty.
+    held = [e for e in entries if e != LOCK and not is_temporary(e)]
+    if foreign or (held and CONFIG not in entries):
         shown = ", ".join(foreign[:5] or entries[:5]) + (" ..." if len(entries) > 5 else "")
         raise NotAModelDirError(
             f"--overwrite deletes only a model_dir of sparta-train, and {path} is not one "

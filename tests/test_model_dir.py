@@ -125,3 +125,15 @@ def test_a_file_is_not_a_model_dir(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(model_dir.NotAModelDirError, match="is a file"):
         model_dir.check_deletable(tmp_path / "f")
+
+
+def test_overwrite_of_a_new_model_dir_passes_its_own_lock(tmp_path):
+    # The lock is taken before --overwrite clears: a model_dir that does not exist yet holds
+    # only the lock by then, and must not be refused for lacking a config.json.
+    run = tmp_path / "new_run"
+    with model_dir.lock(str(run)):
+        model_dir.clear(str(run))
+        assert os.listdir(run) == [".lock"]
+    (run / "checkpoints").mkdir()  # anything else without a config.json is still refused
+    with pytest.raises(model_dir.NotAModelDirError, match="config.json"):
+        model_dir.clear(str(run))
