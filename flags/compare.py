@@ -42,7 +42,7 @@ def _pixel_list(values):
     return True
 
 
-def define_compare(model_dir="runs/compare", arms=activations.NAMES,
+def define_compare(model_dir="runs/compare", arms=activations.COMPARED,
                    objectives=("pgd", "standard")):
     """Defines the training flags of `core` and the flags of the comparison, with these defaults."""
     core.define_training()

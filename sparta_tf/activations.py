@@ -30,8 +30,9 @@ import keras
 
 from sparta_tf import layers
 
-NAMES = ("relu", "silu", "softplus", "gelu", "elu", "prelu", "frelu", "sparta",
-         "sparta_shift", "sparta_bn")
+COMPARED = ("relu", "silu", "softplus", "gelu", "elu", "prelu", "frelu", "sparta")  # the grid's
+VARIANTS = ("sparta_shift", "sparta_bn")  # of Sparta, for the gate probe (docs/RESULTS.md)
+NAMES = COMPARED + VARIANTS
 
 _ALIASES = {"swish": "silu"}
 
