@@ -159,9 +159,10 @@ class Sparta(keras.layers.Layer):
 
     Cost against autodiff (`benchmarks/sparta_memory.py`: ResNet-18 at
     width 0.25, batch 128, 32x32, one forward and backward, 2-core CPU;
-    results/benchmarks/sparta_memory/): on TensorFlow the custom gradient
-    holds 0.76x autodiff's peak memory in 0.97x its time. On JAX (XLA on
-    the CPU) it holds 0.91x in 1.34x the time: XLA already plans autodiff's
+    docs/BENCHMARKS.md): on TensorFlow the custom gradient holds 0.76x to
+    0.83x autodiff's peak memory in 0.97x to 1.18x its time (two runs, the
+    second on a loaded machine). On JAX (XLA on the CPU) it holds 0.91x in
+    1.34x the time: XLA already plans autodiff's
     buffers tightly, and the recomputed depthwise convolution is slow on
     its CPU, so there both targets (0.8x, 1.05x) are missed;
     `use_custom_gradient=False` is the faster choice on JAX's CPU.
