@@ -58,6 +58,20 @@ def test_arm_overhead_times_every_arm_against_the_first(tmp_path):
     assert "cores" in report["device"] or "GPU" in report["device"]
 
 
+def test_sparta_memory_measures_the_custom_gradient_against_autodiff(tmp_path):
+    out = _run("sparta_memory.py", "--width=0.0625", "--batch_size=8", "--rounds=2",
+               "--steps=1", "--workloads=step", f"--output_dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "tensorflow.json").read_text())
+    step = report["workloads"]["step"]
+    assert step["memory_measure"].startswith("tf.config.experimental.get_memory_info")
+    for config in ("custom", "autodiff"):
+        assert step[config]["memory_mib"]["median"] > 0
+        assert 0 < step[config]["seconds"]["min"] <= step[config]["seconds"]["max"]
+    assert 0 < step["memory_ratio"]["median"] < 1  # the custom gradient keeps less
+    assert "| forward and backward |" in (tmp_path / "tensorflow.md").read_text()
+
+
 @needs_jax
 def test_backends_times_tensorflow_against_jax(tmp_path):
     out = _run("backends.py", "--width=0.0625", "--batch_size=8", "--rounds=2", "--steps=1",
