@@ -177,10 +177,11 @@ def _check_pair(s, t):
                 f"Sparta {what} shapes differ: source layer '{s.name}' has "
                 f"{tuple(a)}, target layer '{t.name}' has {tuple(b)} (kernel "
                 "[k, k, channels, 1]: the widths or kernel sizes do not match).")
-    if s.normalize_gate_input != t.normalize_gate_input:
-        raise TransferError(
-            f"Source layer '{s.name}' has normalize_gate_input={s.normalize_gate_input}, "
-            f"target layer '{t.name}' {t.normalize_gate_input}.")
+    for option in ("normalize_gate_input", "shift", "gate_batch_norm"):
+        if getattr(s, option) != getattr(t, option):
+            raise TransferError(
+                f"Source layer '{s.name}' has {option}={getattr(s, option)}, "
+                f"target layer '{t.name}' {getattr(t, option)}.")
 
 
 def fingerprint(model):
@@ -191,7 +192,7 @@ def fingerprint(model):
     digest = hashlib.sha256()
     for name, layer in sparta_layers(model).items():
         digest.update(name.encode())
-        for variable in (layer.kernel, layer.bias):
+        for variable in layer.weights:  # kernel, bias, then a variant's beta or batch norm
             digest.update(np.ascontiguousarray(
                 keras.ops.convert_to_numpy(variable), np.float32).tobytes())
     return digest.hexdigest()
@@ -211,7 +212,6 @@ def copy_and_freeze(source, target, names=None):
     """
     pairs = mapping(source, target, names)
     for s, t in pairs:
-        t.kernel.assign(keras.ops.convert_to_numpy(s.kernel))
-        t.bias.assign(keras.ops.convert_to_numpy(s.bias))
+        t.set_weights(s.get_weights())  # kernel and bias (a variant's beta or batch norm too)
         t.trainable = False
     return [(s.name, t.name) for s, t in pairs]

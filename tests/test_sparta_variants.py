@@ -10,24 +10,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import np_depthwise, np_sigmoid
 from sparta_tf import activations, config, layers, models
 
 RNG = np.random.default_rng(0)
-
-
-def _np_depthwise(x, kernel):
-    k = kernel.shape[0]
-    pad = k // 2
-    padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    out = np.zeros_like(x)
-    for i in range(k):
-        for j in range(k):
-            out += padded[:, i:i + x.shape[1], j:j + x.shape[2], :] * kernel[i, j, :, 0]
-    return out
-
-
-def _sigmoid(z):
-    return 1 / (1 + np.exp(-z))
 
 
 def _layer(dtype="float64", **kwargs):
@@ -47,7 +33,7 @@ def test_shift_matches_its_formula_and_starts_as_sparta():
     np.testing.assert_allclose(layer(x), plain(x), atol=1e-12)  # beta starts at 0
     beta = np.array([0.0, 0.3, 0.9])
     layer.beta.assign(beta)
-    s = _sigmoid(_np_depthwise(x, layer.kernel.numpy()) + layer.bias.numpy())
+    s = np_sigmoid(np_depthwise(x, layer.kernel.numpy()) + layer.bias.numpy())
     np.testing.assert_allclose(layer(x), x * (s - beta) / (1 - beta), atol=1e-10)
     assert np.min(layer(x)) < -0.1  # an output for negative inputs
 
@@ -55,15 +41,15 @@ def test_shift_matches_its_formula_and_starts_as_sparta():
 def test_gate_batch_norm_matches_its_formula_in_training_and_inference():
     x = RNG.normal(size=(4, 5, 6, 3)) * 3.0
     layer = _layer(gate_batch_norm=True)
-    conv = _np_depthwise(x, layer.kernel.numpy())
+    conv = np_depthwise(x, layer.kernel.numpy())
     mean, var = conv.mean(axis=(0, 1, 2)), conv.var(axis=(0, 1, 2))
     z = (conv - mean) / np.sqrt(var + 1e-5) + layer.bias.numpy()
-    np.testing.assert_allclose(layer(x, training=True), x * _sigmoid(z), atol=1e-8)
+    np.testing.assert_allclose(layer(x, training=True), x * np_sigmoid(z), atol=1e-8)
     # Inference: the moving statistics, one update of momentum 0.9 from (0, 1).
     moving_mean, moving_var = 0.1 * mean, 0.9 + 0.1 * var
     z = (conv - moving_mean) / np.sqrt(moving_var + 1e-5) + layer.bias.numpy()
-    np.testing.assert_allclose(layer(x, training=False), x * _sigmoid(z), atol=1e-8)
-    np.testing.assert_allclose(layer.gate(x), _sigmoid(z), atol=1e-8)
+    np.testing.assert_allclose(layer(x, training=False), x * np_sigmoid(z), atol=1e-8)
+    np.testing.assert_allclose(layer.gate(x), np_sigmoid(z), atol=1e-8)
     # Scale-free: the gate of 10 x in training mode is the gate of x (up to BN's epsilon).
     np.testing.assert_allclose(layer(10 * x, training=True), 10 * layer(x, training=True),
                                rtol=1e-4)
@@ -131,3 +117,20 @@ def test_variant_is_an_activation_name_that_builds_saves_and_loads(name, tmp_pat
     model.save(path)
     np.testing.assert_allclose(keras.models.load_model(path)(x), model(x), atol=1e-5)
     assert name in activations.NAMES
+
+
+def test_a_variant_transfers_whole_and_only_to_its_own_kind():
+    from sparta_tf import transfer
+    source = models.build("resnet18", 10, "sparta_shift", 0.0625)
+    for layer in transfer.sparta_layers(source).values():
+        layer.beta.assign(np.full(layer.beta.shape, 0.25))
+    target = models.build("resnet18", 10, "sparta_shift", 0.0625)
+    transfer.copy_and_freeze(source, target)
+    for layer in transfer.sparta_layers(target).values():
+        np.testing.assert_allclose(layer.beta.numpy(), 0.25)
+        assert not layer.trainable
+    assert transfer.fingerprint(target) == transfer.fingerprint(source)
+    plain = models.build("resnet18", 10, "sparta", 0.0625)
+    names = dict(zip(transfer.sparta_layers(plain), transfer.sparta_layers(source)))
+    with pytest.raises(transfer.TransferError, match="shift=True"):
+        transfer.copy_and_freeze(source, plain, names=names)
