@@ -13,14 +13,13 @@ writes JSON; report the device with every number.
 
 import json
 import os
-import time
 
 from absl import app, flags
 
 import common
 
 flags.DEFINE_list("arms", ["relu", "sparta", "relu_nonlocal", "relu_mean"],
-                  "Arms of sparta_tf.experiments.compare to time; the first is the reference.")
+                  "Arms of sparta_tf.experiments.arms to time; the first is the reference.")
 flags.DEFINE_float("width_multiplier", 0.25, "ResNet-18 width.")
 common.define_step_flags()
 flags.DEFINE_string("output", None, "Where to write the JSON (default: print only).")
@@ -29,31 +28,20 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    import keras
     import numpy as np
-    import tensorflow as tf
     from sparta_tf import adversarial, training
-    from sparta_tf.experiments import compare
+    from sparta_tf.experiments import arms
 
-    rng = np.random.default_rng(0)
-    x = tf.constant(rng.uniform(size=(FLAGS.batch_size, 32, 32, 3)).astype("float32"))
-    y = tf.constant(np.arange(FLAGS.batch_size, dtype=np.int32) % 10)
     base = training.TrainConfig(width_multiplier=FLAGS.width_multiplier,
                                 pgd_steps=FLAGS.pgd_steps, batch_size=FLAGS.batch_size)
     steps, params = {}, {}
-    for arm in FLAGS.arms:
-        config = compare.cell_config(base, "unused", "pgd", arm, 0)
+    for arm in FLAGS.arms:  # each arm's network as sparta-compare builds it
+        config = arms.cell_config(base, "unused", "pgd", arm, 0)
         model = adversarial.build(config, 10, (32, 32, 3), steps_per_epoch=100)
         params[arm] = int(model.model.count_params())
-        steps[arm] = tf.function(model.train_step)
-        steps[arm]((x, y))  # trace and warm up
-    seconds = {arm: [] for arm in FLAGS.arms}
-    for _ in range(FLAGS.rounds):
-        for arm in FLAGS.arms:
-            start = time.perf_counter()
-            for _ in range(FLAGS.steps):
-                keras.ops.convert_to_numpy(steps[arm]((x, y))["loss"])
-            seconds[arm].append((time.perf_counter() - start) / FLAGS.steps)
+        steps[arm] = common.compiled_step(model)
+    seconds = common.interleaved_seconds(steps, common.tf_batch(FLAGS.batch_size),
+                                         FLAGS.rounds, FLAGS.steps)
     ref = FLAGS.arms[0]
     rows = {}
     for arm in FLAGS.arms:

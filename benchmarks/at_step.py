@@ -53,30 +53,7 @@ FLAGS = flags.FLAGS
 
 
 def _model(activation, width, objective="pgd", jit=False):
-    import keras
-    from sparta_tf import adversarial, attacks, models
-    kwargs = {}
-    if activation == "sparta_autodiff":
-        activation, kwargs = "sparta", {"use_custom_gradient": False}
-    net = models.build("resnet18", 10, activation, width, activation_kwargs=kwargs)
-    attack = attacks.PGD(8 / 255, FLAGS.pgd_steps) if objective == "pgd" else None
-    model = adversarial.AdversarialModel(net, objective, attack)
-    model.compile(keras.optimizers.SGD(0.1, momentum=0.9), jit_compile=jit)
-    model.optimizer.build(net.trainable_variables)
-    return model
-
-
-def _batch():
-    import numpy as np
-    import tensorflow as tf
-    rng = np.random.default_rng(0)
-    return (tf.constant(rng.uniform(size=(FLAGS.batch_size, 32, 32, 3)).astype("float32")),
-            tf.constant(np.arange(FLAGS.batch_size, dtype=np.int32) % 10))
-
-
-def _compiled_step(model, jit=False):
-    import tensorflow as tf
-    return tf.function(model.train_step, jit_compile=jit)
+    return common.at_model(activation, width, FLAGS.pgd_steps, objective, jit)
 
 
 def _eager_cleverhans_step(model):
@@ -107,13 +84,13 @@ def _configurations():
     configs = {}
     for width in map(float, FLAGS.widths):
         for activation in [*FLAGS.activations, "sparta_autodiff"]:
-            configs[f"at/{activation}/w{width:g}"] = _compiled_step(_model(activation, width))
+            configs[f"at/{activation}/w{width:g}"] = common.compiled_step(_model(activation, width))
         for activation in ("relu", "sparta"):
-            configs[f"standard/{activation}/w{width:g}"] = _compiled_step(
+            configs[f"standard/{activation}/w{width:g}"] = common.compiled_step(
                 _model(activation, width, "standard"))
     width = float(FLAGS.widths[0])
     for activation in ("relu", "sparta"):
-        configs[f"jit/{activation}/w{width:g}"] = _compiled_step(
+        configs[f"jit/{activation}/w{width:g}"] = common.compiled_step(
             _model(activation, width, jit=True), jit=True)
         configs[f"eager_cleverhans/{activation}/w{width:g}"] = _eager_cleverhans_step(
             _model(activation, width))
@@ -122,27 +99,13 @@ def _configurations():
 
 def _time(configs):
     """{name: [seconds per step, one per round]}, interleaved."""
-    import keras
-    batch = _batch()
-    for step in configs.values():  # trace, compile and warm up
-        keras.ops.convert_to_numpy(step(batch)["loss"])
-    seconds = {name: [] for name in configs}
-    for _ in range(FLAGS.rounds):
-        for name, step in configs.items():
-            start = time.perf_counter()
-            for _ in range(FLAGS.steps):
-                keras.ops.convert_to_numpy(step(batch)["loss"])
-            seconds[name].append((time.perf_counter() - start) / FLAGS.steps)
-    return seconds
-
-
-def _spread(values):
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    return common.interleaved_seconds(configs, common.tf_batch(FLAGS.batch_size), FLAGS.rounds,
+                                      FLAGS.steps)
 
 
 def _ratios(seconds, a, b, scale=1.0):
     """scale * t(a) / t(b), round by round."""
-    return _spread([scale * x / y for x, y in zip(seconds[a], seconds[b])])
+    return common.spread([scale * x / y for x, y in zip(seconds[a], seconds[b])])
 
 
 def _end_to_end():
@@ -168,7 +131,7 @@ def _measure_end_to_end(width, batches=16):
         training.run(config, verbose=0)
         with open(os.path.join(model_dir, "metrics.jsonl")) as f:
             train = statistics.median(json.loads(line)["img/s"] for line in list(f)[1:])
-    step, batch = _compiled_step(_model("sparta", width)), _batch()
+    step, batch = common.compiled_step(_model("sparta", width)), common.tf_batch(FLAGS.batch_size)
     for _ in range(2):
         keras.ops.convert_to_numpy(step(batch)["loss"])
     start = time.perf_counter()
@@ -194,9 +157,9 @@ def _measure_memory(name):
     import keras
     import tensorflow as tf
     _, activation, width = name.split("/")
-    step = _compiled_step(_model(activation, float(width[1:])))
+    step = common.compiled_step(_model(activation, float(width[1:])))
     device = "GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0"
-    batch = _batch()
+    batch = common.tf_batch(FLAGS.batch_size)
     for _ in range(2):
         keras.ops.convert_to_numpy(step(batch)["loss"])
     tf.config.experimental.reset_memory_stats(device)
@@ -268,7 +231,7 @@ def main(argv):
     report = {"machine": common.machine(), "command": " ".join(["python", *sys.argv]),
               "batch_size": FLAGS.batch_size, "pgd_steps": k, "rounds": FLAGS.rounds,
               "steps": FLAGS.steps, "mixed_precision": FLAGS.mixed_precision,
-              "seconds_per_step": {n: _spread(s) for n, s in seconds.items()},
+              "seconds_per_step": {n: common.spread(s) for n, s in seconds.items()},
               "ratios": ratios,
               "memory": {n: _memory(n) for n in (f"at/sparta/{first}",
                                                  f"at/sparta_autodiff/{first}")}}

@@ -13,7 +13,6 @@ rounds (with min and max); every ratio is taken within a round. Writes `backends
 """
 
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -34,17 +33,10 @@ BACKENDS = ("tensorflow", "jax")
 def _steps():
     """{activation: a function running one AT step} on this process's backend."""
     import keras
-    import numpy as np
-    from sparta_tf import adversarial, attacks, models
-    rng = np.random.default_rng(0)
-    x = rng.uniform(size=(FLAGS.batch_size, 32, 32, 3)).astype("float32")
-    y = (np.arange(FLAGS.batch_size) % 10).astype("int32")
+    x, y = common.batch(FLAGS.batch_size)
     steps = {}
     for activation in FLAGS.activations:
-        net = models.build("resnet18", 10, activation, FLAGS.width)
-        model = adversarial.AdversarialModel(net, "pgd", attacks.PGD(8 / 255, FLAGS.pgd_steps))
-        model.compile(keras.optimizers.SGD(0.1, momentum=0.9))
-        model.optimizer.build(net.trainable_variables)
+        model = common.at_model(activation, FLAGS.width, FLAGS.pgd_steps)
         steps[activation] = (_jax_step if keras.backend.backend() == "jax" else _tf_step)(
             model, x, y)
     return steps
@@ -52,7 +44,7 @@ def _steps():
 
 def _tf_step(model, x, y):
     import tensorflow as tf
-    step, batch = tf.function(model.train_step), (tf.constant(x), tf.constant(y))
+    step, batch = common.compiled_step(model), (tf.constant(x), tf.constant(y))
     return lambda: float(step(batch)["loss"])
 
 
@@ -95,10 +87,6 @@ def _start(backend):
     return proc
 
 
-def _spread(values):
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def main(argv):
     del argv
     if FLAGS.worker:
@@ -116,14 +104,14 @@ def main(argv):
     for proc in workers.values():
         proc.stdin.close()
         proc.wait()
-    seconds = {k: _spread([r[k] for r in rounds]) for k in rounds[0]}
+    seconds = {k: common.spread([r[k] for r in rounds]) for k in rounds[0]}
     ratios = {}
     for activation in FLAGS.activations:
-        ratios[f"jax / tensorflow, {activation}"] = _spread(
+        ratios[f"jax / tensorflow, {activation}"] = common.spread(
             [r[f"jax/{activation}"] / r[f"tensorflow/{activation}"] for r in rounds])
     for backend in BACKENDS:
         for activation in FLAGS.activations[1:]:
-            ratios[f"{activation} / {FLAGS.activations[0]}, {backend}"] = _spread(
+            ratios[f"{activation} / {FLAGS.activations[0]}, {backend}"] = common.spread(
                 [r[f"{backend}/{activation}"] / r[f"{backend}/{FLAGS.activations[0]}"]
                  for r in rounds])
     report = {"machine": common.machine(), "batch_size": FLAGS.batch_size,

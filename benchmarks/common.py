@@ -1,9 +1,13 @@
-"""What the benchmarks share: the flags of the timed step, the machine they ran on, and
-writing the report out."""
+"""What the benchmarks share: the flags of the timed step, the model, its compiled step and
+the batch they time, the interleaved timing, the machine they ran on, and writing the report
+out. TensorFlow, Keras and sparta_tf are imported inside the functions, after the flags are
+parsed (a benchmark may set the dtype policy or the backend first)."""
 
 import json
 import os
 import platform
+import statistics
+import time
 
 from absl import flags
 
@@ -17,12 +21,81 @@ def define_step_flags(rounds=True, steps_help="Timed steps per configuration and
         flags.DEFINE_integer("rounds", 5, "Rounds; each configuration runs `steps` steps a round.")
 
 
-def machine():
-    """The machine: its GPU, else its CPU and core count."""
+def batch(batch_size):
+    """The batch every step is timed on: uniform random pixels [batch_size, 32, 32, 3]
+    (seed 0) and the labels 0, 1, ..., 9 in turn, as NumPy arrays."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    return (rng.uniform(size=(batch_size, 32, 32, 3)).astype("float32"),
+            (np.arange(batch_size) % 10).astype("int32"))
+
+
+def tf_batch(batch_size):
+    """`batch` as TensorFlow constants, so that a step does not convert it at every call."""
     import tensorflow as tf
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        return tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
+    return tuple(tf.constant(a) for a in batch(batch_size))
+
+
+def at_model(activation, width, pgd_steps, objective="pgd", jit=False):
+    """The `AdversarialModel` of a ResNet-18 (10 classes, 32x32 input) with `activation` at
+    `width`, trained with `objective` (PGD-`pgd_steps` at 8/255 for `pgd`), compiled with SGD
+    (lr 0.1, momentum 0.9), its optimizer built. `sparta_autodiff` is Sparta differentiated
+    by autodiff, not through its exact custom gradient."""
+    import keras
+    from sparta_tf import adversarial, attacks, models
+    kwargs = {}
+    if activation == "sparta_autodiff":
+        activation, kwargs = "sparta", {"use_custom_gradient": False}
+    net = models.build("resnet18", 10, activation, width, activation_kwargs=kwargs)
+    attack = attacks.PGD(8 / 255, pgd_steps) if objective == "pgd" else None
+    model = adversarial.AdversarialModel(net, objective, attack)
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9), jit_compile=jit)
+    model.optimizer.build(net.trainable_variables)
+    return model
+
+
+def compiled_step(model, jit=False):
+    """`model.train_step` in one `tf.function` (XLA with `jit`), as Keras compiles it."""
+    import tensorflow as tf
+    return tf.function(model.train_step, jit_compile=jit)
+
+
+def interleaved_seconds(steps, data, rounds, steps_per_round):
+    """{name: [seconds per step, one per round]} of `steps` ({name: a step function of one
+    batch}), each warmed up on `data` first (traced, compiled, run once). The steps take
+    turns, round after round, so that a slow spell of the machine falls on all of them."""
+    import keras
+    for step in steps.values():
+        keras.ops.convert_to_numpy(step(data)["loss"])
+    seconds = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(steps_per_round):
+                keras.ops.convert_to_numpy(step(data)["loss"])
+            seconds[name].append((time.perf_counter() - start) / steps_per_round)
+    return seconds
+
+
+def spread(values):
+    """{"median", "min", "max"} of `values`."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def machine():
+    """The machine: its GPU (or other accelerator), else its CPU and core count. Asks the
+    Keras backend's own library (TensorFlow or JAX)."""
+    import keras
+    if keras.backend.backend() == "jax":
+        import jax
+        device = jax.devices()[0]
+        if device.platform != "cpu":
+            return device.device_kind
+    elif keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:
+            return tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
     try:
         with open("/proc/cpuinfo") as f:
             name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))

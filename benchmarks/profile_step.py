@@ -53,20 +53,9 @@ def _ms_by_op_type(logdir):
 
 def _profile(activation):
     import keras
-    import numpy as np
     import tensorflow as tf
-    from sparta_tf import adversarial, attacks, models
-    kwargs = {}
-    if activation == "sparta_autodiff":  # the same Sparta, differentiated by autodiff
-        activation, kwargs = "sparta", {"use_custom_gradient": False}
-    net = models.build("resnet18", 10, activation, FLAGS.width_multiplier, activation_kwargs=kwargs)
-    model = adversarial.AdversarialModel(net, "pgd", attacks.PGD(8 / 255, FLAGS.pgd_steps))
-    model.compile(keras.optimizers.SGD(0.1, momentum=0.9))
-    model.optimizer.build(net.trainable_variables)
-    step = tf.function(model.train_step)
-    rng = np.random.default_rng(0)
-    batch = (tf.constant(rng.uniform(size=(FLAGS.batch_size, 32, 32, 3)).astype("float32")),
-             tf.constant(np.arange(FLAGS.batch_size, dtype=np.int32) % 10))
+    model = common.at_model(activation, FLAGS.width_multiplier, FLAGS.pgd_steps)
+    step, batch = common.compiled_step(model), common.tf_batch(FLAGS.batch_size)
     for _ in range(2):
         keras.ops.convert_to_numpy(step(batch)["loss"])
     with tempfile.TemporaryDirectory() as logdir:

@@ -26,9 +26,7 @@ autodiff is taken within a round. Writes `<backend>.json` and `<backend>.md` int
 
 import json
 import os
-import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -42,11 +40,8 @@ from absl import app, flags  # pylint: disable=wrong-import-position
 import common  # pylint: disable=wrong-import-position
 
 flags.DEFINE_float("width", 0.25, "ResNet-18 width multiplier.")
-flags.DEFINE_integer("batch_size", 128, "Batch size.")
-flags.DEFINE_integer("pgd_steps", 3, "K, the PGD steps of the AT workload.")
+common.define_step_flags(steps_help="Timed calls per configuration and round.")
 flags.DEFINE_list("workloads", ["step", "at"], "Workloads: step, at.")
-flags.DEFINE_integer("rounds", 5, "Rounds; each configuration runs `steps` calls a round.")
-flags.DEFINE_integer("steps", 3, "Timed calls per configuration and round.")
 flags.DEFINE_string("output_dir", None, "Where to write <backend>.json and <backend>.md.")
 flags.DEFINE_string("memory_of", None, "Internal: WORKLOAD/CONFIG, peak RSS in this process.")
 FLAGS = flags.FLAGS
@@ -59,32 +54,6 @@ TARGETS = {"memory": 0.8, "time": 1.05}  # custom / autodiff, at most
 def _backend():
     import keras
     return keras.backend.backend()
-
-
-def _machine():
-    if _backend() == "jax":
-        import jax
-        device = jax.devices()[0]
-        if device.platform != "cpu":
-            return device.device_kind
-    elif _backend() == "tensorflow":
-        import tensorflow as tf
-        gpus = tf.config.list_physical_devices("GPU")
-        if gpus:
-            return tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or "unknown CPU"
-    return f"{name}, {os.cpu_count()} cores, no GPU"
-
-
-def _batch():
-    import numpy as np
-    rng = np.random.default_rng(0)
-    return (rng.uniform(size=(FLAGS.batch_size, 32, 32, 3)).astype("float32"),
-            (np.arange(FLAGS.batch_size) % 10).astype("int32"))
 
 
 def _model(config):
@@ -179,7 +148,7 @@ def _jax_workloads(model, x, y):
 
 
 def _workloads(config):
-    x, y = _batch()
+    x, y = common.batch(FLAGS.batch_size)
     model = _model(config)
     if _backend() == "jax":
         return _jax_workloads(model, x, y)
@@ -198,14 +167,10 @@ def _peak_rss(name):
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss"]
 
 
-def _spread(values):
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def _ratios(a, b):
     """Custom / autodiff within each round; None where autodiff's figure is 0 (TensorFlow's
     allocator reports 0 for the small tensors of tiny sizes)."""
-    return None if 0 in b else _spread([x / y for x, y in zip(a, b)])
+    return None if 0 in b else common.spread([x / y for x, y in zip(a, b)])
 
 
 def _measure():
@@ -237,8 +202,8 @@ def _measure():
                     "tf.config.experimental.get_memory_info('CPU:0'): peak during one call "
                     "above what was held before")
         for c in CONFIGS:
-            entry[c] = {"memory_mib": _spread([m / 2 ** 20 for m in memory[w, c]]),
-                        "seconds": _spread(seconds[w, c])}
+            entry[c] = {"memory_mib": common.spread([m / 2 ** 20 for m in memory[w, c]]),
+                        "seconds": common.spread(seconds[w, c])}
         entry["memory_measure"] = kind
         entry["memory_ratio"] = _ratios(memory[w, "custom"], memory[w, "autodiff"])
         entry["time_ratio"] = _ratios(seconds[w, "custom"], seconds[w, "autodiff"])
@@ -298,7 +263,7 @@ def main(argv):
     version = __import__({"tensorflow": "tensorflow", "jax": "jax"}.get(backend, backend))
     report = {
         "backend": backend, "backend_version": getattr(version, "__version__", "?"),
-        "keras": keras.__version__, "machine": _machine(),
+        "keras": keras.__version__, "machine": common.machine(),
         "command": f"KERAS_BACKEND={backend} python benchmarks/sparta_memory.py "
                    + " ".join(a for a in sys.argv[1:]),
         "width": FLAGS.width, "batch_size": FLAGS.batch_size, "pgd_steps": FLAGS.pgd_steps,
