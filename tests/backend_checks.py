@@ -38,6 +38,7 @@ from keras import ops
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sparta_tf import layers, models  # pylint: disable=wrong-import-position
+from conftest import np_depthwise, np_sigmoid  # pylint: disable=wrong-import-position
 
 TINY_SHAPE = (7, 7, 3)
 TINY_KERAS, TINY_WEIGHTS = "tiny.keras", "tiny.weights.h5"
@@ -93,22 +94,6 @@ def logits(model, x):
 
 # --- NumPy references ---------------------------------------------------------------------
 
-def np_depthwise(x, kernel):
-    """Depthwise cross-correlation, stride 1, SAME zero padding: x [N,H,W,C], kernel
-    [k,k,C,1]; out[n,i,j,c] = sum over (a,b) of x[n, i+a-k//2, j+b-k//2, c] * kernel[a,b,c,0]."""
-    k = kernel.shape[0]
-    padded = np.pad(x, [(0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)])
-    out = np.zeros_like(x)
-    for a in range(k):
-        for b in range(k):
-            out += padded[:, a:a + x.shape[1], b:b + x.shape[2], :] * kernel[a, b, :, 0]
-    return out
-
-
-def np_sigmoid(z):
-    return 1 / (1 + np.exp(-z))
-
-
 def np_sparta(x, kernel, bias):
     return x * np_sigmoid(np_depthwise(x, kernel) + bias)
 
@@ -130,6 +115,7 @@ def np_sparta_grads(x, kernel, bias, g):
 
 
 def np_non_local(x, theta=None, phi=None):
+    """NumPy non-local means: softmax_j(theta_i . phi_j / sqrt(d)) weighted sum of x_j."""
     n, h, w, c = x.shape
     flat = x.reshape(n, h * w, c).astype(np.float64)
     t = flat if theta is None else flat @ theta.reshape(c, -1)

@@ -3,6 +3,7 @@
 import importlib.util
 import os
 
+import numpy as np
 import pytest
 
 # TensorFlow's CPU allocator keeps statistics (tf.config.experimental.get_memory_info, read
@@ -45,3 +46,39 @@ def spy_on_sparta_paths(monkeypatch):
             return _real(*args, **kwargs)
         monkeypatch.setattr(layers, name, spy)
     return calls
+
+
+def conv_model(activation="relu", seed=0, classes=10, use_custom_gradient=True, dtype=None):
+    """A tiny classifier of 8x8x3 pixels, its weights seeded: conv -> act -> strided conv ->
+    act -> dense logits, act ReLU or (`activation="sparta"`) Sparta."""
+    import keras  # pylint: disable=import-outside-toplevel
+    from sparta_tf import layers  # pylint: disable=import-outside-toplevel
+    keras.utils.set_random_seed(seed)
+
+    def act():
+        if activation == "sparta":
+            return layers.Sparta(use_custom_gradient=use_custom_gradient, dtype=dtype)
+        return keras.layers.Activation("relu", dtype=dtype)
+
+    inputs = keras.Input((8, 8, 3))
+    h = act()(keras.layers.Conv2D(8, 3, padding="same", dtype=dtype)(inputs))
+    h = act()(keras.layers.Conv2D(8, 3, strides=2, padding="same", dtype=dtype)(h))
+    logits = keras.layers.Dense(classes, dtype=dtype)(keras.layers.Flatten(dtype=dtype)(h))
+    return keras.Model(inputs, logits)
+
+
+def np_depthwise(x, kernel):
+    """NumPy depthwise cross-correlation, stride 1, SAME zero padding: x [N,H,W,C], kernel
+    [k,k,C,1]; out[n,i,j,c] = sum over (a,b) of x[n, i+a-k//2, j+b-k//2, c] * kernel[a,b,c,0]."""
+    k = kernel.shape[0]
+    padded = np.pad(x, [(0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)])
+    out = np.zeros_like(x)
+    for a in range(k):
+        for b in range(k):
+            out += padded[:, a:a + x.shape[1], b:b + x.shape[2], :] * kernel[a, b, :, 0]
+    return out
+
+
+def np_sigmoid(z):
+    """The logistic function in NumPy."""
+    return 1 / (1 + np.exp(-z))

@@ -1,6 +1,6 @@
 """Tests of sparta_tf.attacks: the in-graph L-inf PGD and FGSM.
 
-Tiny models (a few conv layers on 8x8x3 images, built here) keep this file
+Tiny models (a few conv layers on 8x8x3 images: conftest.conv_model) keep this file
 fast on 2 CPU cores. Labels are the model's own clean predictions, so clean
 accuracy is 100% and any drop is the attack's doing.
 """
@@ -17,28 +17,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import jax_without_tensorflow, needs_jax
+from conftest import conv_model, jax_without_tensorflow, needs_jax
 from sparta_tf import layers
 from sparta_tf.attacks import PGD, fgsm
 
 SHAPE = (8, 8, 3)
 EPS = 8 / 255
-
-
-def _conv_model(activation="relu", seed=0, classes=10, use_custom_gradient=True, dtype=None):
-    """Conv -> act -> strided conv -> act -> dense logits, seeded weights."""
-    keras.utils.set_random_seed(seed)
-
-    def act():
-        if activation == "sparta":
-            return layers.Sparta(use_custom_gradient=use_custom_gradient, dtype=dtype)
-        return keras.layers.Activation("relu", dtype=dtype)
-
-    inputs = keras.Input(SHAPE)
-    h = act()(keras.layers.Conv2D(8, 3, padding="same", dtype=dtype)(inputs))
-    h = act()(keras.layers.Conv2D(8, 3, strides=2, padding="same", dtype=dtype)(h))
-    logits = keras.layers.Dense(classes, dtype=dtype)(keras.layers.Flatten(dtype=dtype)(h))
-    return keras.Model(inputs, logits)
 
 
 def _linear_model(classes, seed=0):
@@ -112,7 +96,7 @@ def test_defaults_and_fgsm():
 
 @pytest.mark.parametrize("dtype", [tf.float32, tf.float64])
 def test_output_in_ball_and_range_dtype_and_shape_kept(dtype):
-    model = _conv_model()
+    model = conv_model()
     x, y = _data(model)
     x = tf.cast(x, dtype)
     eps = 0.1
@@ -123,14 +107,14 @@ def test_output_in_ball_and_range_dtype_and_shape_kept(dtype):
 
 
 def test_eps_zero_returns_x():
-    model = _conv_model()
+    model = conv_model()
     x, y = _data(model)
     for attack in (PGD(0.0), PGD(0, steps=5, step_size=0.01), fgsm(0)):
         np.testing.assert_array_equal(attack(model, x, y), x)
 
 
 def test_output_is_stop_gradiented():
-    model = _conv_model()
+    model = conv_model()
     x, y = _data(model, n=4)
     with tf.GradientTape() as tape:
         tape.watch(x)
@@ -142,7 +126,7 @@ def test_output_is_stop_gradiented():
 # --- it attacks --------------------------------------------------------------
 
 def test_pgd_lowers_accuracy_and_raises_loss():
-    model = _conv_model(activation="sparta")
+    model = conv_model(activation="sparta")
     x, y = _data(model)
     seed = tf.constant([3, 4], tf.int64)
     x_few = PGD(EPS, steps=3)(model, x, y, seed=seed)
@@ -157,7 +141,7 @@ def test_pgd_lowers_accuracy_and_raises_loss():
 
 
 def test_restarts_keep_the_first_misclassified():
-    model = _conv_model()
+    model = conv_model()
     x, y = _data(model, n=16, seed=1)
     seed = tf.constant([5, 6], tf.int32)
     eps = 2 / 255   # small: some but not all examples fall
@@ -204,7 +188,7 @@ def test_fgsm_closed_form_cw_linear():
 
 
 def test_fgsm_is_one_manual_gradient_sign_step():
-    model = _conv_model(activation="sparta")
+    model = conv_model(activation="sparta")
     x, y = _data(model)
     with tf.GradientTape() as tape:
         tape.watch(x)
@@ -215,7 +199,7 @@ def test_fgsm_is_one_manual_gradient_sign_step():
 
 
 def test_cw_loss_raises_the_margin():
-    model = _conv_model()
+    model = conv_model()
     x, y = _data(model)
     before = _margin(model, x, y)
     x_adv = PGD(EPS, steps=10, loss="cw", random_start=False)(model, x, y)
@@ -227,7 +211,7 @@ def test_cw_loss_raises_the_margin():
 
 
 def test_mixed_float16_model():
-    model = _conv_model(dtype="mixed_float16")
+    model = conv_model(dtype="mixed_float16")
     x, y = _data(model)
     assert model(x).dtype == tf.float16
     x_adv = PGD(EPS, steps=3)(model, x, y, seed=tf.constant([0, 1], tf.int64))
@@ -238,7 +222,7 @@ def test_mixed_float16_model():
 # --- seeds, graphs, strategies ------------------------------------------------
 
 def test_seed_tensor_is_deterministic():
-    model = _conv_model()
+    model = conv_model()
     x, y = _data(model, n=8)
     attack = PGD(EPS, steps=2)
     a = attack(model, x, y, seed=tf.constant([1, 2], tf.int64))
@@ -256,7 +240,7 @@ def test_seed_tensor_is_deterministic():
 
 
 def test_inside_tf_function_matches_eager():
-    model = _conv_model(activation="sparta")
+    model = conv_model(activation="sparta")
     x, y = _data(model, n=8)
     attack = PGD(EPS, steps=4)
     graph = tf.function(attack.__call__)
@@ -414,7 +398,7 @@ def _cleverhans_pgd(model, x, y, eps, steps, step_size, rand_init):
 
 
 def test_cross_check_with_cleverhans():
-    model = _conv_model(activation="sparta", seed=3)
+    model = conv_model(activation="sparta", seed=3)
     x, y = _data(model, n=128, seed=3)
     eps, steps = 4 / 255, 10
     step_size = 2.5 * eps / steps
@@ -439,8 +423,8 @@ def test_cross_check_with_cleverhans():
 
 
 def test_custom_gradient_and_autodiff_give_the_same_attack():
-    exact = _conv_model(activation="sparta", seed=4, use_custom_gradient=True)
-    auto = _conv_model(activation="sparta", seed=5, use_custom_gradient=False)
+    exact = conv_model(activation="sparta", seed=4, use_custom_gradient=True)
+    auto = conv_model(activation="sparta", seed=5, use_custom_gradient=False)
     auto.set_weights(exact.get_weights())
     x, y = _data(exact, n=16, seed=4)
     attack = PGD(EPS, steps=5, random_start=False)

@@ -2,7 +2,7 @@
 robustness report on a normal and a masked model, loading. Each masking check alone, on
 reports built to fail it: tests/test_masking.py.
 
-Tiny models built here (two convolutions on 8x8x3 images, or a 1/16-wide Sparta
+Tiny models (conftest.conv_model, two convolutions on 8x8x3 images, or a 1/16-wide Sparta
 ResNet-18 on 16x16x3) and 16-32 random images keep the file fast on 2 CPU cores.
 Labels are the model's own clean predictions unless a test says otherwise.
 The cross-check of the project's PGD with cleverhans is in tests/test_attacks.py.
@@ -16,22 +16,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import conv_model
 from sparta_tf import attacks, autoattack, evaluation, export, layers, models, protocol
 
 SHAPE = (8, 8, 3)
-
-
-def _conv_model(seed=0, sparta=False):
-    """Conv -> act -> strided conv -> act -> dense logits, seeded weights."""
-    keras.utils.set_random_seed(seed)
-
-    def act():
-        return layers.Sparta() if sparta else keras.layers.Activation("relu")
-
-    inputs = keras.Input(SHAPE)
-    h = act()(keras.layers.Conv2D(8, 3, padding="same")(inputs))
-    h = act()(keras.layers.Conv2D(8, 3, strides=2, padding="same")(h))
-    return keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(h)))
 
 
 def _data(model, n, shape=SHAPE, seed=0):
@@ -62,7 +50,7 @@ def _masked(model):
 # --- accuracy -----------------------------------------------------------------
 
 def test_accuracy_of_uint8_and_float_pixels():
-    model = _conv_model()
+    model = conv_model()
     x = np.random.default_rng(1).integers(0, 256, (20,) + SHAPE).astype(np.uint8)
     y = np.argmax(model(x / 255.0), axis=1)
     y[:5] = (y[:5] + 1) % 10                     # 5 of 20 wrong
@@ -94,7 +82,7 @@ def test_custom_gradient_and_autodiff_give_the_same_robust_accuracy():
 # --- AutoAttack -----------------------------------------------------------------
 
 def test_autoattack_through_art():
-    model = _conv_model()
+    model = conv_model()
     x, y = _data(model, 16)
     y[:2] = (y[:2] + 1) % 10                     # 2 of 16 wrong before any attack
     np.random.seed(0)                            # ART's random starts and squares
@@ -120,7 +108,7 @@ def test_autoattack_through_art():
 
 
 def test_a_seeded_autoattack_repeats_and_leaves_numpys_generator_alone():
-    model = _conv_model()
+    model = conv_model()
     x, y = _data(model, 16)
     eps = 4 / 255
 
@@ -152,7 +140,7 @@ def _report(model, x, y):
 
 
 def test_masking_checks_pass_on_a_normal_model_and_catch_a_masked_one():
-    normal = _conv_model()
+    normal = conv_model()
     masked = _masked(normal)
     x, y = _data(normal, 32)
     np.testing.assert_array_equal(np.argmax(masked(x), axis=1), y)   # the same classifier

@@ -7,7 +7,8 @@ import pytest
 import keras
 import tensorflow as tf
 
-from conftest import spy_on_sparta_paths
+import backend_checks
+from conftest import np_depthwise, np_sigmoid, spy_on_sparta_paths
 from sparta_tf import layers
 
 # Shapes with odd H and W, H = W = 1, and batch 1.
@@ -254,25 +255,14 @@ def test_frelu_is_max_of_x_and_bn_dw():
     assert layer.count_params() == 3 * 3 * 3 + 4 * 3  # depthwise kernel + BN
 
 
-def _non_local_reference(x, theta=None, phi=None):
-    """NumPy non-local means: softmax_j(theta_i . phi_j / sqrt(d)) weighted sum of x_j."""
-    n, h, w, c = x.shape
-    flat = x.reshape(n, h * w, c).astype(np.float64)
-    t = flat if theta is None else flat @ theta.reshape(c, -1)
-    p = flat if phi is None else flat @ phi.reshape(c, -1)
-    scores = np.einsum("nid,njd->nij", t, p) / np.sqrt(t.shape[-1])
-    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    weights /= weights.sum(axis=-1, keepdims=True)
-    return (weights @ flat).reshape(n, h, w, c)
-
-
 @pytest.mark.parametrize("embed", [True, False])
 def test_non_local_means_matches_a_numpy_reference(embed):
     x = np.random.default_rng(0).normal(size=(2, 3, 5, 6)).astype("float32")
     layer = layers.NonLocalMeans(embed=embed)
     y = layer(x).numpy()
     weights = (layer.theta.kernel.numpy(), layer.phi.kernel.numpy()) if embed else ()
-    np.testing.assert_allclose(y, _non_local_reference(x, *weights), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y, backend_checks.np_non_local(x, *weights), rtol=1e-5,
+                               atol=1e-5)
     assert layer.count_params() == (2 * 6 * 3 if embed else 0)
     # A weighted mean of the positions: within each channel's range, and a constant map stays.
     assert (y <= x.max(axis=(1, 2), keepdims=True) + 1e-5).all()
@@ -290,18 +280,6 @@ def test_frelu_batch_norm_is_synchronised_over_replicas():
     assert layers.FReLU().bn.synchronized
 
 
-def _depthwise_same(x, kernel):
-    """NumPy depthwise cross-correlation, stride 1, SAME zero padding: x [N,H,W,C], kernel
-    [k,k,C,1]; out[n,i,j,c] = sum over (a,b) of x[n, i+a-k//2, j+b-k//2, c] * kernel[a,b,c,0]."""
-    k = kernel.shape[0]
-    padded = np.pad(x, [(0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)])
-    out = np.zeros_like(x)
-    for a in range(k):
-        for b in range(k):
-            out += padded[:, a:a + x.shape[1], b:b + x.shape[2], :] * kernel[a, b, :, 0]
-    return out
-
-
 @pytest.mark.parametrize("shape,kernel_size", [((2, 5, 7, 3), 3), ((1, 4, 4, 2), 5),
                                                 ((1, 1, 1, 2), 3)])
 def test_sparta_forward_matches_a_numpy_reference(shape, kernel_size):
@@ -309,8 +287,8 @@ def test_sparta_forward_matches_a_numpy_reference(shape, kernel_size):
     x = rng.normal(size=shape)
     kernel = rng.normal(size=(kernel_size, kernel_size, shape[-1], 1))  # not symmetric
     bias = rng.normal(size=shape[-1])
-    z = _depthwise_same(x, kernel) + bias
-    expected = x * (1 / (1 + np.exp(-z)))
+    z = np_depthwise(x, kernel) + bias
+    expected = x * np_sigmoid(z)
     for use_custom_gradient in (True, False):
         layer = layers.Sparta(kernel_size, use_custom_gradient=use_custom_gradient,
                               dtype="float64")
@@ -321,13 +299,4 @@ def test_sparta_forward_matches_a_numpy_reference(shape, kernel_size):
 
 
 def test_frelu_matches_a_numpy_reference():
-    rng = np.random.default_rng(4)
-    x = rng.normal(size=(2, 5, 6, 3)).astype("float32")
-    layer = layers.FReLU()
-    layer.build(x.shape)
-    kernel = rng.normal(size=(3, 3, 3, 1)).astype("float32")
-    gamma, beta, mean, var = (rng.uniform(0.5, 2, 3).astype("float32") for _ in range(4))
-    layer.conv.kernel.assign(kernel)
-    layer.bn.set_weights([gamma, beta - 1, mean, var])
-    z = (_depthwise_same(x, kernel) - mean) / np.sqrt(var + layer.bn.epsilon) * gamma + beta - 1
-    np.testing.assert_allclose(layer(x, training=False), np.maximum(x, z), rtol=1e-5, atol=1e-5)
+    backend_checks.check_frelu_matches_numpy()  # the check that every backend runs
