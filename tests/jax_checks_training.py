@@ -9,7 +9,8 @@ TensorFlow in its own process, and this file as a script on JAX (TensorFlow unim
 Both start from the weights and batch in FOLDER (written on TensorFlow by `setup`), attack
 without a random start, take one SGD step, and write what they got to FOLDER/<backend>.npz:
 the adversarial images, the loss, and every weight after the step. The script also writes
-FOLDER/jax_known_pgd.npz, `known_images_step("pgd")` on JAX.
+FOLDER/jax_known_pgd.npz, `known_images_step("pgd")` on JAX, and FOLDER/jax_trades.npz,
+`trades_step` (one TRADES step on JAX and the TRADES loss computed apart).
 """
 
 import os
@@ -110,8 +111,31 @@ def known_images_step(objective):
     return dict(found, loss=float(logs["loss"]))
 
 
+def trades_step(folder):
+    """On JAX: one TRADES step from FOLDER's weights and batch, and the TRADES loss (CE on x
+    plus beta KL to the prediction on x_adv) of the same images, computed apart: {"loss",
+    "expected", "moved" (the largest |x_adv - x|)}."""
+    from sparta_tf import adversarial  # pylint: disable=import-outside-toplevel
+    from sparta_tf.backend import jax_trainer  # pylint: disable=import-outside-toplevel
+    net, model = _models("trades")
+    net.load_weights(os.path.join(folder, WEIGHTS))
+    batch = np.load(os.path.join(folder, BATCH))
+    x, y = batch["x"], batch["y"]
+    model(x[:1])  # built, as jax_trainer.run does
+    state = jax_trainer._state(model)  # pylint: disable=protected-access
+    x_adv = model.adversarial_examples(
+        lambda v, training=False: net.stateless_call(
+            state[0], state[1], v, training=training)[0], x, y, None)
+    expected = adversarial.trades_loss(lambda v: net(v, training=True), x, y, x_adv,
+                                       model.trades_beta)[0]
+    logs, _ = model.train_step(state, (x, y))
+    return {"loss": float(logs["loss"]), "expected": float(expected),
+            "moved": float(np.max(np.abs(keras.ops.convert_to_numpy(x_adv) - x)))}
+
+
 if __name__ == "__main__":
     for name in ("pgd", "standard"):
         step(sys.argv[1], name)
     np.savez(os.path.join(sys.argv[1], "jax_known_pgd.npz"), **known_images_step("pgd"))
+    np.savez(os.path.join(sys.argv[1], "jax_trades.npz"), **trades_step(sys.argv[1]))
     print("tensorflow imported:", "tensorflow" in sys.modules)

@@ -59,6 +59,10 @@ def test_the_tf_and_jax_steps_agree(tmp_path):
     known = np.load(tmp_path / "jax_known_pgd.npz")
     assert abs(known["known"] - known["clean"]) > 0.01
     np.testing.assert_allclose(known["loss"], known["known"], rtol=1e-5)
+    # TRADES on JAX: the step runs, and its loss is TRADES's on the attack's images.
+    trades = np.load(tmp_path / "jax_trades.npz")
+    assert np.isfinite(trades["loss"]) and trades["moved"] <= 8 / 255 + 1e-6
+    np.testing.assert_allclose(trades["loss"], trades["expected"], rtol=1e-5)
 
 
 def _train(model_dir, env, **popen):
