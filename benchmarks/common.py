@@ -11,6 +11,11 @@ import time
 
 from absl import flags
 
+# TensorFlow's CPU allocator keeps the statistics that the memory figures read
+# (tf.config.experimental.get_memory_info) only as the BFC allocator; every benchmark imports
+# this module before TensorFlow, so it asks for it here.
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
+
 
 def define_step_flags(rounds=True, steps_help="Timed steps per configuration and round."):
     """The flags of every benchmark that times (`rounds`) or traces the compiled AT step."""
