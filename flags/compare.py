@@ -14,7 +14,7 @@ from absl import flags
 
 from flags import core
 from sparta_tf import activations, autoattack, config
-from sparta_tf.experiments.arms import EXTRA_ARMS, TRANSFER_ARM
+from sparta_tf.experiments.arms import EXTRA_ARMS, GATE_ARMS, TRANSFER_ARM
 from sparta_tf.experiments.cells import EvalSettings
 from sparta_tf.experiments.grid import REPORT
 
@@ -59,17 +59,24 @@ def define_compare(model_dir="runs/compare", arms=activations.COMPARED,
                              message="must be >= 1: it is the PGD of the table")
     flags.DEFINE_list("activations", list(arms),
                       "Arms to compare: activations, or sparta_transfer (Sparta copied from "
-                      "--sparta_from, frozen), or {activation}_nonlocal / {activation}_mean "
-                      "(with feature-denoising blocks).")
+                      "--sparta_from, frozen), sparta_gates / sparta_k1_gates (the network of "
+                      "--gates_from frozen, only a k = 3 or k = 1 Sparta trained), or "
+                      "{activation}_nonlocal / {activation}_mean (with feature-denoising "
+                      "blocks).")
     flags.register_validator(
         "activations", _distinct_in(_ARMS),
         message=f"must be a comma-separated list of distinct arms out of: "
                 f"{', '.join(activations.NAMES + ('swish',))}, {TRANSFER_ARM}, "
+                f"{', '.join(GATE_ARMS)}, "
                 "{activation}_nonlocal, {activation}_mean")
     flags.register_multi_flags_validator(
         ["activations", "sparta_from"],
         lambda v: TRANSFER_ARM not in v["activations"] or v["sparta_from"] is not None,
         message=f"the {TRANSFER_ARM} arm needs --sparta_from (the Sparta to copy)")
+    flags.register_multi_flags_validator(
+        ["activations", "gates_from"],
+        lambda v: not set(GATE_ARMS) & set(v["activations"]) or v["gates_from"] is not None,
+        message=f"the {' and '.join(GATE_ARMS)} arms need --gates_from (the network to keep)")
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds of every activation.")
     flags.register_validator("seeds", _seeds,
                              message="must be a comma-separated list of distinct ints >= 0")

@@ -84,6 +84,15 @@ def define_model():
                         "(sparta_tf.transfer); the rest of the network trains from scratch.")
     flags.register_validator("sparta_from", lambda path: path is None or os.path.exists(path),
                              message="must be an existing model_dir or .keras file")
+    flags.DEFINE_string("gates_from", _D.gates_from,
+                        "Train only the gates: a model_dir of sparta-train or a .keras file "
+                        "of the same network with another activation (SiLU, say), whose "
+                        "weights but its activations' are copied in and frozen "
+                        "(sparta_tf.transfer); only Sparta trains. '{seed}' in the path is "
+                        "replaced by the run's seed (one source per seed in a grid).")
+    flags.register_validator(
+        "gates_from", lambda path: path is None or "{seed}" in path or os.path.exists(path),
+        message="must be an existing model_dir or .keras file ('{seed}' may stand for the seed)")
     flags.DEFINE_enum("denoise", _D.denoise, models.DENOISE,
                       "A feature-denoising block after every stage (Xie et al. 2019): "
                       "non-local means, a 3x3 mean filter, or none.")
@@ -145,6 +154,15 @@ def define_training():
         ["sparta_from", "activation"],
         lambda v: v["sparta_from"] is None or v["activation"] == "sparta",
         message="--sparta_from copies Sparta parameters: it needs --activation=sparta")
+    flags.register_multi_flags_validator(
+        ["gates_from", "activation"],
+        lambda v: v["gates_from"] is None or v["activation"] in config.SPARTA_FAMILY,
+        message="--gates_from trains only the gates: it needs --activation=sparta (or a "
+                "Sparta variant)")
+    flags.register_multi_flags_validator(
+        ["gates_from", "sparta_from"],
+        lambda v: v["gates_from"] is None or v["sparta_from"] is None,
+        message="--gates_from and --sparta_from freeze opposite halves: give one of them")
 
 
 def _numbers(values):
@@ -199,7 +217,7 @@ def train_config():
     preset = PRESETS[FLAGS.config]
     values = {name: given_or(name, preset.get(name, FLAGS[name].value))
               for name in config.TrainConfig.__dataclass_fields__
-              if name in FLAGS}  # sparta_from_sha256 is computed, not given
+              if name in FLAGS}  # the *_sha256 are computed, not given
     values["lr_decay_epochs"] = tuple(float(e) for e in values["lr_decay_epochs"])
     values["activation"] = activations.canonical_name(values["activation"])
     return config.TrainConfig(**values)

@@ -145,7 +145,7 @@ class AdversarialModel(TrainStep, keras.Model):
         order of model.trainable_variables), clean logits, adversarial logits)."""
         loss, logits, adv_logits = self.loss_of(forward, x, y, x_adv, self.trades_beta)
         total = loss
-        if self.weight_decay:
+        if self.weight_decay and self.decayed:  # none where only frozen layers or gates are
             squares = [ops.sum(ops.square(trainable[i])) for i in self.decayed]
             total = total + self.weight_decay / 2 * sum(squares[1:], squares[0])
         return loss, total, logits, adv_logits
@@ -155,19 +155,24 @@ class AdversarialModel(TrainStep, keras.Model):
         return [g if s == 1.0 else g * s for g, s in zip(grads, self.gradient_scale)]
 
 
-def build(config, num_classes, input_shape, steps_per_epoch, sparta_source=None):
+def build(config, num_classes, input_shape, steps_per_epoch, sources=None):
     """The wrapped model of `config`, compiled with SGD (under the strategy's scope on TF).
 
-    With `sparta_source` (a Keras model), its Sparta parameters are copied into the
-    network and frozen (`transfer.copy_and_freeze`) before the optimizer and the weight
-    decay see the trainable variables.
+    `sources` (`training.with_sources`): with `"sparta_from"` (a Keras model), its Sparta
+    parameters are copied into the network and frozen (`transfer.copy_and_freeze`); with
+    `"gates_from"`, everything but its activations is (`transfer.copy_network_and_freeze`),
+    so that only the gates train. Both before the optimizer and the weight decay see the
+    trainable variables.
     """
+    sources = sources or {}
     net = models.build(config.model, num_classes, activation=config.activation,
                        width_multiplier=config.width_multiplier,
                        sparta_sharing=config.sparta_sharing, input_shape=input_shape,
                        activation_kwargs=config.activation_kwargs(), denoise=config.denoise)
-    if sparta_source is not None:
-        transfer.copy_and_freeze(sparta_source, net)
+    if "sparta_from" in sources:
+        transfer.copy_and_freeze(sources["sparta_from"], net)
+    if "gates_from" in sources:
+        transfer.copy_network_and_freeze(sources["gates_from"], net)
     attack = None
     if config.objective != "standard":
         attack = attacks.PGD(config.eps, config.pgd_steps, config.pgd_step_size)

@@ -61,6 +61,8 @@ class TrainConfig:
     sparta_normalize_gate_input: bool = False
     sparta_from: str | None = None  # a model_dir or .keras file: copy its Sparta, frozen
     sparta_from_sha256: str | None = None  # `transfer.fingerprint` of that source
+    gates_from: str | None = None  # a model_dir or .keras file: copy all but its activations,
+    gates_from_sha256: str | None = None  # frozen; `transfer.network_fingerprint` of it
     denoise: str = "none"
     epochs: int = 5
     batch_size: int = 128
@@ -89,7 +91,7 @@ class TrainConfig:
     # distributed. Every other field is the experiment's identity (`identity`): a model_dir
     # whose config differs in one of them holds another experiment.
     RESUMABLE = ("model_dir", "data_dir", "max_test", "epochs", "checkpoint_every",
-                 "eval_pgd_steps", "jit_compile", "strategy", "sparta_from")
+                 "eval_pgd_steps", "jit_compile", "strategy", "sparta_from", "gates_from")
 
     def identity(self):
         """The experiment this config describes: every field but `RESUMABLE`, as in JSON.

@@ -62,15 +62,15 @@ def run(config, overwrite=False, verbose="auto"):
 
 
 def prepare(config):
-    """What a run needs before it writes anything: `(config, source, data, steps)`.
+    """What a run needs before it writes anything: `(config, sources, data, steps)`.
 
-    The config with its Sparta source's fingerprint (`with_sparta_source`), the source model
-    or None, the dataset and the steps per epoch; the seeds and the dtype policy are set.
+    The config with its sources' fingerprints and the source models (`with_sources`), the
+    dataset and the steps per epoch; the seeds and the dtype policy are set.
 
     Raises:
         SetupError: the batch is larger than the training set.
     """
-    config, source = with_sparta_source(config)
+    config, sources = with_sources(config)
     ds = data.load(config.dataset, config.data_dir, config.max_train, config.max_test,
                    seed=config.seed)
     keras.utils.set_random_seed(config.seed)
@@ -79,7 +79,7 @@ def prepare(config):
     if steps == 0:
         raise SetupError(f"--batch_size={config.batch_size} is larger than the "
                          f"{len(ds.x_train)} training images: no full batch to train on.")
-    return config, source, ds, steps
+    return config, sources, ds, steps
 
 
 @contextlib.contextmanager
@@ -191,6 +191,36 @@ def with_sparta_source(config):
     return dataclasses.replace(config, sparta_from_sha256=sha), source
 
 
+def with_gates_source(config):
+    """`config` with `gates_from_sha256` filled in, and the source model (or None): the
+    trained network whose weights the gates-only probe keeps (`--gates_from`). A
+    `{seed}` in the path stands for `config.seed`.
+
+    Raises:
+        FileNotFoundError: `config.gates_from` holds no model.
+        transfer.TransferError: it is not the network that the config names.
+    """
+    if not config.gates_from:
+        return config, None
+    path = config.gates_from.replace("{seed}", str(config.seed))
+    source = transfer.load(path)
+    sha = transfer.network_fingerprint(source)
+    if config.gates_from_sha256 not in (None, sha):
+        raise transfer.TransferError(
+            f"The network of {path} has sha256 {sha}, not "
+            f"{config.gates_from_sha256} as the configuration says: it changed.")
+    return dataclasses.replace(config, gates_from_sha256=sha), source
+
+
+def with_sources(config):
+    """`config` with both sources' fingerprints, and `{"sparta_from": model, "gates_from":
+    model}` of the sources it names (`with_sparta_source`, `with_gates_source`)."""
+    config, sparta = with_sparta_source(config)
+    config, gates = with_gates_source(config)
+    found = {"sparta_from": sparta, "gates_from": gates}
+    return config, {k: v for k, v in found.items() if v is not None}
+
+
 def log_epoch(folder, row, summaries=None):
     """Writes `row` to folder/metrics.jsonl, and passes it to `summaries` (TensorBoard).
 
@@ -273,6 +303,8 @@ def summary(config, results, minutes, export_dir):
         + (f", denoise {config.denoise}" if config.denoise != "none" else ""),
         *([f"Sparta     frozen, copied from {config.sparta_from} (its sha256 in "
            "config.json)"] if config.sparta_from else []),
+        *([f"network    frozen, copied from {config.gates_from}: only the gates trained "
+           "(its sha256 in config.json)"] if config.gates_from else []),
         f"data       {config.dataset}, {results['train_examples']} train / "
         f"{results['eval_examples']} test images",
         f"training   {config.objective}, {config.epochs} epochs, eps {config.eps * 255:.3g}/255, "

@@ -24,6 +24,12 @@ that names both layers and both shapes, raised before any value is copied. Froze
 are `trainable=False`: they get no gradient, no weight decay, and keep their values through
 checkpoints and `.keras` files.
 
+The converse, `copy_network_and_freeze(source, target)`, keeps a trained network and trains
+only its gates (the gates-only probe, `--gates_from`): every layer of the target but its
+Sparta layers takes the weights of the source's layer of the same name (the same
+architecture with another activation, SiLU say) and is frozen. Frozen batch norm layers
+run in inference mode (Keras 3), on the moving statistics the source trained.
+
 This module imports nothing of `sparta_tf` but `layers`, `model_dir` (where a model_dir
 keeps its model.keras) and `keras_private` (to find nested layers).
 """
@@ -196,6 +202,67 @@ def fingerprint(model):
             digest.update(np.ascontiguousarray(
                 keras.ops.convert_to_numpy(variable), np.float32).tobytes())
     return digest.hexdigest()
+
+
+def network_layers(model):
+    """The layers of `model` that hold weights, activations (Sparta, FReLU, PReLU) left out,
+    by name: the network around the activations (convolutions, batch norm, the classifier).
+    Nested models are walked into; other layers are taken whole (a variant's batch norm
+    inside a Sparta belongs to the Sparta)."""
+    activations = (layers.Sparta, layers.FReLU, keras.layers.PReLU)
+    found = {}
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            found.update(network_layers(layer))
+        elif layer.weights and not isinstance(layer, activations):
+            found[layer.name] = layer
+    return found
+
+
+def network_fingerprint(model):
+    """sha256 (hex) of the network around the activations (`network_layers`): names and
+    weights in model order."""
+    digest = hashlib.sha256()
+    for name, layer in network_layers(model).items():
+        digest.update(name.encode())
+        for variable in layer.weights:
+            digest.update(np.ascontiguousarray(
+                keras.ops.convert_to_numpy(variable), np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def copy_network_and_freeze(source, target):
+    """Copies every weight of `source` but its activations' into `target` and freezes it,
+    so that only the target's Sparta layers train.
+
+    The two must be one architecture: the same layers with weights (`network_layers`), by
+    name, of the same shapes. Everything is checked before anything is copied. Compile or
+    build the target's optimizer after this call, so that it leaves the frozen layers out.
+
+    Returns: the names of the layers copied, in the target's order.
+
+    Raises:
+        TransferError: the target has no Sparta layer, or the two networks differ (a layer
+            missing on either side, or of other shapes); the message names them.
+    """
+    if not sparta_layers(target):
+        raise TransferError(f"Model '{target.name}' has no Sparta layer to train: the "
+                            "gates-only probe needs --activation=sparta.")
+    src, tgt = network_layers(source), network_layers(target)
+    if set(src) != set(tgt):
+        raise TransferError(
+            f"'{source.name}' and '{target.name}' are not one network: layers only in the "
+            f"source: {_some(sorted(set(src) - set(tgt))) or 'none'}; only in the target: "
+            f"{_some(sorted(set(tgt) - set(src))) or 'none'}.")
+    for name, layer in tgt.items():
+        shapes = [tuple(w.shape) for w in src[name].weights], [tuple(w.shape) for w in layer.weights]
+        if shapes[0] != shapes[1]:
+            raise TransferError(f"Layer '{name}' has weights of shapes {shapes[0]} in "
+                                f"'{source.name}' and {shapes[1]} in '{target.name}'.")
+    for name, layer in tgt.items():
+        layer.set_weights(src[name].get_weights())
+        layer.trainable = False
+    return list(tgt)
 
 
 def copy_and_freeze(source, target, names=None):

@@ -167,7 +167,7 @@ def test_only_the_resumable_fields_may_change_on_resume(tmp_path, field, value):
     assert training.prepare_model_dir(_tiny_config(tmp_path / "run", **{field: value}), False)
     assert set(training.TrainConfig.RESUMABLE) == {
         "model_dir", "data_dir", "max_test", "epochs", "checkpoint_every", "eval_pgd_steps",
-        "jit_compile", "strategy", "sparta_from"}
+        "jit_compile", "strategy", "sparta_from", "gates_from"}
 
 
 def test_a_dataset_archive_counts_by_its_name_not_its_folder(tmp_path):

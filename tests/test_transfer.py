@@ -172,7 +172,7 @@ def test_frozen_sparta_gets_no_weight_decay_and_a_changed_source_is_refused(tmp_
     source, path = _source(tmp_path)
     config = _config(tmp_path / "run", path)
     config, loaded = training.with_sparta_source(config)
-    model = adversarial.build(config, 10, (32, 32, 3), 2, loaded)
+    model = adversarial.build(config, 10, (32, 32, 3), 2, {"sparta_from": loaded})
     frozen = {id(v) for l in transfer.sparta_layers(model.model).values() for v in l.weights}
     assert frozen and not frozen & {id(v) for v in model.decayed}
     assert not frozen & {id(v) for v in model.optimizer.variables}

@@ -112,8 +112,8 @@ def run(config, overwrite, verbose):
         raise SetupError(f"--strategy={config.strategy} needs TensorFlow; on the jax backend "
                          "sparta-train runs on one device.")
     from sparta_tf import adversarial  # here: adversarial imports this module's TrainStep
-    config, source, ds, steps = training.prepare(config)
-    model = adversarial.build(config, ds.num_classes, ds.x_train.shape[1:], steps, source)
+    config, sources, ds, steps = training.prepare(config)
+    model = adversarial.build(config, ds.num_classes, ds.x_train.shape[1:], steps, sources)
     model(np.zeros((1, *ds.x_train.shape[1:]), "float32"))  # built: stateless_call needs it
     with training.holding(config, overwrite):
         training.prepare_model_dir(config, overwrite)

@@ -190,9 +190,9 @@ def run(config, overwrite, verbose):
         raise SetupError("--overwrite is not supported with several workers: delete the "
                          "model_dir before starting them.")
     from sparta_tf import adversarial  # here: adversarial imports this module's TrainStep
-    config, source, ds, steps = training.prepare(config)
+    config, sources, ds, steps = training.prepare(config)
     with strategy.scope():  # built first: a transfer that does not fit writes nothing
-        model = adversarial.build(config, ds.num_classes, ds.x_train.shape[1:], steps, source)
+        model = adversarial.build(config, ds.num_classes, ds.x_train.shape[1:], steps, sources)
     if workers > 1:
         # The model is built already: fit() need not reduce a first batch to build it, which
         # this strategy cannot do; fit() finds the strategy from the scope it runs in (below).

@@ -2,8 +2,12 @@
 
 An arm is a network variant: an activation name (`relu`, `sparta`, ...),
 `{activation}_{denoise}` for a network with feature-denoising blocks
-(`relu_nonlocal`, `relu_mean`), or `sparta_transfer`, Sparta copied from
-`base.sparta_from` and frozen (`sparta_tf.transfer`). `arm_overrides` gives the
+(`relu_nonlocal`, `relu_mean`), `sparta_transfer`, Sparta copied from
+`base.sparta_from` and frozen (`sparta_tf.transfer`), or one of the gates-only probe's
+`GATE_ARMS`: the network of `base.gates_from` (`{seed}` standing for the cell's seed) kept
+frozen, and only a Sparta trained in place of its activations, with a k x k gate
+(`sparta_gates`, k = 3) or a 1 x 1 one (`sparta_k1_gates`: a Swish with a learned slope and
+offset per channel, the control without the spatial part). `arm_overrides` gives the
 `TrainConfig` fields an arm sets; `cell_config` the whole config of one cell
 (objective x arm x seed) of a grid rooted at `root`.
 """
@@ -15,7 +19,8 @@ from sparta_tf import activations as activations_lib
 from sparta_tf import models
 
 TRANSFER_ARM = "sparta_transfer"
-EXTRA_ARMS = (TRANSFER_ARM,) + tuple(
+GATE_ARMS = {"sparta_gates": 3, "sparta_k1_gates": 1}  # arm: Sparta's kernel size
+EXTRA_ARMS = (TRANSFER_ARM, *GATE_ARMS) + tuple(
     f"{a}_{d}" for a in activations_lib.NAMES for d in models.DENOISE if d != "none")
 
 
@@ -23,10 +28,16 @@ def arm_overrides(arm, base):
     """The `TrainConfig` fields that arm `arm` sets (see the module docstring).
 
     Raises:
-        ValueError: an unknown arm, or `sparta_transfer` without `base.sparta_from`.
+        ValueError: an unknown arm, `sparta_transfer` without `base.sparta_from`, or a
+            gate arm without `base.gates_from`.
     """
     fields = {"activation": arm, "denoise": "none", "sparta_from": None,
-              "sparta_from_sha256": None}
+              "sparta_from_sha256": None, "gates_from": None, "gates_from_sha256": None}
+    if arm in GATE_ARMS:
+        if not base.gates_from:
+            raise ValueError(f"Arm {arm!r} needs a trained network to keep: set gates_from.")
+        return {**fields, "activation": "sparta", "sparta_kernel_size": GATE_ARMS[arm],
+                "gates_from": base.gates_from}
     if arm == TRANSFER_ARM:
         if not base.sparta_from:
             raise ValueError(f"Arm {arm!r} needs a trained Sparta to copy: set sparta_from.")

@@ -99,6 +99,8 @@ def run_grid(base, activations, seeds, objectives=("pgd", "standard"), root="run
         for objective in objectives:
             for activation in activations:
                 config = cell_config(base, root, objective, activation, seed)
+                if config.gates_from:  # the sha256 of its seed's network: part of its key
+                    config, _ = training.with_gates_source(config)
                 if report_only:
                     results = cache.stored_results(config, settings)
                     if results is None:

@@ -14,7 +14,7 @@ import numpy as np
 
 from sparta_tf import masking, protocol
 from sparta_tf.experiments import stats
-from sparta_tf.experiments.arms import TRANSFER_ARM
+from sparta_tf.experiments.arms import GATE_ARMS, TRANSFER_ARM
 from sparta_tf.experiments.cells import EvalSettings
 
 
@@ -55,6 +55,12 @@ def table(results):
         lines += [f"`{TRANSFER_ARM}`: Sparta ({train['sparta_sharing']} sharing) copied from "
                   f"`{train['sparta_from']}` (sha256 {train['sparta_from_sha256'][:16]}...) "
                   "and frozen; the rest of the network trained from scratch.", ""]
+    if any(c["activation"] in GATE_ARMS for c in results["cells"]):
+        lines += [f"Gates only: {', '.join(f'`{a}`' for a in GATE_ARMS)} keep the network of "
+                  f"`{train['gates_from']}` frozen and train only a Sparta in place of its "
+                  "activations, with a k x k gate (k = "
+                  + ", ".join(str(k) for k in GATE_ARMS.values())
+                  + "; k = 1 has no spatial part).", ""]
     seeds = sorted({c["seed"] for c in results["cells"]})
     for objective in dict.fromkeys(r["objective"] for r in results["summary"]):
         title = {"standard": "Standard training",
@@ -88,9 +94,9 @@ def table(results):
 
 def paired_table(cells, objective, arms, pgd_name):
     """Rows `| arm - other | metric | seed by seed | mean [95% interval] |` (points), for
-    sparta and sparta_transfer (those of `arms`) against each other arm."""
+    sparta, sparta_transfer and sparta_gates (those of `arms`) against each other arm."""
     rows, done, half_widths = [], set(), {}
-    for arm in [a for a in ("sparta", TRANSFER_ARM) if a in arms]:
+    for arm in [a for a in ("sparta", TRANSFER_ARM, "sparta_gates") if a in arms]:
         for other in arms:
             if other == arm or frozenset((arm, other)) in done:
                 continue
