@@ -255,7 +255,8 @@ def copy_network_and_freeze(source, target):
             f"source: {_some(sorted(set(src) - set(tgt))) or 'none'}; only in the target: "
             f"{_some(sorted(set(tgt) - set(src))) or 'none'}.")
     for name, layer in tgt.items():
-        shapes = [tuple(w.shape) for w in src[name].weights], [tuple(w.shape) for w in layer.weights]
+        shapes = ([tuple(w.shape) for w in src[name].weights],
+                  [tuple(w.shape) for w in layer.weights])
         if shapes[0] != shapes[1]:
             raise TransferError(f"Layer '{name}' has weights of shapes {shapes[0]} in "
                                 f"'{source.name}' and {shapes[1]} in '{target.name}'.")

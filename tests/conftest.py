@@ -1,5 +1,7 @@
 """Helpers the tests share."""
 
+import contextlib
+import fcntl
 import importlib.util
 import os
 
@@ -25,7 +27,39 @@ def without_tensorflow(folder, backend="jax"):
             f.write('raise ImportError("blocked for the test")\n')
     path = [str(folder), ROOT, os.environ.get("PYTHONPATH", "")]
     return dict(os.environ, KERAS_BACKEND=backend, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="",
-                PYTHONPATH=os.pathsep.join(p for p in path if p))
+                PYTHONPATH=os.pathsep.join(p for p in path if p),
+                **fast_jax(os.path.dirname(str(folder))))
+
+
+@contextlib.contextmanager
+def shared_once(tmp_path_factory, name):
+    """`(folder, filled)`: a folder that every pytest-xdist worker of this run shares, held
+    under a file lock while the block runs. The first worker in finds `filled` False and
+    fills it; a block that ends without an exception marks it filled, and the others then
+    read it instead of doing the same costly work again (a module-scoped fixture is built
+    once per worker). Only for results that no test changes afterwards."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent / f"shared-{run}" if run else base / "shared"
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield folder, (folder / ".filled").exists()
+        (folder / ".filled").touch()
+
+
+def fast_jax(folder):
+    """Environment variables for a JAX subprocess of a test whose temporary folder is
+    `folder`. Compiling is most of a tiny JAX run's time on the CPU: the subprocesses of one
+    test share JAX's persistent compilation cache (a killed run and its resume compile the
+    same step), and XLA's costlier CPU passes are lowered (they change no result the tests
+    check; the benchmarks' own figures are measured without this)."""
+    return {"JAX_COMPILATION_CACHE_DIR": os.path.join(str(folder), "jax_cache"),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+            "XLA_FLAGS": "--xla_backend_optimization_level=1 "
+                         "--xla_llvm_disable_expensive_passes=true"}
 
 
 def jax_without_tensorflow(folder):

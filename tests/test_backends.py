@@ -2,7 +2,8 @@
 and models saved on one backend loaded on another.
 
 This process runs TensorFlow (Keras picks its backend once, at import), so each other backend
-runs `backend_checks.py` in one subprocess (the import paid once), with TensorFlow made
+runs `backend_checks.py` in one subprocess per test run (the import paid once; the xdist
+workers share its output, `conftest.shared_once`), with TensorFlow made
 unimportable there, as on a machine without it. PyTorch's is skipped where torch does not
 import; JAX's where jax does not.
 """
@@ -13,12 +14,13 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import keras
 import numpy as np
 import pytest
 
-from conftest import ROOT, without_tensorflow
+from conftest import ROOT, shared_once, without_tensorflow
 from sparta_tf import layers
 
 _CHECKS_PATH = os.path.join(ROOT, "tests", "backend_checks.py")
@@ -35,36 +37,38 @@ CHECK_NAMES = [name[len("check_"):] for name in checks.CHECKS] + ["save_for_tens
 @pytest.fixture(scope="module")
 def tf_dir(tmp_path_factory):
     """The tiny model (.keras and .weights.h5) and the ResNet (.weights.h5), saved here on
-    TensorFlow, with their logits."""
-    folder = tmp_path_factory.mktemp("saved_on_tensorflow")
-    tiny = checks.set_weights(checks.tiny_model(), seed=0)
-    tiny.save(folder / checks.TINY_KERAS)
-    tiny.save_weights(folder / checks.TINY_WEIGHTS)
-    net = checks.set_weights(checks.resnet(), seed=1)
-    net.save_weights(folder / checks.RESNET_WEIGHTS)
-    tiny_x, resnet_x = checks.pixels((2,) + checks.TINY_SHAPE, 2), checks.pixels((2, 32, 32, 3), 3)
-    np.savez(folder / checks.LOGITS, tiny=checks.logits(tiny, tiny_x), tiny_x=tiny_x,
-             resnet=checks.logits(net, resnet_x), resnet_x=resnet_x)
+    TensorFlow, with their logits (once per run, shared by the xdist workers)."""
+    with shared_once(tmp_path_factory, "saved_on_tensorflow") as (folder, filled):
+        if not filled:
+            tiny = checks.set_weights(checks.tiny_model(), seed=0)
+            tiny.save(folder / checks.TINY_KERAS)
+            tiny.save_weights(folder / checks.TINY_WEIGHTS)
+            net = checks.set_weights(checks.resnet(), seed=1)
+            net.save_weights(folder / checks.RESNET_WEIGHTS)
+            tiny_x = checks.pixels((2,) + checks.TINY_SHAPE, 2)
+            resnet_x = checks.pixels((2, 32, 32, 3), 3)
+            np.savez(folder / checks.LOGITS, tiny=checks.logits(tiny, tiny_x), tiny_x=tiny_x,
+                     resnet=checks.logits(net, resnet_x), resnet_x=resnet_x)
     return folder
-
-
-_RUNS = {}
 
 
 @pytest.fixture
 def run(tf_dir, tmp_path_factory):
-    """`run(backend)`: the subprocess of `backend_checks.py` on that backend, run once."""
+    """`run(backend)`: the subprocess of `backend_checks.py` on that backend, run once per
+    test run (its output shared by the xdist workers): `(output, results, saved folder)`."""
     def run_backend(backend):
-        if backend not in _RUNS:
-            out_dir = tmp_path_factory.mktemp(f"saved_on_{backend}")
-            env = without_tensorflow(tmp_path_factory.mktemp("blocked"), backend)
-            out = subprocess.run(
-                [sys.executable, _CHECKS_PATH, f"--tf_dir={tf_dir}", f"--out_dir={out_dir}"],
-                capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
-            lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-            assert lines, f"no RESULT from {backend}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-            _RUNS[backend] = (out, json.loads(lines[-1][len("RESULT "):]), out_dir)
-        return _RUNS[backend]
+        with shared_once(tmp_path_factory, f"saved_on_{backend}") as (out_dir, filled):
+            if not filled:
+                env = without_tensorflow(out_dir / "blocked", backend)
+                out = subprocess.run(
+                    [sys.executable, _CHECKS_PATH, f"--tf_dir={tf_dir}", f"--out_dir={out_dir}"],
+                    capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+                (out_dir / "run.json").write_text(json.dumps(
+                    {"returncode": out.returncode, "stdout": out.stdout, "stderr": out.stderr}))
+        out = types.SimpleNamespace(**json.loads((out_dir / "run.json").read_text()))
+        lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+        assert lines, f"no RESULT from {backend}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+        return out, json.loads(lines[-1][len("RESULT "):]), out_dir
     return run_backend
 
 

@@ -11,17 +11,19 @@ import tarfile
 import numpy as np
 from PIL import Image
 
-from conftest import ROOT, jax_without_tensorflow, needs_jax
+from conftest import ROOT, fast_jax, jax_without_tensorflow, needs_jax
 
 
-def _run(script, *args):
+def _run(script, *args, folder):
     return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, **fast_jax(folder)))
 
 
 def test_at_step_writes_every_figure(tmp_path):
     out = _run("at_step.py", "--activations=relu,sparta", "--widths=0.0625", "--batch_size=8",
-               "--rounds=2", "--steps=1", f"--output_dir={tmp_path}")
+               "--rounds=2", "--steps=1", f"--output_dir={tmp_path}",
+               folder=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "benchmark.json").read_text())
     assert set(report["seconds_per_step"]) == {
@@ -37,7 +39,7 @@ def test_at_step_writes_every_figure(tmp_path):
 
 def test_profile_step_sums_op_time_by_type(tmp_path):
     out = _run("profile_step.py", "--activations=relu,sparta", "--width_multiplier=0.0625",
-               "--batch_size=8", "--steps=1", f"--output_dir={tmp_path}")
+               "--batch_size=8", "--steps=1", f"--output_dir={tmp_path}", folder=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "profile.json").read_text())
     relu, sparta = report["ms_per_step"]["relu"], report["ms_per_step"]["sparta"]
@@ -49,7 +51,7 @@ def test_profile_step_sums_op_time_by_type(tmp_path):
 def test_arm_overhead_times_every_arm_against_the_first(tmp_path):
     output = tmp_path / "overhead.json"
     out = _run("arm_overhead.py", "--arms=relu,relu_mean", "--width_multiplier=0.0625",
-               "--batch_size=4", "--rounds=2", "--steps=1", f"--output={output}")
+               "--batch_size=4", "--rounds=2", "--steps=1", f"--output={output}", folder=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(output.read_text())
     relu, mean = report["arms"]["relu"], report["arms"]["relu_mean"]
@@ -60,7 +62,7 @@ def test_arm_overhead_times_every_arm_against_the_first(tmp_path):
 
 def test_sparta_memory_measures_the_custom_gradient_against_autodiff(tmp_path):
     out = _run("sparta_memory.py", "--width=0.0625", "--batch_size=8", "--rounds=2",
-               "--steps=1", "--workloads=step", f"--output_dir={tmp_path}")
+               "--steps=1", "--workloads=step", f"--output_dir={tmp_path}", folder=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "tensorflow.json").read_text())
     step = report["workloads"]["step"]
@@ -75,7 +77,7 @@ def test_sparta_memory_measures_the_custom_gradient_against_autodiff(tmp_path):
 @needs_jax
 def test_backends_times_tensorflow_against_jax(tmp_path):
     out = _run("backends.py", "--width=0.0625", "--batch_size=8", "--rounds=2", "--steps=1",
-               f"--output_dir={tmp_path}")
+               f"--output_dir={tmp_path}", folder=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "backends.json").read_text())
     assert set(report["seconds_per_step"]) == {
