@@ -35,7 +35,10 @@ keeps its model.keras) and `keras_private` (to find nested layers).
 """
 
 import hashlib
+import json
+import os
 import re
+import tempfile
 import zipfile
 
 import keras
@@ -73,7 +76,7 @@ def load(path):
         raise ModelFileError(f"{file} is not a .keras file: it is no zip archive (corrupt or "
                              "truncated?).")
     try:
-        return keras.models.load_model(file, safe_mode=True)
+        return _load_keras_file(file)
     except Exception as e:  # noqa: BLE001 - any failure of a bad file is one clear line
         cause = (str(e).strip().splitlines() or [""])[0][:300]
         if "safe_mode" in str(e):
@@ -83,6 +86,45 @@ def load(path):
                 "trust its author, load it yourself with safe_mode=False.") from e
         raise ModelFileError(f"{file} could not be loaded as a Keras model (corrupt or "
                              f"truncated?): {type(e).__name__}: {cause}") from e
+
+
+def _load_keras_file(file):
+    """`keras.models.load_model(file, safe_mode=True)`, on any backend.
+
+    sparta-train on TensorFlow builds its batch norm `synchronized=True` (the replicas of a
+    MirroredStrategy share their statistics), which Keras refuses on other backends. There,
+    a file that asks for it is loaded from a copy whose batch norm is plain: on one device
+    the two are the same layer with the same weights.
+    """
+    if keras.backend.backend() == "tensorflow":
+        return keras.models.load_model(file, safe_mode=True)
+    with zipfile.ZipFile(file) as archive:
+        config = json.loads(archive.read("config.json"))
+        if not _unsynchronize(config):
+            return keras.models.load_model(file, safe_mode=True)
+        with tempfile.TemporaryDirectory() as folder:
+            copy = os.path.join(folder, os.path.basename(file))
+            with zipfile.ZipFile(copy, "w") as out:
+                for item in archive.infolist():
+                    out.writestr(item, json.dumps(config) if item.filename == "config.json"
+                                 else archive.read(item))
+            return keras.models.load_model(copy, safe_mode=True)
+
+
+def _unsynchronize(node):
+    """Sets `synchronized` to False in every BatchNormalization config inside the JSON
+    `node`, in place; returns how many it changed."""
+    if isinstance(node, list):
+        return sum(_unsynchronize(child) for child in node)
+    if not isinstance(node, dict):
+        return 0
+    changed = 0
+    config = node.get("config")
+    if node.get("class_name") == "BatchNormalization" and isinstance(config, dict) \
+            and config.get("synchronized"):
+        config["synchronized"] = False
+        changed = 1
+    return changed + sum(_unsynchronize(child) for child in node.values())
 
 
 def sparta_layers(model):

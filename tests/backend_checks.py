@@ -27,6 +27,7 @@ import os
 import sys
 import time
 import traceback
+import zipfile
 
 if os.environ.get("KERAS_BACKEND") == "jax" and __name__ == "__main__":
     import jax
@@ -37,12 +38,12 @@ import numpy as np
 from keras import ops
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sparta_tf import layers, models  # pylint: disable=wrong-import-position
+from sparta_tf import layers, models, transfer  # pylint: disable=wrong-import-position
 from conftest import np_depthwise, np_sigmoid  # pylint: disable=wrong-import-position
 
 TINY_SHAPE = (7, 7, 3)
 TINY_KERAS, TINY_WEIGHTS = "tiny.keras", "tiny.weights.h5"
-RESNET_WEIGHTS = "resnet.weights.h5"
+RESNET_WEIGHTS, RESNET_KERAS = "resnet.weights.h5", "resnet.keras"
 LOGITS = "logits.npz"
 
 
@@ -390,6 +391,12 @@ def check_loads_what_tensorflow_saved(tf_dir):
     net = resnet()
     net.load_weights(os.path.join(tf_dir, RESNET_WEIGHTS))
     errors["resnet.weights.h5"] = _max_diff(logits(net, saved["resnet_x"]), saved["resnet"])
+    # Saved on TensorFlow with synchronized batch norm, which only TensorFlow builds: the
+    # library's loader (`transfer.load`) reads it as plain batch norm elsewhere.
+    with zipfile.ZipFile(os.path.join(tf_dir, RESNET_KERAS)) as saved_file:
+        assert '"synchronized": true' in saved_file.read("config.json").decode()
+    loaded = transfer.load(os.path.join(tf_dir, RESNET_KERAS))
+    errors["resnet.keras"] = _max_diff(logits(loaded, saved["resnet_x"]), saved["resnet"])
     for name, err in errors.items():
         assert err < 1e-5, f"{name}: logits differ from TensorFlow's by {err:.3g}"
     return errors

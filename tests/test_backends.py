@@ -36,7 +36,7 @@ CHECK_NAMES = [name[len("check_"):] for name in checks.CHECKS] + ["save_for_tens
 
 @pytest.fixture(scope="module")
 def tf_dir(tmp_path_factory):
-    """The tiny model (.keras and .weights.h5) and the ResNet (.weights.h5), saved here on
+    """The tiny model (.keras and .weights.h5) and the ResNet (both too), saved here on
     TensorFlow, with their logits (once per run, shared by the xdist workers)."""
     with shared_once(tmp_path_factory, "saved_on_tensorflow") as (folder, filled):
         if not filled:
@@ -45,6 +45,7 @@ def tf_dir(tmp_path_factory):
             tiny.save_weights(folder / checks.TINY_WEIGHTS)
             net = checks.set_weights(checks.resnet(), seed=1)
             net.save_weights(folder / checks.RESNET_WEIGHTS)
+            net.save(folder / checks.RESNET_KERAS)  # its batch norm synchronized (TF only)
             tiny_x = checks.pixels((2,) + checks.TINY_SHAPE, 2)
             resnet_x = checks.pixels((2, 32, 32, 3), 3)
             np.savez(folder / checks.LOGITS, tiny=checks.logits(tiny, tiny_x), tiny_x=tiny_x,
