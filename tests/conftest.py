@@ -117,26 +117,3 @@ def np_sigmoid(z):
     """The logistic function in NumPy."""
     return 1 / (1 + np.exp(-z))
 
-
-# The longest tests (over a minute each with three xdist workers on 2 cores), started first:
-# xdist hands out tests in collection order, so a long test collected late would run on
-# alone at the end while the other workers sit idle.
-LONGEST_FIRST = (
-    "test_pgd_at_beats_standard_training_under_pgd",
-    "test_two_workers_killed_and_restarted_end_as_an_uninterrupted_job",
-    "test_at_step_writes_every_figure",
-    "test_sparta_train_on_jax_without_tensorflow_resumes_after_a_kill",
-    "test_gpu_jax_tiny_runs_every_part_without_tensorflow",
-    "test_killed_at_random_points_the_same_command_ends_with_the_same_weights",
-    "test_trainer_exports_a_new_version_only_when_it_trained",
-    "test_transfer_trainer_compares_relu_fresh_and_transferred_sparta",
-    "test_the_tf_and_jax_steps_agree",
-    "test_backends_times_tensorflow_against_jax",
-)
-
-
-def pytest_collection_modifyitems(items):
-    """Moves the `LONGEST_FIRST` tests to the front, in that order (the same on every
-    worker: xdist checks that the workers collect one list)."""
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.originalname, len(rank)))

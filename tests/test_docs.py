@@ -185,11 +185,11 @@ WRITTEN_BY_A_COMMAND = {
 def test_every_results_path_that_the_docs_name_is_in_a_fresh_clone():
     """A results/ path that README.md, BUILD.md or docs/ names is a file or folder that git
     tracks, or a model listed in a MODELS.sha256 manifest; a glob matches one. Placeholders
-    (`<card>`) name no path."""
+    (`<card>`) name no path; a template's `{seed}` matches as a glob's `*`."""
     tree = _results_tree()
     for page in PAGES:
-        for path in re.findall(r"results/[\w./*<>-]+", _read(page)):
-            path = path.rstrip(".").rstrip("/")
+        for path in re.findall(r"results/[\w./*<>{}-]+", _read(page)):
+            path = re.sub(r"\{\w+\}", "*", path.rstrip(".").rstrip("/"))
             if "<" in path or path in WRITTEN_BY_A_COMMAND:
                 continue
             found = fnmatch.filter(tree, path) if "*" in path else path in tree
