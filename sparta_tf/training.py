@@ -173,6 +173,20 @@ def finished(config):
     return stored.identity() == config.identity() and stored.epochs == config.epochs
 
 
+def _with_source(config, field, fingerprint, what):
+    """`config` with `{field}_sha256` filled in, and the model its `field` names (or None).
+    A `{seed}` in the path stands for `config.seed`."""
+    if not getattr(config, field):
+        return config, None
+    path = getattr(config, field).replace("{seed}", str(config.seed))
+    source = transfer.load(path)
+    sha, stored = fingerprint(source), getattr(config, f"{field}_sha256")
+    if stored not in (None, sha):
+        raise transfer.TransferError(f"The {what} of {path} has sha256 {sha}, not {stored} as "
+                                     "the configuration says: it changed.")
+    return dataclasses.replace(config, **{f"{field}_sha256": sha}), source
+
+
 def with_sparta_source(config):
     """`config` with `sparta_from_sha256` filled in, and the source model (or None).
 
@@ -180,15 +194,7 @@ def with_sparta_source(config):
         FileNotFoundError: `config.sparta_from` holds no model.
         transfer.TransferError: it is not the source that the config names.
     """
-    if not config.sparta_from:
-        return config, None
-    source = transfer.load(config.sparta_from)
-    sha = transfer.fingerprint(source)
-    if config.sparta_from_sha256 not in (None, sha):
-        raise transfer.TransferError(
-            f"The Sparta of {config.sparta_from} has sha256 {sha}, not "
-            f"{config.sparta_from_sha256} as the configuration says: it changed.")
-    return dataclasses.replace(config, sparta_from_sha256=sha), source
+    return _with_source(config, "sparta_from", transfer.fingerprint, "Sparta")
 
 
 def with_gates_source(config):
@@ -200,16 +206,7 @@ def with_gates_source(config):
         FileNotFoundError: `config.gates_from` holds no model.
         transfer.TransferError: it is not the network that the config names.
     """
-    if not config.gates_from:
-        return config, None
-    path = config.gates_from.replace("{seed}", str(config.seed))
-    source = transfer.load(path)
-    sha = transfer.network_fingerprint(source)
-    if config.gates_from_sha256 not in (None, sha):
-        raise transfer.TransferError(
-            f"The network of {path} has sha256 {sha}, not "
-            f"{config.gates_from_sha256} as the configuration says: it changed.")
-    return dataclasses.replace(config, gates_from_sha256=sha), source
+    return _with_source(config, "gates_from", transfer.network_fingerprint, "network")
 
 
 def with_sources(config):

@@ -237,10 +237,15 @@ def fingerprint(model):
 
     For a source model, it names what a transfer copies, whatever the target.
     """
+    return _digest(sparta_layers(model))  # kernel, bias, then a variant's beta or batch norm
+
+
+def _digest(layers_by_name):
+    """sha256 (hex) of `{name: layer}`: each name, then its weights as float32 bytes."""
     digest = hashlib.sha256()
-    for name, layer in sparta_layers(model).items():
+    for name, layer in layers_by_name.items():
         digest.update(name.encode())
-        for variable in layer.weights:  # kernel, bias, then a variant's beta or batch norm
+        for variable in layer.weights:
             digest.update(np.ascontiguousarray(
                 keras.ops.convert_to_numpy(variable), np.float32).tobytes())
     return digest.hexdigest()
@@ -264,13 +269,7 @@ def network_layers(model):
 def network_fingerprint(model):
     """sha256 (hex) of the network around the activations (`network_layers`): names and
     weights in model order."""
-    digest = hashlib.sha256()
-    for name, layer in network_layers(model).items():
-        digest.update(name.encode())
-        for variable in layer.weights:
-            digest.update(np.ascontiguousarray(
-                keras.ops.convert_to_numpy(variable), np.float32).tobytes())
-    return digest.hexdigest()
+    return _digest(network_layers(model))
 
 
 def copy_network_and_freeze(source, target):
