@@ -3,7 +3,10 @@
 import contextlib
 import fcntl
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -47,6 +50,19 @@ def shared_once(tmp_path_factory, name):
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield folder, (folder / ".filled").exists()
         (folder / ".filled").touch()
+
+
+def run_app_cases(app, cases, env=None):
+    """The runs of trainer `app` (`trainers.<app>`) with each command line of `cases`, all in
+    one process (`app_cases.py`), as `subprocess.CompletedProcess`es."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "app_cases.py"), app,
+                          json.dumps(cases)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"code"')]
+    assert len(runs) == len(cases), out.stdout[-3000:] + out.stderr[-3000:]
+    return [subprocess.CompletedProcess(["sparta-" + app, *argv], run["code"], run["stdout"],
+                                        run["stderr"]) for argv, run in zip(cases, runs)]
 
 
 def fast_jax(folder):

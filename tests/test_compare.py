@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
+from conftest import run_app_cases, shared_once
 from sparta_tf import data, models, plots, training
 from sparta_tf.experiments import ablation, arms, cache, stats
 from sparta_tf.experiments.cells import EvalSettings, evaluate, pack, stalled, unpack
@@ -50,9 +51,18 @@ def _mtimes(root):
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
+    """`(root, results, mtimes)` of the grid. It is trained once per test run (shared by the
+    xdist workers), then copied, mtimes kept, into this worker's own folder, which its tests
+    may add to."""
+    with shared_once(tmp_path_factory, "compare_grid") as (shared, filled):
+        if not filled:
+            results = run_grid(training.TrainConfig(**TINY), **GRID,
+                               root=str(shared / "root"), settings=SETTINGS, verbose=0)
+            (shared / "results.json").write_text(json.dumps(results))
     root = str(tmp_path_factory.mktemp("compare"))
-    results = run_grid(training.TrainConfig(**TINY), **GRID, root=root,
-                               settings=SETTINGS, verbose=0)
+    shutil.copytree(shared / "root", root, dirs_exist_ok=True)  # copy2: mtimes kept
+    text = (shared / "results.json").read_text()
+    results = json.loads(text.replace(json.dumps(str(shared / "root"))[1:-1], root))
     return root, results, _mtimes(root)
 
 
@@ -377,17 +387,22 @@ def test_trainer_reuses_the_grid_and_writes_the_reports(grid):
     _check_png(os.path.join(root, "attention_maps.png"))
 
 
-@pytest.mark.parametrize("flag,needles", [
+BAD_FLAGS = [
     ("--activations=relu,tanh", ["--activations", "tanh", "relu, silu", "sparta"]),
     ("--seed=1", ["--seed=1", "--seeds"]),
     ("--report_name=../up", ["--report_name", "plain file name"]),
-    ("--autoattack_attacks=apgd-ce,square", ["--autoattack_attacks", "apgd-dlr"])])
-def test_bad_flag_is_a_usage_error_without_traceback(flag, needles):
-    out = _compare(flag, "--model_dir=/nonexistent/never_written")
-    assert out.returncode != 0
-    assert all(n in out.stderr for n in needles), out.stderr[-2000:]
-    assert "Traceback" not in out.stderr
-    assert not re.search(r"\bEpoch\b", out.stdout)
+    ("--autoattack_attacks=apgd-ce,square", ["--autoattack_attacks", "apgd-dlr"])]
+
+
+def test_bad_flag_is_a_usage_error_without_traceback():
+    """The first as a user runs it, in its own process; the others in one process."""
+    cases = [[flag, "--model_dir=/nonexistent/never_written"] for flag, _ in BAD_FLAGS]
+    runs = [_compare(*cases[0]), *run_app_cases("compare", cases[1:])]
+    for out, (flag, needles) in zip(runs, BAD_FLAGS):
+        assert out.returncode != 0, flag
+        assert all(n in out.stderr for n in needles), (flag, out.stderr[-2000:])
+        assert "Traceback" not in out.stderr, flag
+        assert not re.search(r"\bEpoch\b", out.stdout), flag
 
 
 def test_ablation_table_names_what_each_variant_changes(grid):

@@ -12,6 +12,7 @@ import sys
 import keras
 import pytest
 
+from conftest import run_app_cases
 from sparta_tf import layers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,25 +73,25 @@ def test_flags_override_the_config_and_output_dir(model_dir, tmp_path):
     assert "autoattack" not in report["accuracy"] and "square" in report["accuracy"]
 
 
-@pytest.mark.parametrize("args, message", [
+BAD_INPUT = [
     (["--model_path=/no/such/model"], "error: No model at '/no/such/model'"),
     (["--model_path=x.keras", "--eps=-1"], "flag --eps=-1"),
     (["--model_path=x.keras", "--eps=0"], "must be > 0"),
     ([], "--model_path must have a value"),
-])
-def test_bad_input_is_an_error_without_traceback(args, message):
-    out = _evaluate(*args)
-    assert out.returncode != 0
-    assert message in out.stderr
-    assert "Traceback" not in out.stderr
+] + [  # the flags of training that evaluation does not use do not exist
+    (["--model_path=x.keras", flag], f"Unknown command line flag '{flag[2:].split('=')[0]}'")
+    for flag in ("--pgd_steps=3", "--pgd_step_size=0.01", "--max_train=10")]
 
 
-@pytest.mark.parametrize("flag", ["--pgd_steps=3", "--pgd_step_size=0.01", "--max_train=10"])
-def test_flags_it_does_not_use_do_not_exist(flag):
-    out = _evaluate("--model_path=x.keras", flag)
-    assert out.returncode != 0
-    assert f"Unknown command line flag '{flag[2:].split('=')[0]}'" in out.stderr
-    assert "Traceback" not in out.stderr
+def test_bad_input_is_an_error_without_traceback():
+    """The first as a user runs it, in its own process; the others in one process."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    runs = [_evaluate(*BAD_INPUT[0][0]),
+            *run_app_cases("evaluate", [args for args, _ in BAD_INPUT[1:]], env=env)]
+    for out, (args, message) in zip(runs, BAD_INPUT):
+        assert out.returncode != 0, args
+        assert message in out.stderr, (args, out.stderr[-2000:])
+        assert "Traceback" not in out.stderr, args
 
 
 def test_help_says_what_runs_when_a_model_loads():

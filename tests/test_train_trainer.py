@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-import pytest
+from conftest import run_app_cases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--max_train=256", "--max_test=20", "--width_multiplier=0.0625", "--epochs=1"]
@@ -17,17 +17,28 @@ def _train(*args):
                           capture_output=True, text=True, timeout=600, env=env)
 
 
-@pytest.mark.parametrize("flag,needle", [
+BAD_FLAGS = [
     ("--eps=-1", "--eps"), ("--eps=8/0", "--eps"), ("--activation=tanhh", "--activation"),
     ("--model=vgg", "--model"), ("--dataset=no_such_data", "--dataset"),
     ("--pgd_steps=-2", "--pgd_steps"), ("--objective=fgsm", "--objective"),
     ("--sparta_kernel_size=2", "--sparta_kernel_size"),
     ("--activation=relu --sparta_sharing=stage", "--sparta_sharing=stage is for"),
-    ("--batch_size=64 --max_train=32", "--batch_size is larger than --max_train")])
-def test_bad_flag_is_a_usage_error_without_traceback(flag, needle):
-    out = _train(*flag.split(), "--model_dir=/nonexistent/never_written")
-    assert out.returncode != 0
-    assert needle in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+    ("--batch_size=64 --max_train=32", "--batch_size is larger than --max_train")]
+
+
+def _refused(out, needle):
+    assert out.returncode != 0, out.args
+    assert needle in out.stderr and "Traceback" not in out.stderr, (out.args, out.stderr[-2000:])
+
+
+def test_bad_flag_is_a_usage_error_without_traceback():
+    """The first as a user runs it, in its own process; the others in one process (one
+    TensorFlow import, not one each)."""
+    flag, needle = BAD_FLAGS[0]
+    _refused(_train(flag, "--model_dir=/nonexistent/never_written"), needle)
+    cases = [[*flag.split(), "--model_dir=/nonexistent/never_written"] for flag, _ in BAD_FLAGS]
+    for out, (_, needle) in zip(run_app_cases("train", cases), BAD_FLAGS):
+        _refused(out, needle)
 
 
 def test_paper_preset_on_tiny_data_and_overrides(tmp_path):
@@ -58,16 +69,15 @@ def test_other_configuration_in_model_dir_is_refused(tmp_path):
     assert "Traceback" not in second.stderr
 
 
-@pytest.mark.parametrize("command", [
-    [os.path.join(os.path.dirname(sys.executable), "sparta-train")],  # the console script
-    [sys.executable, "-m", "trainers.train"]])
-def test_help_shows_the_usage_and_the_flags(command):
-    out = subprocess.run([*command, "--help"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]  # absl alone ends --help with 1
-    assert "Adversarially train a network" in out.stdout and "Try --helpfull" in out.stdout
-    for flag in ("--model_dir", "--activation", "--sparta_from", "--strategy", "--eps"):
-        assert flag in out.stdout, flag
+def test_help_shows_the_usage_and_the_flags():
+    console_script = os.path.join(os.path.dirname(sys.executable), "sparta-train")
+    for out in [subprocess.run([console_script, "--help"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=120),
+                *run_app_cases("train", [["--help"]])]:
+        assert out.returncode == 0, out.stderr[-2000:]  # absl alone ends --help with 1
+        assert "Adversarially train a network" in out.stdout and "Try --helpfull" in out.stdout
+        for flag in ("--model_dir", "--activation", "--sparta_from", "--strategy", "--eps"):
+            assert flag in out.stdout, flag
 
 
 def test_the_preset_makes_the_config_without_changing_a_flag():

@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from conftest import run_app_cases
 from sparta_tf import adversarial, layers, models, training, transfer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -204,21 +205,25 @@ def _run(app, *args):
                           capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("args,needles", [
+REFUSED_SOURCES = [
     (["--width_multiplier=0.125"], ["error:", "(3, 3, 4, 1)", "(3, 3, 8, 1)", "sparta_s1"]),
     (["--sparta_sharing=layer"], ["error:", "sharings differ"]),
     (["--activation=relu", "--sparta_sharing=layer"], ["--sparta_from", "--activation=sparta"]),
-])
-def test_trainer_refuses_a_source_that_does_not_fit_and_writes_nothing(tmp_path, args,
-                                                                       needles):
+]
+
+
+def test_trainer_refuses_a_source_that_does_not_fit_and_writes_nothing(tmp_path):
+    """The first as a user runs it, in its own process; the others in one process."""
     _, path = _source(tmp_path)
-    out = _run("train", f"--sparta_from={path}", "--model=resnet34", "--max_train=64",
-               "--batch_size=32", "--max_test=8", "--width_multiplier=0.0625", "--sparta_sharing=stage", *args,
-               f"--model_dir={tmp_path / 'run'}")
-    assert out.returncode != 0
-    assert all(n in out.stderr for n in needles), out.stderr[-2000:]
-    assert "Traceback" not in out.stderr and "Epoch" not in out.stdout
-    assert not (tmp_path / "run").exists()
+    cases = [[f"--sparta_from={path}", "--model=resnet34", "--max_train=64", "--batch_size=32",
+              "--max_test=8", f"--width_multiplier={TINY}", "--sparta_sharing=stage", *args,
+              f"--model_dir={tmp_path / 'run'}"] for args, _ in REFUSED_SOURCES]
+    runs = [_run("train", *cases[0]), *run_app_cases("train", cases[1:])]
+    for out, (args, needles) in zip(runs, REFUSED_SOURCES):
+        assert out.returncode != 0, args
+        assert all(n in out.stderr for n in needles), (args, out.stderr[-2000:])
+        assert "Traceback" not in out.stderr and "Epoch" not in out.stdout, args
+        assert not (tmp_path / "run").exists(), args
 
 
 def test_transfer_trainer_needs_a_source():
