@@ -89,14 +89,16 @@ def load(dataset="bundled", data_dir=None, max_train=None, max_test=None, seed=0
       data_dir: TFDS's data folder for a TFDS name (None: TFDS's default); for "bundled" or
         a .tar.gz, the folder to extract it under (None: the system's temp folder).
       max_train, max_test: keep this many examples of the split, a class-balanced random
-        sample drawn with `seed` (None: keep all).
+        sample drawn with `seed` (None: keep all). Of an image folder or archive, only the
+        kept images are decoded (and so checked).
       seed: the seed of those samples.
       splits: the splits to read, of `SPLITS`; a split left out is not read and is empty
         in the `Data` (0 images of the read split's shape), so `splits=("test",)` reads the
         test images alone. What is read is the same as with both splits.
 
     Raises:
-      ValueError: `splits` is empty or names a split not in `SPLITS`.
+      ValueError: `splits` is empty or names a split not in `SPLITS`, or `max_train` or
+        `max_test` is less than 1.
       DatasetUnavailableError: a TFDS dataset is not prepared and cannot be downloaded.
       BadDataError: `dataset` is none of the above; it is a TFDS name and TensorFlow is not
         the Keras backend or cannot be imported; an image cannot be decoded or has another
@@ -107,22 +109,28 @@ def load(dataset="bundled", data_dir=None, max_train=None, max_test=None, seed=0
     """
     if not splits or not set(splits) <= set(SPLITS):
         raise ValueError(f"splits must be some of {SPLITS}; got {splits!r}.")
+    for name, value in (("max_train", max_train), ("max_test", max_test)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1 (None: all); got {value}.")
+    limits = dict(zip(SPLITS, (max_train, max_test)))
+    out = {}
     if dataset in TFDS_NAMES:
         arrays, class_names = _read_tfds(dataset, data_dir, splits)
-    else:
+        for split, (x, y) in arrays.items():
+            keep = _sample(y, limits[split], seed, split, dataset)
+            out[split] = x[keep], y[keep]
+    else:  # only the sampled images are decoded
         folder = image_folder.read(_folder(dataset, data_dir))
         decode = (image_folder.decode_tensorflow if _keras_backend() == "tensorflow"
                   else image_folder.decode_pillow)
-        arrays = {s: (decode(folder.paths[s]), folder.labels[s]) for s in SPLITS if s in splits}
+        for split in (s for s in SPLITS if s in splits):
+            y = folder.labels[split]
+            keep = _sample(y, limits[split], seed, split, dataset)
+            out[split] = decode([folder.paths[split][i] for i in keep]), y[keep]
         class_names = folder.class_names
-    shape = next(iter(arrays.values()))[0].shape[1:]
+    shape = next(iter(out.values()))[0].shape[1:]
     empty = np.zeros((0, *shape), np.uint8), np.zeros((0,), np.int32)
-    out = dict.fromkeys(SPLITS, empty)
-    for split, max_examples in zip(SPLITS, (max_train, max_test)):
-        if split in arrays:
-            x, y = arrays[split]
-            keep = _sample(y, max_examples, seed, split, dataset)
-            out[split] = x[keep], y[keep]
+    out = {split: out.get(split, empty) for split in SPLITS}
     return Data(name=dataset, x_train=out["train"][0], y_train=out["train"][1],
                 x_test=out["test"][0], y_test=out["test"][1], class_names=list(class_names))
 

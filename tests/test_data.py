@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from sparta_tf import data
+from sparta_tf import data, image_folder
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck"]
@@ -86,6 +86,26 @@ def test_the_test_split_alone_is_read_without_the_training_images(tmp_path):
     for splits in ((), ("validation",)):
         with pytest.raises(ValueError, match="splits must be some of"):
             data.load(str(root), splits=splits)
+
+
+def test_a_sample_decodes_only_its_images_and_is_the_sample_of_all(tmp_path, monkeypatch):
+    root = str(_write_folder(tmp_path / "images"))
+    everything = data.load(root)
+    decoded = []
+    decode = image_folder.decode_tensorflow
+    monkeypatch.setattr(image_folder, "decode_tensorflow",
+                        lambda paths: decoded.append(len(paths)) or decode(paths))
+    sample = data.load(root, max_train=5, max_test=4, seed=3)
+    assert decoded == [5, 4]
+    for split, count in (("train", 5), ("test", 4)):
+        y_all = getattr(everything, f"y_{split}")
+        keep = data.balanced_subset(y_all, count, 3)
+        np.testing.assert_array_equal(getattr(sample, f"x_{split}"),
+                                      getattr(everything, f"x_{split}")[keep])
+        np.testing.assert_array_equal(getattr(sample, f"y_{split}"), y_all[keep])
+    for flag in ("max_train", "max_test"):
+        with pytest.raises(ValueError, match=f"{flag} must be at least 1"):
+            data.load(root, **{flag: 0})
 
 
 def test_corrupt_image_is_named(tmp_path):
