@@ -55,14 +55,20 @@ def shared_once(tmp_path_factory, name):
 def run_app_cases(app, cases, env=None):
     """The runs of trainer `app` (`trainers.<app>`) with each command line of `cases`, all in
     one process (`app_cases.py`), as `subprocess.CompletedProcess`es."""
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "app_cases.py"), app,
-                          json.dumps(cases)], cwd=ROOT, capture_output=True, text=True,
+    return run_apps([(app, argv) for argv in cases], env)
+
+
+def run_apps(runs, env=None):
+    """The runs of `(app, command line)` pairs, all in one process (`app_cases.py`), as
+    `subprocess.CompletedProcess`es."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "app_cases.py"),
+                          json.dumps(runs)], cwd=ROOT, capture_output=True, text=True,
                          timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    runs = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"code"')]
-    assert len(runs) == len(cases), out.stdout[-3000:] + out.stderr[-3000:]
+    done = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"code"')]
+    assert len(done) == len(runs), out.stdout[-3000:] + out.stderr[-3000:]
     return [subprocess.CompletedProcess(["sparta-" + app, *argv], run["code"], run["stdout"],
-                                        run["stderr"]) for argv, run in zip(cases, runs)]
+                                        run["stderr"]) for (app, argv), run in zip(runs, done)]
 
 
 def fast_jax(folder):

@@ -17,6 +17,8 @@ import sys
 
 import pytest
 
+from conftest import run_apps
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = ["README.md", "BUILD.md", *sorted(
     os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
@@ -43,9 +45,9 @@ def test_ci_runs_the_readme_test_command():
 def test_the_flags_that_the_docs_name_exist():
     """Every --flag that the README or a page of docs/ names is a flag of a trainer."""
     defined = set()
-    for trainer in ("train", "evaluate", "compare", "transfer", "export"):
-        out = subprocess.run([sys.executable, "-m", f"trainers.{trainer}", "--helpfull"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    apps = ("train", "evaluate", "compare", "transfer", "export")
+    for out in run_apps([(app, ["--helpfull"]) for app in apps]):  # one process
+        assert out.returncode == 0, out.stderr[-2000:]
         defined |= set(re.findall(r"--(?:\[no\])?([a-z_0-9]+)", out.stdout))
     assert {"model_dir", "eps", "model_path", "activations"} <= defined
     for page in PAGES:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import run_app_cases
 from sparta_tf import archive, data, export, layers, models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -259,14 +260,15 @@ def test_export_app(exported, tmp_path):
     assert out.returncode != 0 and "--class_names" in out.stderr
     assert "Traceback" not in out.stderr
     (tmp_path / "class_names.json").write_text(json.dumps(CLASSES))  # as sparta-train writes
-    out = _app("export", f"--model_path={tmp_path}", f"--export_dir={base}")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert f"exported {base / '1'}" in out.stdout
-    out = _app("export", f"--model_path={tmp_path}", f"--export_dir={base}", "--version=1")
-    assert out.returncode != 0 and "Version 1 exists already" in out.stderr
-    assert "Traceback" not in out.stderr and export.versions(base) == [1]
-    out = _app("export", f"--model_path={tmp_path / 'none'}", f"--export_dir={base}")
-    assert out.returncode != 0 and "No model at" in out.stderr
+    exported, again, missing = run_app_cases("export", [  # one after the other, one process
+        [f"--model_path={tmp_path}", f"--export_dir={base}"],
+        [f"--model_path={tmp_path}", f"--export_dir={base}", "--version=1"],
+        [f"--model_path={tmp_path / 'none'}", f"--export_dir={base}"]])
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert f"exported {base / '1'}" in exported.stdout
+    assert again.returncode != 0 and "Version 1 exists already" in again.stderr
+    assert "Traceback" not in again.stderr and export.versions(base) == [1]
+    assert missing.returncode != 0 and "No model at" in missing.stderr
 
 
 def test_export_app_refuses_a_corrupt_keras_file_in_one_line(tmp_path):
