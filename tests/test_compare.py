@@ -489,6 +489,12 @@ def test_paired_differences_and_their_interval():
     # 2,000 images, 3 seeds, ~30% accuracy: under 1 point for arms that agree on most
     # images (sparta - relu here), about 3 for independent ones.
     assert 0.5 < min(widths) < 1.0 and 2.5 < max(widths) < 3.5
+    # Sparta's variants come first, each against every other arm, each pair once.
+    variants = {"relu": base, "sparta": more, "sparta_shift": noise, "sparta_bn": base}
+    pairs = re.findall(r"^\| (\S+ - \S+) \| PGD-20 \|", "\n".join(
+        paired_table(_cells(variants), "pgd", list(variants), "PGD-20")), re.M)
+    assert pairs == ["sparta_shift - relu", "sparta_shift - sparta", "sparta_shift - sparta_bn",
+                     "sparta_bn - relu", "sparta_bn - sparta", "sparta - relu"]
     one = "\n".join(paired_table(_cells({"relu": base, "sparta": more}), "pgd",
                                            ["relu", "sparta"], "PGD-20"))
     assert one.endswith(f"pairs): PGD-20 {widths[0]:.1f}. A difference must be about that "

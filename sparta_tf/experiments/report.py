@@ -3,7 +3,7 @@
 Per objective: a table with a row per arm (clean, PGD and AutoAttack accuracy, mean ±
 sample std over seeds, ranked by AutoAttack where it ran), then seed by seed, the eps
 curve, the accuracy after each attack of AutoAttack's chain, the paired differences of
-Sparta against every other arm (`stats.paired`) and the masking check of Square. It
+Sparta (and its variants) against every other arm (`stats.paired`) and the masking check of Square. It
 reads only the JSON-able results of `grid.run_grid` (as comparison.json holds them),
 and names the PGD protocol of the cells (`sparta_tf.protocol`) where the results hold it.
 """
@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from sparta_tf import masking, protocol
+from sparta_tf import activations, masking, protocol
 from sparta_tf.experiments import stats
 from sparta_tf.experiments.arms import GATE_ARMS, TRANSFER_ARM
 from sparta_tf.experiments.cells import EvalSettings
@@ -94,9 +94,11 @@ def table(results):
 
 def paired_table(cells, objective, arms, pgd_name):
     """Rows `| arm - other | metric | seed by seed | mean [95% interval] |` (points), for
-    sparta, sparta_transfer and sparta_gates (those of `arms`) against each other arm."""
+    Sparta's variants, sparta, sparta_transfer and sparta_gates (those of `arms`, in that
+    order) against each other arm, each pair once."""
     rows, done, half_widths = [], set(), {}
-    for arm in [a for a in ("sparta", TRANSFER_ARM, "sparta_gates") if a in arms]:
+    focus = (*activations.VARIANTS, "sparta", TRANSFER_ARM, "sparta_gates")
+    for arm in [a for a in focus if a in arms]:
         for other in arms:
             if other == arm or frozenset((arm, other)) in done:
                 continue
