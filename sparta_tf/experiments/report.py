@@ -3,9 +3,10 @@
 Per objective: a table with a row per arm (clean, PGD and AutoAttack accuracy, mean ±
 sample std over seeds, ranked by AutoAttack where it ran), then seed by seed, the eps
 curve, the accuracy after each attack of AutoAttack's chain, the paired differences of
-Sparta (and its variants) against every other arm (`stats.paired`) and the masking check of Square. It
-reads only the JSON-able results of `grid.run_grid` (as comparison.json holds them),
-and names the PGD protocol of the cells (`sparta_tf.protocol`) where the results hold it.
+Sparta and its variants against every other arm (`stats.paired`) and the masking check of
+Square. It reads only the JSON-able results of `grid.run_grid` (as comparison.json holds
+them), and names the PGD protocol of the cells (`sparta_tf.protocol`) where the results
+hold it.
 """
 
 import os
