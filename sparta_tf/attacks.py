@@ -59,6 +59,19 @@ def _backend_module():
 _BACKEND = _backend_module()  # Keras fixes its backend when it is imported
 
 
+def backend_module():
+    """The attacks' pieces for the Keras backend in use (input gradient, loop, noise), for
+    this module and the other attacks (`sparta_tf.apgd`).
+
+    Raises:
+        NotImplementedError: on a Keras backend other than `BACKENDS`.
+    """
+    if _BACKEND is None:
+        raise NotImplementedError(f"sparta_tf's attacks run on the Keras backends {BACKENDS}; "
+                                  f"this one is {keras.backend.backend()!r}.")
+    return _BACKEND
+
+
 def _is_int(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -80,7 +93,7 @@ def _loss(logits, y, kind):
     return other_logit - true_logit
 
 
-def _forward(model, training):
+def forward_of(model, training):
     """`x -> logits`: `model(x, training=training)` for a Keras layer or model, or any
     callable that takes a `training` argument; `model(x)` for one that does not (e.g. a
     pure `logits_fn` on JAX, which fixes its own training mode)."""
@@ -181,10 +194,7 @@ class PGD:
                 (None: Keras's global seed generator, not under `jax.jit`).
                 The two backends draw different noise from the same seed.
         """
-        backend = _BACKEND
-        if backend is None:
-            raise NotImplementedError(f"sparta_tf.attacks runs on the Keras backends "
-                                      f"{BACKENDS}; this one is {keras.backend.backend()!r}.")
+        backend = backend_module()
         x = ops.convert_to_tensor(x)
         if self.eps == 0:
             return ops.stop_gradient(x)
@@ -192,7 +202,7 @@ class PGD:
             y = ops.cast(y, "int32")
         if seed is not None:
             seed = backend.seed(seed)
-        forward = _forward(model, self.training)
+        forward = forward_of(model, self.training)
 
         x_adv, found = None, None
         for r in range(self.restarts):

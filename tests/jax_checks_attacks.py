@@ -1,6 +1,6 @@
 """Checks of sparta_tf.attacks on the JAX backend, run as one script (the import paid once).
 
-`tests/test_attacks.py::test_pgd_on_jax` runs it with KERAS_BACKEND=jax and TensorFlow made
+`tests/test_attacks.py::test_pgd_on_jax` runs it (and checks APGD of `sparta_tf.apgd` too) with KERAS_BACKEND=jax and TensorFlow made
 unimportable, after it has written, on TensorFlow, the tiny model's weights and PGD's result
 on a batch into a folder (see `tiny_model` and `reference`). It prints one line `RESULT
 {json}` of measurements; the test holds them to its bounds.
@@ -25,6 +25,11 @@ CROSS_CHECKS = {  # name: PGD arguments, all without a random start
     "pgd_ce": dict(eps=EPS, steps=5, random_start=False),
     "pgd_cw": dict(eps=EPS, steps=5, random_start=False, loss="cw"),
     "fgsm": dict(eps=EPS, steps=1, step_size=EPS, random_start=False),
+}
+APGD_CHECKS = {  # name: APGD arguments (sparta_tf.apgd), all without a random start
+    "apgd_ce": dict(eps=EPS, iterations=10, random_start=False),
+    "apgd_t": dict(eps=EPS, iterations=10, loss="dlr-targeted", target_rank=3,
+                   random_start=False),
 }
 
 
@@ -59,6 +64,9 @@ def reference(folder):
         x_adv = np.asarray(PGD(**kwargs)(model, x, y))
         arrays[name] = x_adv
         arrays[name + "_loss"] = _ce(model(x_adv), y)
+    from sparta_tf.apgd import APGD  # pylint: disable=import-outside-toplevel
+    for name, kwargs in APGD_CHECKS.items():
+        arrays[name] = np.asarray(APGD(**kwargs)(model, x, y))
     np.savez(os.path.join(folder, BATCH), **arrays)
 
 
@@ -131,8 +139,8 @@ def main(folder):
     seed = np.array([5, 6])
     chosen = np.asarray(three(model, x, y, seed=seed))
     # pylint: disable=protected-access
-    backend = attacks._BACKEND
-    base, forward = backend.seed(seed), attacks._forward(model, False)
+    backend = attacks.backend_module()
+    base, forward = backend.seed(seed), attacks.forward_of(model, False)
     runs = [np.asarray(three._run(backend, forward, jnp.asarray(x), jnp.asarray(y),
                                   backend.fold_in(base, r))) for r in range(3)]
     fooled = [np.argmax(np.asarray(model(run)), axis=-1) != y for run in runs]
@@ -163,6 +171,26 @@ def main(folder):
             "loss_max_rel_diff": float(np.max(np.abs(_ce(model(ours), y) - ref[name + "_loss"])
                                               / np.maximum(ref[name + "_loss"], 1e-6))),
         }
+    # APGD: TensorFlow's points, eagerly and inside jax.jit over stateless_call.
+    from sparta_tf.apgd import APGD  # pylint: disable=import-outside-toplevel
+    for name, kwargs in APGD_CHECKS.items():
+        attack = APGD(**kwargs)
+
+        @jax.jit
+        def apgd_jitted(trainable, non_trainable, x, y, attack=attack):
+            def logits_fn(v):
+                return model.stateless_call(trainable, non_trainable, v, training=False)[0]
+            return attack(logits_fn, x, y)
+
+        for how, ours in (("eager", attack(model, x, y)),
+                          ("jit", apgd_jitted(trainable, non_trainable, x, y))):
+            ours = np.asarray(ours)
+            result[f"{name}_{how}"] = {
+                "equal_fraction": float(np.mean(np.all(np.abs(ours - ref[name]) <= 1e-5,
+                                                       axis=(1, 2, 3)))),
+                "linf": float(np.abs(ours - x).max()),
+                "accuracy": _accuracy(model(ours), y),
+                "tf_accuracy": _accuracy(model(ref[name]), y)}
     print("RESULT" + json.dumps(result))
 
 

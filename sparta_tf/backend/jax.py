@@ -19,6 +19,17 @@ def input_gradient(loss_fn, x):
     return jax.grad(loss_fn)(x)
 
 
+def loss_and_input_gradient(loss_fn, x):
+    """`(loss, aux, gradient)`: `loss_fn(x)` is `(per-example loss, aux)`, and the gradient
+    is that of the loss's sum with respect to `x` (`jax.value_and_grad`), one pass for all."""
+    def total(v):
+        loss, aux = loss_fn(v)
+        return jnp.sum(loss), (loss, aux)
+
+    (_, (loss, aux)), grad = jax.value_and_grad(total, has_aux=True)(x)
+    return loss, aux, grad
+
+
 def fori_loop(steps, body, value):
     """`value = body(i, value)` for i in 0..steps-1 (`jax.lax.fori_loop`)."""
     return jax.lax.fori_loop(0, steps, body, value)

@@ -18,6 +18,16 @@ def input_gradient(loss_fn, x):
     return tape.gradient(loss, x)
 
 
+def loss_and_input_gradient(loss_fn, x):
+    """`(loss, aux, gradient)`: `loss_fn(x)` is `(per-example loss, aux)`, and the gradient
+    is that of the loss's sum with respect to `x`, one pass for all."""
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss, aux = loss_fn(x)
+        total = tf.reduce_sum(loss)
+    return loss, aux, tape.gradient(total, x)
+
+
 def fori_loop(steps, body, value):
     """`value = body(i, value)` for i in 0..steps-1: a `tf.while_loop`, so that 100 steps
     stay one small graph."""
