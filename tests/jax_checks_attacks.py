@@ -1,6 +1,6 @@
 """Checks of sparta_tf.attacks on the JAX backend, run as one script (the import paid once).
 
-`tests/test_attacks.py::test_pgd_on_jax` runs it (and checks APGD of `sparta_tf.apgd` too) with KERAS_BACKEND=jax and TensorFlow made
+`tests/test_attacks.py::test_pgd_on_jax` runs it (and checks APGD and Square, `sparta_tf.apgd` and `sparta_tf.square`, too) with KERAS_BACKEND=jax and TensorFlow made
 unimportable, after it has written, on TensorFlow, the tiny model's weights and PGD's result
 on a batch into a folder (see `tiny_model` and `reference`). It prints one line `RESULT
 {json}` of measurements; the test holds them to its bounds.
@@ -26,6 +26,7 @@ CROSS_CHECKS = {  # name: PGD arguments, all without a random start
     "pgd_cw": dict(eps=EPS, steps=5, random_start=False, loss="cw"),
     "fgsm": dict(eps=EPS, steps=1, step_size=EPS, random_start=False),
 }
+SQUARE_QUERIES = 100
 APGD_CHECKS = {  # name: APGD arguments (sparta_tf.apgd), all without a random start
     "apgd_ce": dict(eps=EPS, iterations=10, random_start=False),
     "apgd_t": dict(eps=EPS, iterations=10, loss="dlr-targeted", target_rank=3,
@@ -67,6 +68,8 @@ def reference(folder):
     from sparta_tf.apgd import APGD  # pylint: disable=import-outside-toplevel
     for name, kwargs in APGD_CHECKS.items():
         arrays[name] = np.asarray(APGD(**kwargs)(model, x, y))
+    from sparta_tf.square import Square  # pylint: disable=import-outside-toplevel
+    arrays["square"] = np.asarray(Square(EPS, queries=SQUARE_QUERIES)(model, x, y, seed=[1, 2]))
     np.savez(os.path.join(folder, BATCH), **arrays)
 
 
@@ -191,6 +194,24 @@ def main(folder):
                 "linf": float(np.abs(ours - x).max()),
                 "accuracy": _accuracy(model(ours), y),
                 "tf_accuracy": _accuracy(model(ref[name]), y)}
+    # Square: JAX draws other squares than TensorFlow from the same seed, so not the same
+    # points; seeded, the same under jax.jit, in the ball, about as strong.
+    from sparta_tf.square import Square  # pylint: disable=import-outside-toplevel
+    square = Square(EPS, queries=SQUARE_QUERIES)
+
+    @jax.jit
+    def square_jitted(trainable, non_trainable, x, y):
+        def logits_fn(v):
+            return model.stateless_call(trainable, non_trainable, v, training=False)[0]
+        return square(logits_fn, x, y, seed=jnp.asarray([1, 2], jnp.int32))
+
+    eager = np.asarray(square(model, x, y, seed=[1, 2]))
+    jitted_square = np.asarray(square_jitted(trainable, non_trainable, x, y))
+    result["square"] = {
+        "jit_equal_fraction": float(np.mean(np.abs(jitted_square - eager) <= 1e-6)),
+        "same_seed_equal": bool(np.array_equal(eager, square(model, x, y, seed=[1, 2]))),
+        "linf": float(np.abs(eager - x).max()), "accuracy": _accuracy(model(eager), y),
+        "tf_accuracy": _accuracy(model(ref["square"]), y)}
     print("RESULT" + json.dumps(result))
 
 
