@@ -5,13 +5,12 @@
 - `"bundled"` (the default): a class-balanced random sample of the CIFAR-10 JPEGs that ships
   inside the package (500 train and 100 test images per class; `bundled/README.md`);
 - a TFDS name from `TFDS_NAMES`, prepared in (or downloaded into) `data_dir`;
-- a folder of `train/<class>/<image>` and `test/<class>/<image>` files (PNG or JPEG), with
-  the same classes in both splits and at least one image in each class folder
-  (`sparta_tf/image_folder.py` lists and decodes it);
-- a `.tar.gz` of such a folder, extracted once into a cache folder and reused. It may hold
-  only files and folders below its top (no links, devices, absolute names or `..`), and is
-  extracted into a temporary folder that is renamed into place only when complete, so a
-  refused, truncated or corrupt archive leaves nothing behind (`sparta_tf/archive.py`).
+- a folder of `train/<class>/<image>` and `test/<class>/<image>` files (PNG or JPEG), the
+  same classes in both splits, an image or more in each class folder, hidden files and
+  folders skipped (`sparta_tf/image_folder.py` lists and decodes it);
+- a `.tar.gz` of such a folder, extracted once into a per-user cache that only its owner
+  writes, keyed by its sha256 and checked on reuse; its members and its expanded size are
+  bounded, and a refused archive leaves nothing behind (`sparta_tf/archive.py`).
 
 `max_train` and `max_test` take a class-balanced random sample of a split; asking for more
 images than the split has is an error, not a silent "all of them". `splits=("test",)` reads
@@ -32,6 +31,7 @@ integer DCT (`tf.io.decode_jpeg`'s default), Pillow the accurate one, so a JPEG 
 differ by a few grey levels (on CIFAR-10's JPEGs and the bundled sample: 65% of the values
 differ, by 0.99 on average and 5 at most). Pillow's pixels are exactly TensorFlow's with
 `dct_method="INTEGER_ACCURATE"`. TensorFlow keeps its decoder, so its numbers do not move.
+Both accept and refuse the same files (`image_folder.check_header`).
 
 This module imports nothing of `sparta_tf` but `image_folder` and `archive`, which read
 image folders and archives for it.
@@ -76,7 +76,8 @@ class Data:
 
 
 def load(dataset="bundled", data_dir=None, max_train=None, max_test=None, seed=0,
-         splits=SPLITS):
+         splits=SPLITS, max_extract_gb=archive.MAX_EXTRACT_GB,
+         max_extract_ratio=archive.MAX_EXTRACT_RATIO):
     """Read a dataset into a `Data`.
 
     Image folders, archives and "bundled" need no TensorFlow: with the TensorFlow Keras
@@ -87,7 +88,7 @@ def load(dataset="bundled", data_dir=None, max_train=None, max_test=None, seed=0
       dataset: "bundled", a name in `TFDS_NAMES`, or the path of a folder or .tar.gz of
         `train/<class>/<image>` and `test/<class>/<image>` files.
       data_dir: TFDS's data folder for a TFDS name (None: TFDS's default); for "bundled" or
-        a .tar.gz, the folder to extract it under (None: the system's temp folder).
+        a .tar.gz, the folder to keep its cache under (None: `archive.cache_root`'s).
       max_train, max_test: keep this many examples of the split, a class-balanced random
         sample drawn with `seed` (None: keep all). Of an image folder or archive, only the
         kept images are decoded (and so checked).
@@ -95,17 +96,18 @@ def load(dataset="bundled", data_dir=None, max_train=None, max_test=None, seed=0
       splits: the splits to read, of `SPLITS`; a split left out is not read and is empty
         in the `Data` (0 images of the read split's shape), so `splits=("test",)` reads the
         test images alone. What is read is the same as with both splits.
+      max_extract_gb, max_extract_ratio: an archive's expansion limits (`archive.extract`).
 
     Raises:
-      ValueError: `splits` is empty or names a split not in `SPLITS`, or `max_train` or
-        `max_test` is less than 1.
+      ValueError: `splits` is empty or names a split not in `SPLITS`, `max_train` or
+        `max_test` is less than 1, or an archive's max_extract_* limit is not above 0.
       DatasetUnavailableError: a TFDS dataset is not prepared and cannot be downloaded.
       BadDataError: `dataset` is none of the above; it is a TFDS name and TensorFlow is not
-        the Keras backend or cannot be imported; an image cannot be decoded or has another
-        shape than the first; an image folder lacks train/ or test/, has a class folder with
-        no images, or has different classes in its splits; an archive is unreadable or holds
-        anything but files and folders below its top; or `max_train` or `max_test` is more
-        than its split has.
+        the Keras backend or cannot be imported; an image is refused by
+        `image_folder.check_header`, cannot be decoded or has another shape than the first;
+        an image folder lacks train/ or test/, has a class folder with no images, or has
+        different classes in its splits; the archive or its cache folder is refused
+        (`archive.extract`); or `max_train` or `max_test` is more than its split has.
     """
     if not splits or not set(splits) <= set(SPLITS):
         raise ValueError(f"splits must be some of {SPLITS}; got {splits!r}.")
@@ -120,7 +122,8 @@ def load(dataset="bundled", data_dir=None, max_train=None, max_test=None, seed=0
             keep = _sample(y, limits[split], seed, split, dataset)
             out[split] = x[keep], y[keep]
     else:  # only the sampled images are decoded
-        folder = image_folder.read(_folder(dataset, data_dir))
+        bounds = {"max_bytes": max_extract_gb * archive.GB, "max_ratio": max_extract_ratio}
+        folder = image_folder.read(_folder(dataset, data_dir, bounds))
         decode = (image_folder.decode_tensorflow if _keras_backend() == "tensorflow"
                   else image_folder.decode_pillow)
         for split in (s for s in SPLITS if s in splits):
@@ -135,18 +138,18 @@ def load(dataset="bundled", data_dir=None, max_train=None, max_test=None, seed=0
                 x_test=out["test"][0], y_test=out["test"][1], class_names=list(class_names))
 
 
-def _folder(dataset, data_dir):
-    """The image folder of "bundled", a folder or a .tar.gz (extracted: `archive.extract`).
+def _folder(dataset, data_dir, limits):
+    """The image folder of "bundled", a folder or a .tar.gz (`archive.extract`, `limits`).
 
     Raises:
       BadDataError: `dataset` is none of them, or an archive cannot be extracted.
     """
     if dataset == "bundled":
-        return archive.extract(BUNDLED_ARCHIVE, data_dir)
+        return archive.extract(BUNDLED_ARCHIVE, data_dir, **limits)
     if os.path.isdir(dataset):
         return dataset
     if os.path.isfile(dataset) and dataset.endswith((".tar.gz", ".tgz")):
-        return archive.extract(dataset, data_dir)
+        return archive.extract(dataset, data_dir, **limits)
     raise BadDataError(
         f"Unknown dataset {dataset!r}: use 'bundled' (the CIFAR-10 sample in the "
         f"package), a TFDS name in {TFDS_NAMES}, or the path of an existing folder or "

@@ -1,20 +1,26 @@
-"""Tests that data.load refuses hostile or broken .tar.gz archives, and leaves nothing behind.
+"""Tests that data.load refuses hostile, broken or oversized .tar.gz archives, and leaves
+nothing behind.
 
-Each archive is refused with a BadDataError naming its member; nothing is written outside the
-cache folder, and the cache holds no half-extracted folder afterwards.
+Each archive is refused with a BadDataError naming its member or the limit it passes;
+nothing is written outside the cache folder, and the cache holds no half-extracted folder
+afterwards (only its lock file).
 """
 
+import base64
 import gzip
 import hashlib
 import io
 import os
+import subprocess
+import sys
 import tarfile
 
 import pytest
 
-from sparta_tf import data
+from sparta_tf import archive as archives, data
 
 VICTIM_TEXT = b"the victim's own bytes\n"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _add(tar, name, kind=tarfile.REGTYPE, linkname="", content=b""):
@@ -94,19 +100,20 @@ def _tree(root, skip):
     return tree
 
 
-def _check_refused(archive, tmp_path, *parts):
-    """data.load(archive) raises a BadDataError naming the archive and each of `parts`, leaves
-    tmp_path unchanged outside the cache, and leaves no folder in the cache."""
+def _check_refused(archive, tmp_path, *parts, **limits):
+    """data.load(archive, **limits) raises a BadDataError naming the archive and each of
+    `parts`, leaves tmp_path unchanged outside the cache, and leaves no folder in the
+    cache."""
     cache = tmp_path / "cache"
     before = _tree(tmp_path, cache)
     with pytest.raises(data.BadDataError) as info:
-        data.load(str(archive), data_dir=str(cache))
+        data.load(str(archive), data_dir=str(cache), **limits)
     message = str(info.value)
     assert "\n" not in message and str(archive) in message, message
     for part in parts:
         assert part in message, message
     assert _tree(tmp_path, cache) == before
-    assert not os.listdir(cache / "sparta_tf_extracted")  # no partial folder left
+    assert os.listdir(cache / "sparta_tf_extracted") == [".lock"]  # no partial folder left
     return message
 
 
@@ -156,3 +163,83 @@ def test_not_a_gzip_is_refused(tmp_path):
     archive = tmp_path / "text.tar.gz"
     archive.write_bytes(gzip.compress(b"")[:5] + b"no gzip here")
     _check_refused(archive, tmp_path, "is not a readable .tar.gz")
+
+
+def _bomb(path, zeros):
+    """A .tar.gz of a tiny image folder (a real PNG per split) and a file of `zeros` zero
+    bytes, which gzip shrinks about a thousandfold."""
+    png = base64.b64decode(_PNG_1X1)
+    with tarfile.open(path, "w:gz") as tar:
+        for split in ("train", "test"):
+            _add(tar, f"{split}/ant/0.png", content=png)
+        info = tarfile.TarInfo("train/ant/zeros.bin")
+        info.size = zeros
+        tar.addfile(info, io.BytesIO(bytes(zeros)))
+    return path
+
+
+_PNG_1X1 = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGNgYGAAAAAEAAH2FzhVAAAAAE"
+            "lFTkSuQmCC")  # a black pixel
+
+
+def test_archive_over_the_ratio_limit_is_refused_and_raising_it_reads_it(tmp_path):
+    archive = _bomb(tmp_path / "bomb.tar.gz", 10 * 2**20)  # 10 MB in about 10 KB
+    message = _check_refused(archive, tmp_path, "more than 100 times its own",
+                             "--max_extract_ratio=100")
+    assert f"{archive.stat().st_size:,} bytes" in message
+    _check_refused(archive, tmp_path, "more than 500 times", "--max_extract_ratio=500",
+                   max_extract_ratio=500)
+    d = data.load(str(archive), data_dir=str(tmp_path / "cache"), max_extract_ratio=5000)
+    assert d.class_names == ["ant"] and d.x_train.shape == (1, 1, 1, 3)
+
+
+def test_archive_over_the_size_limit_is_refused(tmp_path):
+    archive = tmp_path / "big.tar.gz"
+    _valid_archive(archive)  # 400 KB of incompressible files
+    _check_refused(archive, tmp_path, "more than 0.0002 GB", "--max_extract_gb=0.0002",
+                   max_extract_gb=0.0002)
+    assert os.path.isdir(archives.extract(str(archive), str(tmp_path / "cache"),
+                                          max_bytes=500_000))  # under it: fine
+
+
+def test_a_members_size_is_checked_from_its_header_before_its_bytes(tmp_path):
+    # A header that claims 20 GB, and 1 KB of data: refused for its size, before any of it
+    # is read (reading would find the archive truncated instead).
+    info = tarfile.TarInfo("train/ant/huge.bin")
+    info.size = 20 * 10**9
+    archive = tmp_path / "claims.tar.gz"
+    archive.write_bytes(gzip.compress(info.tobuf(tarfile.GNU_FORMAT) + bytes(1024)))
+    _check_refused(archive, tmp_path, "more than 16 GB", "--max_extract_gb=16",
+                   max_extract_ratio=1e12)
+    for limit, flag in (("max_extract_gb", "--max_extract_gb"),
+                        ("max_extract_ratio", "--max_extract_ratio")):
+        for value in (float("nan"), -1, 0):
+            with pytest.raises(ValueError, match=f"^{flag} must be above 0; got {value:g}.$"):
+                data.load(str(archive), data_dir=str(tmp_path / "cache"), **{limit: value})
+
+
+def test_a_full_disk_while_extracting_is_one_line_and_leaves_nothing(tmp_path):
+    archive = tmp_path / "images.tar.gz"
+    _valid_archive(archive)  # 8 files of 50 KB; a file may have 20 KB (`ulimit -f`)
+    code = ("import resource, sys\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))\n"
+            "from sparta_tf import archive\n"
+            "try:\n"
+            f"    archive.extract({str(archive)!r}, {str(tmp_path / 'cache')!r})\n"
+            "except archive.BadDataError as e:\n"
+            "    sys.exit(f'error: {e}')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith(f"error: Cannot extract {archive} into "), out.stderr
+    assert "File too large" in out.stderr
+    assert os.listdir(tmp_path / "cache" / "sparta_tf_extracted") == [".lock"]
+
+
+def test_an_archive_that_changes_while_it_is_extracted_is_refused(tmp_path, monkeypatch):
+    # Its sha256 names the cache entry; the bytes extracted are hashed again as they are
+    # read, and must give the same sha256 (here they seem not to: another writer).
+    archive = tmp_path / "images.tar.gz"
+    _valid_archive(archive)
+    monkeypatch.setattr(archives._HashingReader, "finish", lambda self: "0" * 64)
+    _check_refused(archive, tmp_path, "changed while it was extracted")

@@ -115,18 +115,61 @@ def test_corrupt_image_is_named(tmp_path):
         data.load(str(root))
 
 
-def test_archive_is_extracted_once_per_version(tmp_path):
+def _entries(cache):
+    """The folders of the archives extracted in the cache folder `cache`."""
+    return sorted(p for p in (cache / "sparta_tf_extracted").iterdir()
+                  if not p.name.startswith("."))
+
+
+def _add_hidden(root):
+    """Hidden files and folders at every level of the image folder `root`, images among
+    them (a notebook's checkpoints, macOS's files): none may become a class or an image."""
+    image = tf.io.encode_png(tf.fill([8, 8, 3], tf.constant(255, tf.uint8)))
+    for folder in (root / ".ipynb_checkpoints", root / "train" / ".ipynb_checkpoints",
+                   root / "test" / ".ipynb_checkpoints",
+                   root / "train" / "ant" / ".ipynb_checkpoints"):
+        os.makedirs(folder)
+        tf.io.write_file(str(folder / "0.png"), image)
+    for folder in (root, root / "train", root / "test" / "dog"):
+        (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+        tf.io.write_file(str(folder / "._0.png"), image)  # AppleDouble: a hidden "PNG"
+    return root
+
+
+def test_hidden_files_and_folders_are_skipped_in_folders_and_archives(tmp_path):
+    root = _add_hidden(_write_folder(tmp_path / "images"))
+    archive = str(tmp_path / "images.tar.gz")
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root, arcname="images")
+        tar.add(root / ".DS_Store", arcname="._images")  # beside the top folder, hidden
+    for dataset in (str(root), archive):
+        d = data.load(dataset, data_dir=str(tmp_path / "cache"))
+        assert d.class_names == FOLDER_CLASSES, dataset
+        np.testing.assert_array_equal(np.bincount(d.y_train), [4, 4, 4])
+        np.testing.assert_array_equal(np.bincount(d.y_test), [2, 2, 2])
+        _check_shades(d.x_train, d.y_train)  # no white image of a hidden file among them
+        _check_shades(d.x_test, d.y_test)
+
+
+def test_archive_is_extracted_once_per_content(tmp_path):
     archive = str(tmp_path / "images.tar.gz")
     with tarfile.open(archive, "w:gz") as tar:  # one top folder, as `tar czf` makes it
         tar.add(_write_folder(tmp_path / "images"), arcname="images")
     cache = tmp_path / "cache"
     assert len(data.load(archive, data_dir=str(cache)).y_train) == 12
-    (extracted,) = (cache / "sparta_tf_extracted").iterdir()
-    os.remove(extracted / "images" / "train" / "ant" / "0.jpg")
-    assert len(data.load(archive, data_dir=str(cache)).y_train) == 11  # the cache was read
-    os.utime(archive, ns=(0, 0))  # a "new" archive is extracted anew
+    (entry,) = _entries(cache)
+    image = entry / "files" / "images" / "train" / "ant" / "0.jpg"
+    reused = image.stat().st_ino
     assert len(data.load(archive, data_dir=str(cache)).y_train) == 12
-    assert len(list((cache / "sparta_tf_extracted").iterdir())) == 2
+    assert image.stat().st_ino == reused  # the cache was read, not extracted again
+    os.utime(archive, ns=(0, 0))  # the same content, another time: the same entry
+    assert len(data.load(archive, data_dir=str(cache)).y_train) == 12
+    assert _entries(cache) == [entry] and image.stat().st_ino == reused
+    with tarfile.open(archive, "w:gz") as tar:  # another content: another entry
+        tar.add(tmp_path / "images", arcname="images")
+        tar.add(tmp_path / "images" / "train" / "ant" / "0.jpg", arcname="images/train/ant/9.jpg")
+    assert len(data.load(archive, data_dir=str(cache)).y_train) == 13
+    assert len(_entries(cache)) == 2
 
 
 def test_archive_of_files_and_folders_extracts_with_plain_modes(tmp_path):
@@ -135,10 +178,12 @@ def test_archive_of_files_and_folders_extracts_with_plain_modes(tmp_path):
         tar.add(_write_folder(tmp_path / "images"), arcname=".")
     d = data.load(archive, data_dir=str(tmp_path / "cache"))
     assert d.class_names == FOLDER_CLASSES and len(d.y_train) == 12 and len(d.y_test) == 6
-    (extracted,) = (tmp_path / "cache" / "sparta_tf_extracted").iterdir()
-    image = extracted / "train" / "ant" / "0.jpg"
+    (entry,) = _entries(tmp_path / "cache")
+    image = entry / "files" / "train" / "ant" / "0.jpg"
     assert image.stat().st_mode & 0o777 == 0o644 & ~_umask()
     assert image.parent.stat().st_mode & 0o777 == 0o755 & ~_umask()
+    for folder in (entry, entry.parent):  # only its owner can reach the files
+        assert folder.stat().st_mode & 0o777 == 0o700
 
 
 def _umask():

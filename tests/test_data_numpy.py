@@ -1,13 +1,16 @@
 """Tests of sparta_tf.data without TensorFlow: the Pillow reader, `numpy_batches`, and
 `load` in a process where TensorFlow cannot be imported (the JAX backend)."""
 
+import io
 import itertools
 import json
 import os
+import struct
 import subprocess
 import sys
 import tarfile
 import textwrap
+import zlib
 
 import numpy as np
 import pytest
@@ -115,6 +118,109 @@ def test_pillow_keeps_the_checks(tmp_path, pillow):
     Image.new("RGB", (8, 8)).save(root / "train" / "emu" / "0.png")
     with pytest.raises(data.BadDataError, match="only in train/: \\['emu'\\]"):
         data.load(str(root))
+
+
+def _png_chunk(kind, payload):
+    """A PNG chunk: length, type, payload, CRC."""
+    body = kind + payload
+    return struct.pack(">I", len(payload)) + body + struct.pack(">I", zlib.crc32(body))
+
+
+def _huge_png(path, side=23_000):
+    """A valid grey PNG of side x side black pixels, in about 2 MB (the issue's had 514 KB)."""
+    z = zlib.compressobj(1)
+    row = bytes(side + 1)  # a filter byte and the pixels
+    idat = b"".join(z.compress(row * 200) for _ in range(side // 200))
+    idat += z.compress(row * (side % 200)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) +
+                     _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b""))
+
+
+def _hostile_folder(folder):
+    """Files that one decoder or the other used to read differently: {path: what in the
+    message both must give, or None where both must read the file}."""
+    os.makedirs(folder)
+    rng = np.random.default_rng(1)
+    texture = [Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+               for _ in range(3)]
+    files = {}
+
+    def save(name, image, fmt, expected, **kwargs):
+        image.save(folder / name, fmt, **kwargs)
+        files[folder / name] = expected
+
+    gif = "GIF content (the content decides, not the extension)"
+    save("animated_gif.png", texture[0], "GIF", gif, save_all=True, append_images=texture[1:])
+    save("gif.png", texture[0], "GIF", gif)
+    save("bmp.png", texture[0], "BMP", "BMP content")
+    save("webp.jpg", texture[0], "WEBP", "WebP or another RIFF content")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "text.jpg").write_bytes(b"just some text\n")
+    files[folder / "empty.png"] = files[folder / "text.jpg"] = "neither PNG nor JPEG content"
+    _huge_png(folder / "huge.png")
+    files[folder / "huge.png"] = "is 23000 x 23000 pixels, more than the limit of 89,478,485"
+    whole = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(whole, "PNG")
+    broken = bytearray(whole.getvalue())
+    broken[20] ^= 1  # the width, under the IHDR's checksum
+    (folder / "bad_crc.png").write_bytes(bytes(broken))
+    files[folder / "bad_crc.png"] = "its PNG header (IHDR) fails its checksum"
+    (folder / "truncated.png").write_bytes(whole.getvalue()[:len(whole.getvalue()) // 2])
+    files[folder / "truncated.png"] = "Cannot decode image"  # each decoder says it its way
+    whole = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(whole, "JPEG")
+    (folder / "truncated.jpg").write_bytes(whole.getvalue()[:len(whole.getvalue()) // 2])
+    files[folder / "truncated.jpg"] = "Cannot decode image"
+    (folder / "no_frame.jpg").write_bytes(b"\xff\xd8\xff\xd9")
+    files[folder / "no_frame.jpg"] = "it is a JPEG with no frame header"
+    # Read by both: the content decides the format, and the kinds of PNG and JPEG.
+    save("jpeg_named.png", texture[0], "JPEG", None)
+    save("png_named.jpg", texture[0], "PNG", None)
+    save("progressive.jpg", texture[0], "JPEG", None, progressive=True)
+    save("cmyk.jpg", texture[0].convert("CMYK"), "JPEG", None)
+    save("animated.png", texture[0], "PNG", None, save_all=True, append_images=texture[1:])
+    for mode in ("L", "LA", "P", "RGBA"):
+        save(f"{mode}.png", texture[1].convert(mode), "PNG", None)
+    grey16 = rng.integers(0, 2**16, (8, 8), dtype=np.uint16)
+    save("grey16.png", Image.fromarray(grey16), "PNG", None)
+    return files
+
+
+def test_both_decoders_accept_and_refuse_the_same_files(tmp_path):
+    good = tmp_path / "good.png"
+    Image.new("RGB", (8, 8)).save(good)
+    for path, expected in _hostile_folder(tmp_path / "hostile").items():
+        results = []
+        for decode in (image_folder.decode_tensorflow, image_folder.decode_pillow):
+            try:
+                results.append(decode([str(good), str(path)])[1])
+            except data.BadDataError as e:
+                message = str(e)
+                assert "\n" not in message and str(path) in message, message
+                assert expected and expected in message, (decode.__name__, message)
+                results.append(None)
+        if expected is None:
+            assert results[0] is not None and results[1] is not None, path.name
+            content = Image.open(path).format
+            largest = 0 if content == "PNG" else 5  # JPEG: the documented DCT difference
+            assert np.abs(results[0].astype(int) - results[1]).max() <= largest, path.name
+        else:
+            assert results == [None, None], path.name
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_a_gif_named_png_in_a_folder_is_one_line(backend, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "_keras_backend", lambda: backend)  # jax: Pillow decodes
+    root = _write_folder(tmp_path / "images")
+    frames = [Image.new("RGB", (8, 8), (i, 0, 0)) for i in range(3)]
+    frames[0].save(root / "train" / "cat" / "1.png", "GIF", save_all=True,
+                   append_images=frames[1:])
+    with pytest.raises(data.BadDataError) as info:
+        data.load(str(root))
+    assert str(info.value) == (f"Cannot decode image {root}/train/cat/1.png: it holds GIF "
+                               "content (the content decides, not the extension); convert "
+                               "it to PNG or JPEG.")
 
 
 def test_tfds_name_refused_on_another_backend(pillow):
