@@ -1,6 +1,7 @@
-"""Checks of sparta_tf.attacks on the JAX backend, run as one script (the import paid once).
+"""Checks of sparta_tf.attacks (PGD) and of AutoAttack's attacks (`sparta_tf.apgd`, `.fab`
+and `.square`) on the JAX backend, run as one script (the import paid once).
 
-`tests/test_attacks.py::test_pgd_on_jax` runs it (and checks APGD and Square, `sparta_tf.apgd` and `sparta_tf.square`, too) with KERAS_BACKEND=jax and TensorFlow made
+`tests/test_attacks.py::test_pgd_on_jax` runs it with KERAS_BACKEND=jax and TensorFlow made
 unimportable, after it has written, on TensorFlow, the tiny model's weights and PGD's result
 on a batch into a folder (see `tiny_model` and `reference`). It prints one line `RESULT
 {json}` of measurements; the test holds them to its bounds.
@@ -68,6 +69,8 @@ def reference(folder):
     from sparta_tf.apgd import APGD  # pylint: disable=import-outside-toplevel
     for name, kwargs in APGD_CHECKS.items():
         arrays[name] = np.asarray(APGD(**kwargs)(model, x, y))
+    from sparta_tf.fab import FAB  # pylint: disable=import-outside-toplevel
+    arrays["fab_t"] = np.asarray(FAB(EPS, iterations=10)(model, x, y))
     from sparta_tf.square import Square  # pylint: disable=import-outside-toplevel
     arrays["square"] = np.asarray(Square(EPS, queries=SQUARE_QUERIES)(model, x, y, seed=[1, 2]))
     np.savez(os.path.join(folder, BATCH), **arrays)
@@ -194,6 +197,25 @@ def main(folder):
                 "linf": float(np.abs(ours - x).max()),
                 "accuracy": _accuracy(model(ours), y),
                 "tf_accuracy": _accuracy(model(ref[name]), y)}
+    # FAB-T: TensorFlow's points, eagerly and inside jax.jit.
+    from sparta_tf.fab import FAB  # pylint: disable=import-outside-toplevel
+    fab_attack = FAB(EPS, iterations=10)
+
+    @jax.jit
+    def fab_jitted(trainable, non_trainable, x, y):
+        def logits_fn(v):
+            return model.stateless_call(trainable, non_trainable, v, training=False)[0]
+        return fab_attack(logits_fn, x, y)
+
+    for how, ours in (("eager", fab_attack(model, x, y)),
+                      ("jit", fab_jitted(trainable, non_trainable, x, y))):
+        ours = np.asarray(ours)
+        result[f"fab_t_{how}"] = {
+            "equal_fraction": float(np.mean(np.all(np.abs(ours - ref["fab_t"]) <= 1e-4,
+                                                   axis=(1, 2, 3)))),
+            "linf": float(np.abs(ours - x).max()), "accuracy": _accuracy(model(ours), y),
+            "tf_accuracy": _accuracy(model(ref["fab_t"]), y)}
+
     # Square: JAX draws other squares than TensorFlow from the same seed, so not the same
     # points; seeded, the same under jax.jit, in the ball, about as strong.
     from sparta_tf.square import Square  # pylint: disable=import-outside-toplevel

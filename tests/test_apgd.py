@@ -1,8 +1,8 @@
 """Tests of sparta_tf.apgd (APGD of AutoAttack in keras.ops), on TensorFlow.
 
 The steps are held to a NumPy computation of the paper's algorithm on a two-layer tanh
-network (whose input gradient is written out by hand), with checkpoints where step sizes are halved; the
-attack's strength to ART's APGD on a small network. The JAX side runs in
+network (whose input gradient is written out by hand), with checkpoints where step sizes are
+halved; the attack's strength to ART's APGD on a small network. The JAX side runs in
 `tests/jax_checks_attacks.py` (`test_attacks.py::test_pgd_on_jax`).
 """
 
@@ -45,7 +45,8 @@ def _two_layers(w1, w2):
 
 
 def _numpy_apgd(w1, w2, x, y, eps, iterations, loss, target=None):
-    """APGD as the paper writes it, in NumPy (float32, as the attack), on logits = tanh(flatten(x) @ w1) @ w2.
+    """APGD as the paper writes it, in NumPy (float32, as the attack), on the logits
+    tanh(flatten(x) @ w1) @ w2.
 
     Returns the attack's result and how many step sizes were halved in all."""
     n, shape = len(x), x.shape

@@ -490,9 +490,10 @@ def test_pgd_on_jax(tmp_path):
     for name in ("pgd_ce", "pgd_cw", "fgsm"):
         assert r[name]["equal_fraction"] >= 0.999, (name, r[name])
         assert r[name]["loss_max_rel_diff"] < 1e-3, (name, r[name])
-    # APGD (CE and targeted DLR), eagerly and under jax.jit: TensorFlow's points, but where a
-    # gradient's sign flips near 0 and the path goes on from there; as strong.
-    for name in ("apgd_ce_eager", "apgd_ce_jit", "apgd_t_eager", "apgd_t_jit"):
+    # APGD (CE and targeted DLR) and FAB-T, eagerly and under jax.jit: TensorFlow's points,
+    # but where a gradient's sign flips near 0 and the path goes on from there; as strong.
+    for name in ("apgd_ce_eager", "apgd_ce_jit", "apgd_t_eager", "apgd_t_jit", "fab_t_eager",
+                 "fab_t_jit"):
         assert r[name]["equal_fraction"] >= 0.9, (name, r[name])
         assert r[name]["linf"] <= EPS + 1e-6, (name, r[name])
         assert abs(r[name]["accuracy"] - r[name]["tf_accuracy"]) <= 0.05, (name, r[name])
