@@ -97,7 +97,7 @@ class APGD:
         return (f"APGD(eps={self.eps}, iterations={self.iterations}, loss={self.loss!r}, "
                 f"target_rank={self.target_rank}, random_start={self.random_start})")
 
-    def __call__(self, model, x, y, seed=None):
+    def __call__(self, model, x, y, seed=None, target=None):
         """The adversarial examples of `x` (float32, |x_adv - x| <= eps, in [0, 1]).
 
         Args:
@@ -107,6 +107,9 @@ class APGD:
             y: int labels [N].
             seed: the random start's seed, as for `sparta_tf.attacks.PGD` (an int [2]
                 seed, or a `jax.random` key on JAX); None: not seeded.
+            target: for "dlr-targeted", the target classes [N] (None: the class of the
+                `target_rank`-th highest clean logit), so that one compiled attack serves
+                every rank; ignored by the other losses.
         """
         backend = attacks.backend_module()
         forward = attacks.forward_of(model, training=False)
@@ -119,8 +122,11 @@ class APGD:
         def project(v):
             return ops.clip(v, lower, upper)
 
-        target = None
-        if self.loss == "dlr-targeted":
+        if self.loss != "dlr-targeted":
+            target = None
+        elif target is not None:
+            target = ops.cast(ops.convert_to_tensor(target), "int32")
+        else:
             clean = ops.cast(forward(x), "float32")
             if clean.shape[-1] < max(4, self.target_rank):
                 raise ValueError(f"The targeted DLR loss needs at least "

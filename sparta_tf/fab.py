@@ -83,7 +83,7 @@ class FAB:
         return (f"FAB(eps={self.eps}, iterations={self.iterations}, "
                 f"target_rank={self.target_rank})")
 
-    def __call__(self, model, x, y, seed=None):
+    def __call__(self, model, x, y, seed=None, target=None):
         """The adversarial examples of `x` within eps, and `x` where none was found.
 
         Args:
@@ -92,6 +92,8 @@ class FAB:
             x: float pixels in [0, 1], [N, H, W, C].
             y: int labels [N].
             seed: unused (FAB-T from x is deterministic); for the attacks' common call.
+            target: the target classes [N] (None: the class of the `target_rank`-th
+                highest clean logit), so that one compiled attack serves every rank.
         """
         del seed
         backend = attacks.backend_module()
@@ -106,11 +108,14 @@ class FAB:
             return ops.cast(forward(ops.reshape(v, shape)), "float32")
 
         clean = logits_of(flat)
-        if clean.shape[-1] < self.target_rank:
-            raise ValueError(f"target_rank {self.target_rank} needs as many classes; the "
-                             f"model has {clean.shape[-1]}.")
-        target = ops.argsort(-clean, axis=-1)[:, self.target_rank - 1]
         classes = clean.shape[-1]
+        if target is not None:
+            target = ops.cast(ops.convert_to_tensor(target), "int32")
+        elif classes < self.target_rank:
+            raise ValueError(f"target_rank {self.target_rank} needs as many classes; the "
+                             f"model has {classes}.")
+        else:
+            target = ops.argsort(-clean, axis=-1)[:, self.target_rank - 1]
         pick = ops.one_hot(target, classes) - ops.one_hot(y, classes)
 
         def difference(v):  # g = z_t - z_y, per example

@@ -64,7 +64,7 @@ class Square:
     def __repr__(self):
         return f"Square(eps={self.eps}, queries={self.queries}, p_init={self.p_init})"
 
-    def __call__(self, model, x, y, seed=None):
+    def __call__(self, model, x, y, seed=None, target=None):
         """The adversarial examples of `x` (float32, |x_adv - x| <= eps, in [0, 1]).
 
         Args:
@@ -73,7 +73,9 @@ class Square:
             x: float pixels in [0, 1], [N, H, W, C] with a fixed N.
             y: int labels [N].
             seed: an int [2] seed (or a `jax.random` key on JAX); None: [0, 0].
+            target: unused (Square is untargeted); for the attacks' common call.
         """
+        del target
         backend = attacks.backend_module()
         forward = attacks.forward_of(model, training=False)
         x = ops.cast(ops.convert_to_tensor(x), "float32")

@@ -139,3 +139,22 @@ def np_sigmoid(z):
     """The logistic function in NumPy."""
     return 1 / (1 + np.exp(-z))
 
+
+
+def small_trained_net(shape=(4, 4, 3), seed=0):
+    """`(model, x, y)`: a conv net of `shape` pixels trained for seconds on 512 random images
+    whose 4 classes are set by their colour means, and 128 of those images with their labels:
+    a network with something to attack, for the attacks' strength tests."""
+    import keras  # pylint: disable=import-outside-toplevel
+
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0, 1, (512, *shape)).astype(np.float32)
+    y = (x[..., 0].mean((1, 2)) > x[..., 1].mean((1, 2))).astype(np.int32) \
+        + 2 * (x[..., 2].mean((1, 2)) > 0.5).astype(np.int32)
+    inputs = keras.Input(shape)
+    h = keras.layers.Conv2D(16, 3, padding="same", activation="relu")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(4)(keras.layers.Flatten()(h)))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=30, batch_size=64, verbose=0)
+    return model, x[:128], y[:128]

@@ -28,6 +28,7 @@ CROSS_CHECKS = {  # name: PGD arguments, all without a random start
     "fgsm": dict(eps=EPS, steps=1, step_size=EPS, random_start=False),
 }
 SQUARE_QUERIES = 100
+AUTOATTACK_SIZES = dict(iterations=5, queries=20, verbose=False)
 APGD_CHECKS = {  # name: APGD arguments (sparta_tf.apgd), all without a random start
     "apgd_ce": dict(eps=EPS, iterations=10, random_start=False),
     "apgd_t": dict(eps=EPS, iterations=10, loss="dlr-targeted", target_rank=3,
@@ -73,6 +74,9 @@ def reference(folder):
     arrays["fab_t"] = np.asarray(FAB(EPS, iterations=10)(model, x, y))
     from sparta_tf.square import Square  # pylint: disable=import-outside-toplevel
     arrays["square"] = np.asarray(Square(EPS, queries=SQUARE_QUERIES)(model, x, y, seed=[1, 2]))
+    from sparta_tf import autoattack_keras  # pylint: disable=import-outside-toplevel
+    arrays["autoattack_robust"] = autoattack_keras.robust_accuracy(
+        model, x, y, EPS, batch_size=48, **AUTOATTACK_SIZES)["robust"]
     np.savez(os.path.join(folder, BATCH), **arrays)
 
 
@@ -234,6 +238,14 @@ def main(folder):
         "same_seed_equal": bool(np.array_equal(eager, square(model, x, y, seed=[1, 2]))),
         "linf": float(np.abs(eager - x).max()), "accuracy": _accuracy(model(eager), y),
         "tf_accuracy": _accuracy(model(ref["square"]), y)}
+    # The AutoAttack driver, its last batch padded: TensorFlow's robust images, give or take
+    # what Square's other random squares find.
+    from sparta_tf import autoattack_keras  # pylint: disable=import-outside-toplevel
+    robust = autoattack_keras.robust_accuracy(model, x, y, EPS, batch_size=48,
+                                              **AUTOATTACK_SIZES)["robust"]
+    result["autoattack"] = {"robust": int(robust.sum()),
+                            "tf_robust": int(ref["autoattack_robust"].sum()),
+                            "differ": int(np.sum(robust != ref["autoattack_robust"]))}
     print("RESULT" + json.dumps(result))
 
 

@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import pytest
 
+from conftest import small_trained_net
 from sparta_tf import apgd
 
 EPS = 8 / 255
@@ -159,18 +160,7 @@ def test_at_least_as_strong_as_arts_apgd():
     from art.attacks.evasion import AutoProjectedGradientDescent
     from art.estimators.classification import TensorFlowV2Classifier
 
-    keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(0)
-    x = rng.uniform(0, 1, (512, 4, 4, 3)).astype(np.float32)
-    y = (x[..., 0].mean((1, 2)) > x[..., 1].mean((1, 2))).astype(np.int32) \
-        + 2 * (x[..., 2].mean((1, 2)) > 0.5).astype(np.int32)
-    inputs = keras.Input((4, 4, 3))
-    h = keras.layers.Conv2D(16, 3, padding="same", activation="relu")(inputs)
-    logits = keras.layers.Dense(4)(keras.layers.Flatten()(h))
-    model = keras.Model(inputs, logits)
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(x, y, epochs=30, batch_size=64, verbose=0)
-    x, y = x[:128], y[:128]
+    model, x, y = small_trained_net((4, 4, 3))
     eps = 4 / 255
     ours = np.asarray(apgd.APGD(eps, iterations=50)(model, x, y, seed=np.array([0, 1])))
     ours_robust = np.argmax(model.predict(ours, verbose=0), -1) == y

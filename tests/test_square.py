@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import pytest
 
+from conftest import small_trained_net
 from sparta_tf import square
 
 EPS = 8 / 255
@@ -91,17 +92,7 @@ def test_about_as_strong_as_arts_square():
     from art.attacks.evasion import SquareAttack
     from art.estimators.classification import TensorFlowV2Classifier
 
-    keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(0)
-    x = rng.uniform(0, 1, (512, 6, 6, 3)).astype(np.float32)
-    y = (x[..., 0].mean((1, 2)) > x[..., 1].mean((1, 2))).astype(np.int32) \
-        + 2 * (x[..., 2].mean((1, 2)) > 0.5).astype(np.int32)
-    inputs = keras.Input((6, 6, 3))
-    h = keras.layers.Conv2D(16, 3, padding="same", activation="relu")(inputs)
-    model = keras.Model(inputs, keras.layers.Dense(4)(keras.layers.Flatten()(h)))
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(x, y, epochs=30, batch_size=64, verbose=0)
-    x, y = x[:128], y[:128]
+    model, x, y = small_trained_net((6, 6, 3))
     eps = 4 / 255
     ours = np.asarray(square.Square(eps, queries=300)(model, x, y, seed=[0, 1]))
     ours_robust = np.argmax(model.predict(ours, verbose=0), -1) == y

@@ -80,3 +80,25 @@ def correct_fn(model, attack=None):
         return jnp.argmax(logits(x), axis=-1) == y
 
     return lambda x, y: np.asarray(hits(trainable, non_trainable, x, y))
+
+
+def attack_fn(model, attack):
+    """`run(x, y, seed, target)`: `attack` (of `sparta_tf.apgd`, `.fab` or `.square`) on a
+    NumPy batch of the Keras `model`, and which of its results the model still classifies
+    correctly, as NumPy arrays; attack and model in one `jax.jit` over `model.stateless_call`,
+    compiled once for a batch shape (the caller pads its last batch)."""
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+
+    @jax.jit
+    def run(trainable, non_trainable, x, y, seed, target):
+        def logits(images, training=False):
+            return model.stateless_call(trainable, non_trainable, images, training=training)[0]
+        x_adv = attack(logits, x, y, seed=seed, target=target)
+        return x_adv, jnp.argmax(logits(x_adv), axis=-1) == y
+
+    def call(x, y, seed, target):
+        x_adv, right = run(trainable, non_trainable, x, y, jnp.asarray(seed, jnp.int32), target)
+        return np.asarray(x_adv), np.asarray(right)
+
+    return call

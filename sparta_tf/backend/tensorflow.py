@@ -65,3 +65,22 @@ def correct_fn(model, attack=None):
         return tf.argmax(model(x, training=False), axis=-1, output_type=tf.int32) == y
 
     return lambda x, y: hits(tf.constant(x), tf.constant(y)).numpy()
+
+
+def attack_fn(model, attack):
+    """`run(x, y, seed, target)`: `attack` (of `sparta_tf.apgd`, `.fab` or `.square`) on a
+    NumPy batch of `model`, and which of its results `model` still classifies correctly, as
+    NumPy arrays; attack and model in one `tf.function`, traced once for a batch shape (the
+    caller pads its last batch)."""
+    @tf.function
+    def run(x, y, seed, target):
+        x_adv = attack(model, x, y, seed=seed, target=target)
+        right = tf.argmax(model(x_adv, training=False), axis=-1, output_type=tf.int32) == y
+        return x_adv, right
+
+    def call(x, y, seed, target):
+        x_adv, right = run(tf.constant(x), tf.constant(y), tf.constant(seed, tf.int32),
+                           tf.constant(target))
+        return x_adv.numpy(), right.numpy()
+
+    return call
