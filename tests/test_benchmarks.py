@@ -37,6 +37,21 @@ def test_at_step_writes_every_figure(tmp_path):
     assert "# The adversarial-training step" in (tmp_path / "BENCHMARKS.md").read_text()
 
 
+def test_autoattack_time_times_keras_against_art(tmp_path):
+    from sparta_tf import models  # pylint: disable=import-outside-toplevel
+    models.build("resnet18", 10, "relu", 0.0625).save(tmp_path / "tiny.keras")
+    out = _run("autoattack_time.py", f"--model_path={tmp_path / 'tiny.keras'}",
+               "--num_examples=10", "--iterations=2", "--queries=3", "--rounds=1",
+               f"--output_dir={tmp_path}", folder=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "autoattack_time.json").read_text())
+    assert set(report["seconds"]) == {"art", "keras_three", "keras_standard"}
+    assert set(report["ratio_to_art"]) == {"keras_three", "keras_standard"}
+    assert all(0 <= a <= 1 for a in report["robust_accuracy"].values())
+    assert list(report["after"]["keras_standard"]) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert "keras.ops: standard (with FAB-T)" in (tmp_path / "AUTOATTACK_TIME.md").read_text()
+
+
 def test_profile_step_sums_op_time_by_type(tmp_path):
     out = _run("profile_step.py", "--activations=relu,sparta", "--width_multiplier=0.0625",
                "--batch_size=8", "--steps=1", f"--output_dir={tmp_path}", folder=tmp_path)
