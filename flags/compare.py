@@ -31,7 +31,7 @@ def _distinct_in(valid):
 
 def _seeds(values):
     return bool(values) and len(set(values)) == len(values) and all(
-        v.isdigit() for v in values)
+        v.isdigit() and int(v) <= core.MAX_SEED for v in values)
 
 
 def _pixel_list(values):
@@ -79,7 +79,8 @@ def define_compare(model_dir="runs/compare", arms=activations.COMPARED,
         message=f"the {' and '.join(GATE_ARMS)} arms need --gates_from (the network to keep)")
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds of every activation.")
     flags.register_validator("seeds", _seeds,
-                             message="must be a comma-separated list of distinct ints >= 0")
+                             message=f"must be a comma-separated list of distinct ints from 0 "
+                                     f"to {core.MAX_SEED}")
     flags.DEFINE_list("objectives", list(objectives), "Training objectives to compare.")
     flags.register_validator(
         "objectives", _distinct_in(config.OBJECTIVES),
@@ -93,7 +94,8 @@ def define_compare(model_dir="runs/compare", arms=activations.COMPARED,
                          "Unset: AutoAttack's Square runs on every test image, last in the "
                          "chain. N: AutoAttack is --autoattack_attacks on every test image, and "
                          "Square runs alone on a class-balanced N of them, for the masking "
-                         "check (Square is the costly attack on a CPU).", lower_bound=1)
+                         "check (Square is the costly attack on a CPU).", lower_bound=1,
+                         upper_bound=core.MAX_EXAMPLES)
     flags.DEFINE_string("report_name", REPORT,
                         "The reports' name: NAME.md and NAME.json in --model_dir, and NAME_ "
                         "before the PNGs' names unless it is the default; a second report "

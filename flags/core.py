@@ -4,8 +4,13 @@ A trainer calls the `define_*` functions it needs before `app.run`, then turns
 the parsed flags into a library object (`train_config()`). Defaults come from
 `sparta_tf.config.TrainConfig`, which is the `quick` preset; `--config=paper`
 changes the flags that were not given on the command line.
+
+Every number a flag takes is checked at the flag, with its name in the error: a float must
+be finite (absl's parser takes `nan` and `inf`) and each number lies in a sane range, so
+that a typo is refused before anything loads or trains.
 """
 
+import math
 import os
 import sys
 
@@ -18,6 +23,15 @@ _D = config.TrainConfig  # the defaults
 
 PRESETS = config.PRESETS
 
+# The sane ranges of the flags' numbers (beyond them, a typo or a run that cannot end).
+MAX_SEED = 2**31 - 1  # NumPy's seeds stop at 2**32 - 1, and int32 seed tensors at this
+MAX_EXAMPLES = 10**9
+MAX_EPOCHS = 100_000
+MAX_STEPS = 10_000  # PGD steps, and the steps of an evaluation's attacks
+MAX_BATCH = 65_536
+MAX_KERNEL_SIZE = 15
+MAX_WIDTH_MULTIPLIER = 8.0
+
 
 class PixelParser(flags.FloatParser):
     """A pixel budget in [0, 1]: a float, or a fraction such as `8/255`."""
@@ -29,14 +43,28 @@ class PixelParser(flags.FloatParser):
         if isinstance(argument, str) and "/" in argument:
             num, den = argument.split("/", 1)
             try:
-                return float(num) / float(den)
+                value = float(num) / float(den)
             except (ValueError, ZeroDivisionError):
                 raise ValueError(f"expected a float or a fraction like 8/255, got {argument!r}")
-        return super().convert(argument)
+        else:
+            value = super().convert(argument)
+        if not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {argument!r}")
+        return value
 
 
 def _pixels(name, default, help):
     flags.DEFINE(PixelParser(), name, default, help + " (a float or a fraction like 8/255)")
+
+
+def _float(name, default, help, lower_bound=None, upper_bound=None, positive=False):
+    """`flags.DEFINE_float` that also refuses NaN and infinity (absl's parser takes them:
+    they pass its bounds), and with `positive`, 0."""
+    flags.DEFINE_float(name, default, help, lower_bound=lower_bound, upper_bound=upper_bound)
+    flags.register_validator(name, lambda v: v is None or math.isfinite(v),
+                             message="must be a finite number")
+    if positive:
+        flags.register_validator(name, lambda v: v is None or v > 0, message="must be > 0")
 
 
 def _valid_dataset(value):
@@ -53,27 +81,36 @@ def define_data(training_split=True):
         "dataset", _valid_dataset,
         message=f"must be 'bundled', one of {data.TFDS_NAMES}, or an existing path")
     flags.DEFINE_string("data_dir", _D.data_dir, "tfds data_dir, or cache for a .tar.gz.")
+    _float("max_extract_gb", _D.max_extract_gb,
+           "The most that a .tar.gz dataset may expand to, in GB; raise it for a larger "
+           "one.", positive=True)
+    _float("max_extract_ratio", _D.max_extract_ratio,
+           "The most that a .tar.gz dataset may expand to, as a multiple of its own size; "
+           "raise it for one that compresses better.", positive=True)
     if training_split:
         flags.DEFINE_integer("max_train", _D.max_train, "Class-balanced training subset size.",
-                             lower_bound=1)
+                             lower_bound=1, upper_bound=MAX_EXAMPLES)
     flags.DEFINE_integer("max_test", _D.max_test, "Class-balanced test subset size.",
-                         lower_bound=1)
-    flags.DEFINE_integer("seed", _D.seed, "Seed of data order, augmentation and attacks.")
+                         lower_bound=1, upper_bound=MAX_EXAMPLES)
+    flags.DEFINE_integer("seed", _D.seed, "Seed of data order, augmentation and attacks.",
+                         lower_bound=0, upper_bound=MAX_SEED)
 
 
 def define_model():
     flags.DEFINE_enum("model", _D.model, models.NAMES, "Network.")
     flags.DEFINE_enum("activation", _D.activation, activations.NAMES + ("swish",),
                       "Activation of every layer.")
-    flags.DEFINE_float("width_multiplier", _D.width_multiplier, "Scales every width.",
-                       lower_bound=1e-3)
+    _float("width_multiplier", _D.width_multiplier, "Scales every width.",
+           lower_bound=1e-3, upper_bound=MAX_WIDTH_MULTIPLIER)
     flags.DEFINE_enum("sparta_sharing", _D.sparta_sharing, models.SHARING,
                       "One Sparta per activation ('layer') or per stage ('stage').")
     flags.DEFINE_integer("sparta_kernel_size", _D.sparta_kernel_size,
-                         "k of Sparta's k x k gate (odd).", lower_bound=1)
+                         "k of Sparta's k x k gate (odd).", lower_bound=1,
+                         upper_bound=MAX_KERNEL_SIZE)
     flags.register_validator("sparta_kernel_size", lambda k: k % 2 == 1,
                              message="must be odd (the gate is centred on its position)")
-    flags.DEFINE_float("sparta_beta0", _D.sparta_beta0, "Sparta's initial centre weight.")
+    _float("sparta_beta0", _D.sparta_beta0, "Sparta's initial centre weight.",
+           lower_bound=-100.0, upper_bound=100.0)
     flags.DEFINE_bool("sparta_custom_gradient", _D.sparta_custom_gradient,
                       "Use Sparta's hand-written exact gradient (else autodiff).")
     flags.DEFINE_bool("sparta_normalize_gate_input", _D.sparta_normalize_gate_input,
@@ -100,8 +137,11 @@ def define_model():
 
 def define_attack():
     _pixels("eps", _D.eps, "L-inf budget in pixels")
-    flags.DEFINE_integer("pgd_steps", _D.pgd_steps, "PGD steps in training.", lower_bound=1)
+    flags.DEFINE_integer("pgd_steps", _D.pgd_steps, "PGD steps in training.", lower_bound=1,
+                         upper_bound=MAX_STEPS)
     _pixels("pgd_step_size", _D.pgd_step_size, "PGD step size; default 2.5 * eps / steps")
+    flags.register_validator("pgd_step_size", lambda v: v is None or v > 0,
+                             message="must be > 0 (a step of 0 leaves the images as they are)")
 
 
 def define_training():
@@ -111,22 +151,29 @@ def define_training():
     flags.DEFINE_enum("config", "quick", list(PRESETS),
                       "Preset; flags given on the command line override it.")
     flags.DEFINE_string("model_dir", _D.model_dir, "Checkpoints, logs, metrics, model.")
-    flags.DEFINE_bool("overwrite", False, "Delete model_dir first instead of resuming.")
-    flags.DEFINE_integer("epochs", _D.epochs, "Epochs.", lower_bound=1)
-    flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size.", lower_bound=1)
-    flags.DEFINE_float("lr", _D.lr, "Initial learning rate (SGD).", lower_bound=0.0)
+    flags.DEFINE_bool("overwrite", False, "Delete model_dir first instead of resuming (only a "
+                      "model_dir that sparta-train wrote; anything else is refused).")
+    flags.DEFINE_integer("epochs", _D.epochs, "Epochs.", lower_bound=1, upper_bound=MAX_EPOCHS)
+    flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size.", lower_bound=1,
+                         upper_bound=MAX_BATCH)
+    _float("lr", _D.lr, "Initial learning rate (SGD).", lower_bound=0.0, upper_bound=10.0)
     flags.DEFINE_enum("lr_schedule", _D.lr_schedule, config.LR_SCHEDULES, "LR schedule.")
     flags.DEFINE_list("lr_decay_epochs", list(map(str, _D.lr_decay_epochs)),
                       "Piecewise schedule: divide the lr by 10 at these epochs.")
-    flags.DEFINE_float("momentum", _D.momentum, "SGD momentum.", lower_bound=0.0)
-    flags.DEFINE_float("weight_decay", _D.weight_decay, "L2 weight decay.", lower_bound=0.0)
+    _float("momentum", _D.momentum, "SGD momentum, in [0, 1).", lower_bound=0.0,
+           upper_bound=1.0)
+    flags.register_validator("momentum", lambda m: m < 1,
+                             message="must be < 1 (a momentum of 1 or more diverges)")
+    _float("weight_decay", _D.weight_decay, "L2 weight decay.", lower_bound=0.0,
+           upper_bound=1.0)
     flags.DEFINE_bool("sparta_weight_decay", _D.sparta_weight_decay,
                       "Apply weight decay to the Sparta parameters too.")
-    flags.DEFINE_float("sparta_lr_multiplier", _D.sparta_lr_multiplier,
-                       "Multiplies the learning rate of the Sparta parameters (their "
-                       "gradients are scaled).", lower_bound=0.0)
+    _float("sparta_lr_multiplier", _D.sparta_lr_multiplier,
+           "Multiplies the learning rate of the Sparta parameters (their gradients are "
+           "scaled).", lower_bound=0.0, upper_bound=1000.0)
     flags.DEFINE_enum("objective", _D.objective, config.OBJECTIVES, "Training objective.")
-    flags.DEFINE_float("trades_beta", _D.trades_beta, "TRADES' KL weight.", lower_bound=0.0)
+    _float("trades_beta", _D.trades_beta, "TRADES' KL weight.", lower_bound=0.0,
+           upper_bound=1000.0)
     flags.DEFINE_enum("mixed_precision", _D.mixed_precision,
                       ["float32", "mixed_float16", "mixed_bfloat16"], "Keras dtype policy.")
     flags.DEFINE_enum("strategy", _D.strategy, config.STRATEGIES,
@@ -136,12 +183,14 @@ def define_training():
                       "Compile the train step with XLA (slower on CPU for Sparta).")
     flags.DEFINE_integer("checkpoint_every", _D.checkpoint_every,
                          "Also checkpoint every N steps (0: only at epoch ends).",
-                         lower_bound=0)
+                         lower_bound=0, upper_bound=MAX_EXAMPLES)
     flags.DEFINE_integer("eval_pgd_steps", _D.eval_pgd_steps,
                          "PGD steps of the evaluation after training (0: none).",
-                         lower_bound=0)
-    flags.register_validator("lr_decay_epochs", _numbers,
-                             message="must be a comma-separated list of numbers")
+                         lower_bound=0, upper_bound=MAX_STEPS)
+    flags.register_validator(
+        "lr_decay_epochs", _decay_epochs,
+        message=f"must be a comma-separated list of increasing epochs, each > 0 and at most "
+                f"{MAX_EPOCHS}")
     flags.register_multi_flags_validator(
         ["sparta_sharing", "activation"],
         lambda v: v["sparta_sharing"] == "layer" or v["activation"] == "sparta",
@@ -165,12 +214,13 @@ def define_training():
         message="--gates_from and --sparta_from freeze opposite halves: give one of them")
 
 
-def _numbers(values):
+def _decay_epochs(values):
     try:
-        [float(v) for v in values]
+        epochs = [float(v) for v in values]
     except ValueError:
         return False
-    return True
+    return (all(0 < e <= MAX_EPOCHS for e in epochs)  # False for NaN
+            and all(a < b for a, b in zip(epochs, epochs[1:])))
 
 
 def for_help(app_module):
@@ -228,9 +278,9 @@ def define_autoattack():
     flags.DEFINE_bool("autoattack", True,
                       "Run AutoAttack (APGD-CE, APGD-T and Square, through ART).")
     flags.DEFINE_integer("autoattack_iterations", 100, "APGD iterations (100 is standard).",
-                         lower_bound=1)
+                         lower_bound=1, upper_bound=MAX_STEPS)
     flags.DEFINE_integer("square_queries", 5000, "Square queries (5000 is standard).",
-                         lower_bound=1)
+                         lower_bound=1, upper_bound=100 * MAX_STEPS)
 
 
 def define_evaluation():
@@ -252,12 +302,15 @@ def define_evaluation():
     flags.DEFINE_string("output_dir", None, "Where to write eval.json and eval.md "
                         "(default: the model_dir, else the folder that holds the model).")
     flags.DEFINE_alias("num_examples", "max_test")
-    flags.DEFINE_integer("batch_size", 256, "Examples per batch of the attacks.", lower_bound=1)
+    flags.DEFINE_integer("batch_size", 256, "Examples per batch of the attacks.", lower_bound=1,
+                         upper_bound=MAX_BATCH)
     flags.DEFINE_list("eval_steps", ["20", "100"], "PGD step counts, each with the CE and the "
                       "CW loss; the first is also used for the eps sweep.")
     flags.register_validator("eval_steps", lambda v: bool(v) and all(
-        s.isdigit() and int(s) >= 1 for s in v), message="must be a list of ints >= 1")
-    flags.DEFINE_integer("pgd_restarts", 3, "Random restarts of each PGD.", lower_bound=1)
+        s.isdigit() and 1 <= int(s) <= MAX_STEPS for s in v),
+        message=f"must be a list of ints from 1 to {MAX_STEPS}")
+    flags.DEFINE_integer("pgd_restarts", 3, "Random restarts of each PGD.", lower_bound=1,
+                         upper_bound=1000)
     define_autoattack()
 
 
@@ -270,6 +323,6 @@ def define_export():
                         "model is written to EXPORT_DIR/VERSION.", required=True)
     flags.DEFINE_integer("version", None, "The version to write (default: one more than "
                          "the highest in --export_dir). An existing one is never "
-                         "overwritten.", lower_bound=1)
+                         "overwritten.", lower_bound=1, upper_bound=2**63 - 1)
     flags.DEFINE_list("class_names", None, "The class names, in label order (default: "
                       "those that sparta-train wrote beside model.keras).")

@@ -30,6 +30,20 @@ PRESETS = {
 }
 
 
+# What marks a config.json as written by sparta-train, beside the fields of `TrainConfig`
+# (`from_stored`); not part of the experiment's identity.
+WRITTEN_BY = {"written_by": "sparta-train", "config_format": 1}
+# The fields of the first TrainConfig: a config.json written before `WRITTEN_BY` existed
+# holds every one of them (later fields take their defaults, `TrainConfig.complete`).
+FIRST_FIELDS = (
+    "model_dir", "dataset", "data_dir", "max_train", "max_test", "model", "activation",
+    "width_multiplier", "sparta_sharing", "sparta_kernel_size", "sparta_beta0",
+    "sparta_custom_gradient", "epochs", "batch_size", "lr", "lr_schedule", "lr_decay_epochs",
+    "momentum", "weight_decay", "sparta_weight_decay", "objective", "eps", "pgd_steps",
+    "pgd_step_size", "trades_beta", "seed", "mixed_precision", "jit_compile",
+    "checkpoint_every", "eval_pgd_steps")
+
+
 class ConfigMismatchError(ValueError):
     """model_dir holds a run of another configuration."""
 
@@ -42,6 +56,10 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or Inf."""
 
 
+class WriteError(RuntimeError):
+    """A file of the run could not be written (a full disk, a read-only folder)."""
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Everything one training run depends on; saved to model_dir/config.json."""
@@ -49,6 +67,8 @@ class TrainConfig:
     model_dir: str = "runs/default"
     dataset: str = "bundled"
     data_dir: str | None = None
+    max_extract_gb: float = 16.0  # the most a .tar.gz dataset may expand to (archive.py)
+    max_extract_ratio: float = 100.0  # ... and as a multiple of its own size
     max_train: int | None = None
     max_test: int | None = None
     model: str = "resnet18"
@@ -86,12 +106,13 @@ class TrainConfig:
     eval_pgd_steps: int = 20  # 0: no PGD evaluation after training
     backend: str | None = None  # Keras's backend; None: the one running (`training.run`)
 
-    # The fields that may change when a run resumes: where things are, how long it trains,
-    # how often it saves, how it is evaluated at the end, how the step is compiled and
-    # distributed. Every other field is the experiment's identity (`identity`): a model_dir
+    # The fields that may change when a run resumes: where things are, how far an archive
+    # may expand, how long it trains, how often it saves, how it is evaluated at the end,
+    # how the step is compiled and distributed. Every other field is the experiment's identity (`identity`): a model_dir
     # whose config differs in one of them holds another experiment.
-    RESUMABLE = ("model_dir", "data_dir", "max_test", "epochs", "checkpoint_every",
-                 "eval_pgd_steps", "jit_compile", "strategy", "sparta_from", "gates_from")
+    RESUMABLE = ("model_dir", "data_dir", "max_extract_gb", "max_extract_ratio", "max_test",
+                 "epochs", "checkpoint_every", "eval_pgd_steps", "jit_compile", "strategy",
+                 "sparta_from", "gates_from")
 
     def identity(self):
         """The experiment this config describes: every field but `RESUMABLE`, as in JSON.
@@ -119,17 +140,62 @@ class TrainConfig:
 
     @classmethod
     def complete(cls, stored):
-        """A stored config.json with the defaults of the fields added after it was written.
+        """A stored config.json with the defaults of the fields added after it was written
+        (without the marker `WRITTEN_BY`).
 
         A config.json without `backend` was written when sparta-tf ran on TensorFlow only.
         """
+        stored = {k: v for k, v in stored.items() if k not in WRITTEN_BY}
         return {**json.loads(json.dumps(cls().to_json())), "backend": "tensorflow", **stored}
 
     @classmethod
-    def from_stored(cls, stored):
-        """The config of a stored config.json (or part of one; defaults for the rest)."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in cls.complete(stored).items() if k in fields})
+    def from_stored(cls, stored, whole=False):
+        """The config of a stored config.json (or part of one; defaults for the rest).
+
+        Every key must be a field (or of the marker `WRITTEN_BY`), and every value of the
+        field's type, as JSON holds it. With `whole`, `stored` must be a whole config.json
+        of sparta-train: one with the marker, or one written before the marker existed,
+        which holds every field of `FIRST_FIELDS`.
+
+        Raises:
+            ValueError: it is not; the message names the first key or value that is wrong,
+                and fills in nothing.
+        """
+        kinds = {f.name: getattr(f.type, "__args__", None) or (f.type,)
+                 for f in dataclasses.fields(cls)}
+
+        def fits(value, kind):  # as JSON holds it: a float may be written as an int
+            if isinstance(value, bool) or kind is bool:
+                return isinstance(value, bool) and kind is bool
+            if kind is tuple:
+                return isinstance(value, (list, tuple)) and all(
+                    isinstance(v, (int, float, str)) and not isinstance(v, bool) for v in value)
+            return isinstance(value, (int, float) if kind is float else kind)
+
+        marker = {k: stored[k] for k in WRITTEN_BY if k in stored}
+        if marker.get("written_by", WRITTEN_BY["written_by"]) != WRITTEN_BY["written_by"]:
+            raise ValueError(f"it says it was written by {marker['written_by']!r}.")
+        version = marker.get("config_format", 1)
+        if not (type(version) is int and 1 <= version <= WRITTEN_BY["config_format"]):
+            raise ValueError(f"its config_format is {version!r}; this sparta-tf reads "
+                             f"{WRITTEN_BY['config_format']} (a newer one wrote it?).")
+        for key, value in stored.items():
+            if key in WRITTEN_BY:
+                continue
+            if key not in kinds:
+                raise ValueError(f"it holds {key!r}, which is no setting of sparta-train.")
+            if not any(fits(value, kind) for kind in kinds[key]):
+                names = {str: "a string", int: "an integer", float: "a number",
+                         bool: "true or false", tuple: "a list", type(None): "null"}
+                wanted = " or ".join(names[k] for k in kinds[key])
+                raise ValueError(f"its {key!r} is {json.dumps(value)[:50]}, not {wanted}.")
+        if whole and "written_by" not in marker:
+            missing = [k for k in FIRST_FIELDS if k not in stored]
+            if missing:
+                raise ValueError(f"it has no \"written_by\": \"sparta-train\", and no "
+                                 f"{', '.join(map(repr, missing[:3]))}"
+                                 f"{' ...' if len(missing) > 3 else ''} either.")
+        return cls(**cls.complete(stored))
 
 
 def learning_rate(config, steps_per_epoch):

@@ -10,7 +10,9 @@
   2019; `sparta_tf.masking`), naming its PGD protocol. `to_markdown(report)`
   renders it. AutoAttack itself is `sparta_tf.autoattack`.
 - `load_model(path)`: a model_dir, a `.keras` file or an exported SavedModel;
-  `check_writable(folder)`, to fail before an evaluation rather than after it.
+  `check_fits(model, x, class_names, path)`, that it takes the data's images and has one
+  logit per class of the data, and `check_writable(folder)`: both to fail before an
+  evaluation rather than after it, or instead of a wrong one.
 
 Models take pixels in [0, 1] and return logits. This module imports no absl.
 """
@@ -27,6 +29,10 @@ from sparta_tf import (attacks, autoattack, data, export, layers, masking,  # no
                        model_dir, protocol, transfer)
 
 ModelFileError = transfer.ModelFileError
+
+
+class ModelMismatchError(ValueError):
+    """The model does not fit the data: it takes other images, or has other classes."""
 
 
 def correct(model, x, y, attack=None, batch_size=256, progress=None):
@@ -66,7 +72,8 @@ def load_model(path):
         FileNotFoundError: if `path` holds none of these (also a folder of
             numbered versions none of which is complete).
         ModelFileError: the model file is there but cannot be loaded (corrupt,
-            truncated, refused by safe_mode); the message names it.
+            truncated, refused by safe_mode, a SavedModel without a `logits`
+            output); the message names it.
     """
     path = os.fspath(path)
     if os.path.isfile(os.path.join(path, model_dir.MODEL)) or path.endswith(".keras"):
@@ -83,11 +90,16 @@ def load_model(path):
                     "hold no saved_model.pb; they are incomplete exports.")
     if os.path.isfile(os.path.join(path, "saved_model.pb")):
         try:
-            return _ServedLogits(keras.layers.TFSMLayer(path, call_endpoint="serving_default"))
+            served = _ServedLogits(keras.layers.TFSMLayer(path, call_endpoint="serving_default"))
         except Exception as e:  # noqa: BLE001 - any failure of a bad SavedModel: one line
-            cause = (str(e).strip().splitlines() or [""])[0][:300]
             raise ModelFileError(f"The SavedModel {path} could not be loaded (corrupt or "
-                                 f"truncated?): {type(e).__name__}: {cause}") from e
+                                 f"truncated?): {_first_line(e)}") from e
+        if "logits" not in served.outputs:
+            raise ModelFileError(
+                f"The SavedModel {path} has no `logits` output in its serving_default "
+                f"signature (it has: {', '.join(sorted(served.outputs)) or 'none'}); "
+                "evaluate a SavedModel that sparta-export wrote, or the .keras model.")
+        return served
     raise FileNotFoundError(
         f"No model at {path!r}: expected a model_dir holding {model_dir.MODEL}, a .keras file, "
         "or a SavedModel directory (holding saved_model.pb, or numbered versions of one).")
@@ -109,12 +121,95 @@ def check_writable(folder):
                          "--output_dir.") from None
 
 
+def _first_line(error, limit=300):
+    """`Type: the first line of its message`, at most `limit` characters of it."""
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:limit]}"
+
+
+def check_fits(model, x, class_names, path):
+    """Checks that `model` fits the data: it takes images such as `x` and has one logit per
+    class of `class_names`, which are also the names written beside it (the
+    `class_names.json` that sparta-train writes in a model_dir), where there are any.
+
+    Args:
+        model: a model as `load_model` returns it.
+        x: the data's images, [N, H, W, C] (the first is run through the model).
+        class_names: the data's class names, in label order.
+        path: what `load_model` loaded it from; the messages name it.
+
+    Raises:
+        ModelMismatchError: it takes other images, cannot run on them, has another number
+            of logits, or other class names; the message says which and what to do.
+        ValueError: its class_names.json is not a JSON list of names.
+    """
+    image = tuple(int(d) for d in x.shape[1:])
+    shown = "x".join(map(str, image))
+    takes = _input_shape(model)
+    if takes is not None and (len(takes) != len(image) or any(
+            t is not None and t != i for t, i in zip(takes, image))):
+        raise ModelMismatchError(
+            f"The model {path} takes images of {'x'.join(str(t) for t in takes)} (height x "
+            f"width x channels), and the data's are {shown}: evaluate it on data like the "
+            "data it was trained on (--dataset).")
+    try:
+        logits = keras.ops.convert_to_numpy(model(data.pixels(x[:1]), training=False))
+    except Exception as e:  # noqa: BLE001 - a model that cannot run on them: one line
+        raise ModelMismatchError(f"The model {path} cannot run on the data's images "
+                                 f"({shown}): {_first_line(e)}") from e
+    data_classes = f"{len(class_names)} classes ({_names(class_names)})"
+    if logits.ndim != 2:
+        raise ModelMismatchError(f"The model {path} returns outputs of shape "
+                                 f"{tuple(logits.shape[1:])} for an image, not one logit per "
+                                 "class: evaluate a classifier that returns logits.")
+    if logits.shape[-1] != len(class_names):
+        raise ModelMismatchError(
+            f"The model {path} has {logits.shape[-1]} classes (logits), and the data has "
+            f"{data_classes}: evaluate it on the data it was trained on (--dataset).")
+    trained = export.class_names_beside(path)
+    if trained is None:
+        return
+    if not isinstance(trained, list) or not all(isinstance(n, str) for n in trained):
+        raise ValueError(f"{model_dir.CLASS_NAMES} beside {path} holds no JSON list of class "
+                         "names.")
+    if trained != list(class_names):
+        raise ModelMismatchError(
+            f"The model {path} was trained on {len(trained)} classes "
+            f"({_names(trained)}, in its {model_dir.CLASS_NAMES}), and the data has "
+            f"{data_classes}: evaluate it on the data it was trained on (--dataset).")
+
+
+def _names(names, shown=4):
+    """The first `shown` of `names`, and how many there are in all if more."""
+    more = f", ... ({len(names)} in all)" if len(names) > shown else ""
+    return ", ".join(repr(n)[:60] for n in names[:shown]) + more  # repr: one line
+
+
+def _input_shape(model):
+    """The image shape that `model` declares, (H, W, C) with None for any size, or None
+    where it declares none."""
+    if isinstance(model, _ServedLogits):
+        return model.input_shape
+    try:
+        return tuple(model.inputs[0].shape[1:])
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return None
+
+
 class _ServedLogits:
     """The logits of an exported SavedModel's `serving_default`, called like a model."""
 
     def __init__(self, layer):
         self.layer = layer
         self.name = layer.name
+        function = layer.call_endpoint_fn  # a signature, or a restored tf.function
+        function = (getattr(function, "concrete_functions", None) or [function])[0]
+        outputs = function.structured_outputs
+        self.outputs = set(outputs) if isinstance(outputs, dict) else set()
+        args, kwargs = function.structured_input_signature
+        specs = [*args, *kwargs.values()]
+        shape = getattr(specs[0], "shape", None) if len(specs) == 1 else None
+        self.input_shape = (None if shape is None or shape.rank is None
+                            else tuple(shape.as_list()[1:]))
 
     def __call__(self, x, training=False):
         return self.layer(x)["logits"]

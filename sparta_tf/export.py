@@ -3,9 +3,12 @@
 `export(model, export_dir, class_names)` writes `export_dir/<version>`, the layout that TF
 Serving watches (`--model_base_path=export_dir`). A version is never overwritten: asking for
 an existing one is an `ExportError` that names it. The SavedModel is written to a hidden
-temporary folder beside it and renamed into place, so a server never sees half a model; the
-version gets the permissions of a folder made under the umask (0755 and 0644 under 022), so
-that a server running as another user can read it.
+temporary folder beside it (`.partial-*`) and renamed into place, so a server never sees
+half a model; the version gets the permissions of a folder made under the umask (0755 and
+0644 under 022), so that a server running as another user can read it. An export holds
+`export_dir/.export.lock` (a `flock`) from choosing its version to the rename: a second
+export at the same time waits for it, then writes the next version, and the `.partial-*`
+folders that a killed export left are removed under it (no live export is writing then).
 
 Signatures (H, W, C fixed to the model's input; K classes):
 
@@ -27,6 +30,9 @@ sha256 of the weights and the TensorFlow and Keras versions that wrote it.
 """
 
 import base64
+import contextlib
+import errno
+import fcntl
 import hashlib
 import os
 import shutil
@@ -138,8 +144,68 @@ def _serving_functions(model, class_names):
     return outputs, from_bytes
 
 
+@contextlib.contextmanager
+def _holding(export_dir):
+    """Holds `export_dir`'s lock (`model_dir.EXPORT_LOCK`) while the block runs, creating the
+    folder; waits while another export holds it. Removes the `.partial-*` folders there
+    first: under the lock, they are what a killed export left.
+
+    Raises:
+        OSError: the folder or its lock cannot be written.
+    """
+    os.makedirs(export_dir, exist_ok=True)
+    # Read-only: another user's export may take it too; not through a link.
+    fd = os.open(os.path.join(export_dir, model_dir.EXPORT_LOCK),
+                 os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            print(f"Waiting for another export to {export_dir} to finish...")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        for name in os.listdir(export_dir):
+            full = os.path.join(export_dir, name)
+            if not name.startswith(model_dir.PARTIAL):
+                continue
+            if os.path.isdir(full) and not os.path.islink(full):
+                shutil.rmtree(full)
+            else:
+                os.remove(full)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _loaded(model, export_dir, class_names):
+    """`(model, class names)` checked for an export to `export_dir`: the model loaded if
+    it is a path, the names as strings.
+
+    Raises:
+        ExportError: `export_dir` is a file, or the model and names do not fit.
+        ModelFileError: `model` is a path of a file that cannot be loaded.
+    """
+    export_dir = os.fspath(export_dir)
+    if os.path.exists(export_dir) and not os.path.isdir(export_dir):
+        raise ExportError(f"The export_dir {export_dir} is a file, not a folder: give the "
+                          "folder that TF Serving watches (--model_base_path).")
+    if isinstance(model, (str, os.PathLike)):
+        model = transfer.load(model)
+    class_names = [str(name) for name in class_names]
+    if len(class_names) != model.output_shape[-1]:
+        raise ExportError(f"The model has {model.output_shape[-1]} logits, but "
+                          f"{len(class_names)} class names were given.")
+    if None in model.input_shape[1:]:
+        raise ExportError(f"The model's input shape {model.input_shape} is not fixed; "
+                          "the serving signature needs (height, width, channels).")
+    return model, class_names
+
+
 def export(model, export_dir, class_names, version=None):
     """Writes `export_dir/<version>`, a SavedModel with the signatures above.
+
+    Holds the export_dir's lock while it writes: another export to it waits.
 
     Args:
         model: a Keras model from pixels in [0, 1] to logits, with a fixed
@@ -159,23 +225,21 @@ def export(model, export_dir, class_names, version=None):
             (`transfer.load`).
     """
     export_dir = os.fspath(export_dir)
-    if os.path.exists(export_dir) and not os.path.isdir(export_dir):
-        raise ExportError(f"The export_dir {export_dir} is a file, not a folder: give the "
-                          "folder that TF Serving watches (--model_base_path).")
-    if isinstance(model, (str, os.PathLike)):
-        model = transfer.load(model)
-    class_names = [str(name) for name in class_names]
-    if len(class_names) != model.output_shape[-1]:
-        raise ExportError(f"The model has {model.output_shape[-1]} logits, but "
-                          f"{len(class_names)} class names were given.")
-    if None in model.input_shape[1:]:
-        raise ExportError(f"The model's input shape {model.input_shape} is not fixed; "
-                          "the serving signature needs (height, width, channels).")
+    model, class_names = _loaded(model, export_dir, class_names)
+    if version is not None and (not isinstance(version, int) or version < 1):
+        raise ExportError(f"version must be a positive int; got {version!r}.")
+    try:
+        with _holding(export_dir):
+            return _write(model, export_dir, class_names, version)
+    except OSError as e:
+        raise ExportError(f"Could not write to the export_dir {export_dir}: {e}") from None
+
+
+def _write(model, export_dir, class_names, version):
+    """`export`'s work, under the export_dir's lock."""
     following = _next_version(export_dir)
     if version is None:
         version = following
-    if not isinstance(version, int) or version < 1:
-        raise ExportError(f"version must be a positive int; got {version!r}.")
     final = os.path.join(export_dir, str(version))
     if os.path.exists(final) and version not in versions(export_dir):
         raise ExportError(
@@ -196,8 +260,7 @@ def export(model, export_dir, class_names, version=None):
         tf.TensorSpec([None], tf.string, name="images")])
     partial = None
     try:
-        os.makedirs(export_dir, exist_ok=True)
-        partial = tempfile.mkdtemp(prefix=f".partial-{version}-", dir=export_dir)
+        partial = tempfile.mkdtemp(prefix=f"{model_dir.PARTIAL}{version}-", dir=export_dir)
         archive.write_out(partial, verbose=False)
         os.makedirs(os.path.join(partial, "assets.extra"), exist_ok=True)
         model_dir.write_json(os.path.join(partial, METADATA), {
@@ -215,24 +278,32 @@ def export(model, export_dir, class_names, version=None):
 
 
 def export_if_changed(model, export_dir, class_names):
-    """`export` as a new version, unless the highest version holds the same weights.
+    """`export` as a new version, unless the highest version holds the same weights and
+    class names; the check and the write are one step, under the export_dir's lock.
 
     What `sparta-train` calls: a rerun that trains nothing writes no new version.
     Returns the path of the new version, or of the unchanged highest one.
+
+    Raises:
+        ExportError, ModelFileError: as `export`.
     """
-    if isinstance(model, (str, os.PathLike)):
-        model = transfer.load(model)
-    existing = versions(export_dir)
-    if existing:
-        latest = os.path.join(export_dir, str(existing[-1]))
-        try:
-            stored = metadata(latest)
-        except ValueError:  # unreadable: export anew rather than trust it
-            stored = None
-        if stored and stored.get("weights_sha256") == weights_sha256(model) and \
-                stored.get("class_names") == [str(n) for n in class_names]:
-            return latest
-    return export(model, export_dir, class_names)
+    export_dir = os.fspath(export_dir)
+    model, class_names = _loaded(model, export_dir, class_names)
+    try:
+        with _holding(export_dir):
+            existing = versions(export_dir)
+            if existing:
+                latest = os.path.join(export_dir, str(existing[-1]))
+                try:
+                    stored = metadata(latest)
+                except ValueError:  # unreadable: export anew rather than trust it
+                    stored = None
+                if isinstance(stored, dict) and stored.get("class_names") == class_names \
+                        and stored.get("weights_sha256") == weights_sha256(model):
+                    return latest
+            return _write(model, export_dir, class_names, None)
+    except OSError as e:
+        raise ExportError(f"Could not write to the export_dir {export_dir}: {e}") from None
 
 
 def rest_predict(version_dir, request):

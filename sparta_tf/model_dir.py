@@ -1,21 +1,30 @@
 """The model_dir of `sparta-train`: one layout, written by training, read by the rest.
 
     model_dir/
-        config.json         the TrainConfig of the run (training.TrainConfig)
-        checkpoints/        tf.train checkpoints, resumed from
+        config.json         the TrainConfig of the run, marked as sparta-train's
+                            (config.WRITTEN_BY)
+        checkpoints/        resumed from: TensorFlow's `checkpoint`, `ckpt-N.index` and
+                            `ckpt-N.data-*`, or JAX's `ckpt-N/` folders (state.npz, or
+                            state.weights.h5 before it, and position.json);
+                            `ckpt-N_temp*` while one is saved
         metrics.jsonl       one row per epoch; logs/ holds the same for TensorBoard
         model.keras         the trained network (MODEL), written when training ends
         class_names.json    its class names in label order (CLASS_NAMES)
         results.json        clean and PGD accuracy on the test images
-        export/VERSION/     the SavedModel for TF Serving (sparta_tf.export)
+        eval.json, eval.md  sparta-evaluate's report; compare_eval.json, sparta-compare's
+        export/VERSION/     the SavedModel for TF Serving (sparta_tf.export); export/ also
+                            holds `.partial-*` folders while one is written, and the lock
+                            of the exports (EXPORT_LOCK)
+        .worker<i>/         a multi-worker job's other workers' share of the saves
         .lock               held by the run that trains in it (`lock`)
 
 What a reader trusts is never seen half-written: every file is written whole to a hidden
 temporary file beside it, then renamed onto its name (`atomic_path`, `write_text`,
 `write_json`), so a kill or a full disk leaves the old file or the new one, never a
 truncated one. `keras_file(path)` finds the model of a model_dir or a `.keras` path, for
-every reader (evaluation, transfer, export). This module imports nothing else of
-`sparta_tf`.
+every reader (evaluation, transfer, export). --overwrite deletes a folder only if all in
+it, at every depth, is of this layout, and its config.json is sparta-train's
+(`check_deletable`). This module imports nothing else of `sparta_tf`.
 """
 
 import contextlib
@@ -23,6 +32,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -35,9 +45,10 @@ CLASS_NAMES = "class_names.json"
 RESULTS = "results.json"
 EXPORT = "export"
 LOCK = ".lock"
-# Everything that sparta-train and the apps reading a model_dir write into one: what
-# --overwrite may delete. `.worker<i>` folders are a multi-worker job's, hidden temporary
-# files (`.<name>.tmp-*`) those of `atomic_path`.
+EXPORT_LOCK = ".export.lock"  # in an export_dir: held while an export writes (sparta_tf.export)
+PARTIAL = ".partial-"  # the prefix of a version being written in an export_dir
+# The files that sparta-train and the apps reading a model_dir write at its top (the
+# folders' content is in `_MODEL_DIR`, below).
 KNOWN = frozenset({CONFIG, CHECKPOINTS, LOGS, MODEL, METRICS_FILE, CLASS_NAMES, RESULTS,
                    EXPORT, LOCK, "eval.json", "eval.md", "compare_eval.json"})
 _TMP = ".tmp-"
@@ -128,15 +139,61 @@ def is_temporary(name):
     return name.startswith(".") and _TMP in name
 
 
-def check_deletable(path):
+# What --overwrite may delete: for each folder, (pattern of a name, what it must be) in
+# order, the first that fits counts. FILE: a file; ANY: a file or a folder of anything (what
+# an unfinished write left); a list: a folder holding only what that list allows. A hidden
+# temporary file of `atomic_path` may be in any of them; a link is never of the layout.
+FILE, ANY = "file", "any"
+_SAVED_MODEL = [(r"saved_model\.pb|fingerprint\.pb", FILE),
+                (r"variables", [(r"variables\.(index|data-\d+-of-\d+)", FILE)]),
+                (r"assets", []), (r"assets\.extra", [(r"sparta_tf\.json", FILE)])]
+_CHECKPOINTS = [(r"checkpoint|checkpoint\.tmp[0-9a-f]+", FILE),  # TensorFlow's
+                (r"ckpt-\d+\.(index|data-\d+-of-\d+)", FILE),
+                (r"ckpt-\d+", [(r"state\.(npz|weights\.h5)|position\.json", FILE)]),  # JAX's
+                (r"ckpt-\d+_temp.*", ANY)]  # a save that did not finish
+_LOGS = [(r"events\.out\.tfevents\..+", FILE)]
+_LOGS.append((r"[^.].*", _LOGS))  # TensorBoard's subfolders, of event files too
+_EXPORT = [(r"\d+", _SAVED_MODEL), (re.escape(PARTIAL) + ".*", ANY),
+           (re.escape(EXPORT_LOCK), FILE)]
+_MODEL_DIR = [(r"\.worker\d+", [(re.escape(CHECKPOINTS), _CHECKPOINTS),
+                                (re.escape(MODEL), FILE)]),
+              (re.escape(CHECKPOINTS), _CHECKPOINTS), (re.escape(LOGS), _LOGS),
+              (re.escape(EXPORT), _EXPORT),
+              *((re.escape(name), FILE) for name in sorted(KNOWN - {CHECKPOINTS, LOGS, EXPORT}))]
+
+
+def _foreign(folder, allowed):
+    """The path (relative to `folder`) of the first thing in it that `allowed` does not
+    let it hold, at any depth; None if there is none."""
+    for name in sorted(os.listdir(folder)):
+        full = os.path.join(folder, name)
+        if os.path.islink(full):
+            return name
+        for pattern, kind in allowed:
+            fits = kind == ANY or (os.path.isfile(full) if kind == FILE else os.path.isdir(full))
+            if not (fits and re.fullmatch(pattern, name)):
+                continue
+            inside = _foreign(full, kind) if isinstance(kind, list) else None
+            if inside is not None:
+                return os.path.join(name, inside)
+            break
+        else:
+            if not (is_temporary(name) and os.path.isfile(full)):
+                return name + ("/" if os.path.isdir(full) else "")
+    return None
+
+
+def check_deletable(path, read_config):
     """Raises unless `path` is a model_dir of sparta-train that --overwrite may delete.
 
-    A model_dir holds a config.json and nothing but the names of `KNOWN` (with `.worker<i>`
-    folders and temporary files). An empty folder or a missing one passes too, and so does
-    one that holds only the lock and temporary files (a run that stopped before config.json).
+    A model_dir holds a config.json that `read_config(path/config.json)` reads without an
+    error (sparta-train's), and nothing but the layout above, at every depth. An empty
+    folder or a missing one passes too, and so does one that holds only the lock and
+    temporary files (a run that stopped before config.json).
 
     Raises:
-        NotAModelDirError: naming what in `path` is not of a model_dir.
+        NotAModelDirError: naming what in `path` is not of a model_dir, or why its
+            config.json is not sparta-train's.
     """
     if not os.path.exists(path):
         return
@@ -144,21 +201,26 @@ def check_deletable(path):
         raise NotAModelDirError(f"--overwrite: {path} is a file, not a model_dir; it is "
                                 "not deleted.")
     entries = sorted(os.listdir(path))
-    foreign = [e for e in entries if e not in KNOWN and not is_temporary(e)
-               and not e.startswith(".worker")]
     # The lock comes first (`lock` creates it), so a folder with only it counts as empty.
     held = [e for e in entries if e != LOCK and not is_temporary(e)]
-    if foreign or (held and CONFIG not in entries):
-        shown = ", ".join(foreign[:5] or entries[:5]) + (" ..." if len(entries) > 5 else "")
+    try:
+        foreign = _foreign(path, _MODEL_DIR)
+        if foreign is not None:
+            raise ValueError(f"it holds {foreign}, which sparta-train does not write.")
+        if held and CONFIG not in entries:
+            raise ValueError(f"it has no {CONFIG}, and holds "
+                             + ", ".join(held[:5]) + " ..." * (len(held) > 5) + ".")
+        if held:
+            read_config(os.path.join(path, CONFIG))
+    except (OSError, ValueError) as e:
         raise NotAModelDirError(
-            f"--overwrite deletes only a model_dir of sparta-train, and {path} is not one "
-            f"({'it holds ' + shown if foreign else 'it has no ' + CONFIG + ': ' + shown}). "
-            "Nothing was deleted; choose another --model_dir, or move those files away.")
+            f"--overwrite deletes only a model_dir of sparta-train, and {path} is not one: "
+            f"{e} Nothing was deleted; choose another --model_dir, or move it away.") from None
 
 
-def clear(path):
+def clear(path, read_config):
     """Deletes what a model_dir holds, except its lock (`check_deletable` first)."""
-    check_deletable(path)
+    check_deletable(path, read_config)
     for entry in os.listdir(path):
         if entry == LOCK:
             continue
@@ -181,7 +243,8 @@ def lock(path):
         LockedError: another live process holds it; the message names its process id.
     """
     os.makedirs(path, exist_ok=True)
-    fd = os.open(os.path.join(path, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    # Not through a link: the lock's file is truncated and written.
+    fd = os.open(os.path.join(path, LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -4,11 +4,12 @@
 model (`adversarial.build`), hold and prepare `config.model_dir`, train with resume from
 its checkpoints, then save model.keras and evaluate it. The training loop is the
 backend's: `sparta_tf/backend/tensorflow_trainer.py` (MirroredStrategy, multi-worker,
-tf.train checkpoints) or `jax_trainer.py` (one device, Keras-native checkpoints). What
+tf.train checkpoints) or `jax_trainer.py` (one device, NumPy checkpoints). What
 both share lives here: the model_dir's preparation (the config check, `--overwrite`, the
 lock, what a killed run left half-written), the metrics rows, `finished`, the final
 evaluation (`finish`, under the project's one PGD protocol, `sparta_tf.protocol`) and the
-summary.
+summary. A file of the run that cannot be written (a full disk) stops it in one
+`WriteError` that names the file (`writing`), on either backend.
 This module imports no TensorFlow; `TrainConfig` and its errors come from
 `sparta_tf.config` and are named here too.
 """
@@ -26,7 +27,7 @@ import keras
 from sparta_tf import data, model_dir, protocol, transfer
 from sparta_tf.config import (  # noqa: F401  (the names users know from here)
     LR_SCHEDULES, OBJECTIVES, STRATEGIES, ConfigMismatchError, NonFiniteLossError, SetupError,
-    TrainConfig, learning_rate, stalled)
+    WRITTEN_BY, TrainConfig, WriteError, learning_rate, stalled)
 
 BACKENDS = ("tensorflow", "jax")
 
@@ -72,7 +73,8 @@ def prepare(config):
     """
     config, sources = with_sources(config)
     ds = data.load(config.dataset, config.data_dir, config.max_train, config.max_test,
-                   seed=config.seed)
+                   seed=config.seed, max_extract_gb=config.max_extract_gb,
+                   max_extract_ratio=config.max_extract_ratio)
     keras.utils.set_random_seed(config.seed)
     keras.config.set_dtype_policy(config.mixed_precision)
     steps = data.steps_per_epoch(len(ds.x_train), config.batch_size)
@@ -86,50 +88,80 @@ def prepare(config):
 def holding(config, overwrite, chief=True):
     """Holds `config.model_dir` (`model_dir.lock`) while the block runs; on the chief only.
 
-    With `overwrite`, a folder that is not a model_dir is refused before anything is
-    written into it.
+    With `overwrite`, a folder that is not a model_dir of sparta-train is refused before
+    anything is written into it (`model_dir.check_deletable`).
+
+    Raises:
+        model_dir.NotAModelDirError: `overwrite`, and the folder is not a model_dir.
+        model_dir.LockedError: another run holds it.
+        WriteError: the folder or its lock cannot be created.
     """
     if not chief:  # the other workers of a job write only their own folder in it
         yield
         return
     if overwrite:
-        model_dir.check_deletable(config.model_dir)
-    with model_dir.lock(config.model_dir):
+        model_dir.check_deletable(config.model_dir, _stored_config)
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(model_dir.lock(config.model_dir))
+        except OSError as e:  # the lock's errors only, not the block's
+            raise WriteError(f"--model_dir={config.model_dir} cannot be written ({e}). "
+                             "Give a folder you can write to.") from None
         yield
 
 
 def _stored_config(path):
-    """The TrainConfig in config.json `path`.
+    """The TrainConfig in config.json `path`, which sparta-train wrote
+    (`TrainConfig.from_stored`).
 
     Raises:
-        ConfigMismatchError: the file is not a config.json of sparta-train.
+        ConfigMismatchError: the file is not a config.json of sparta-train (or cannot be
+            read); the message says why, and fills in nothing.
     """
     try:
         stored = model_dir.read_json(path)
+    except OSError as e:
+        raise ConfigMismatchError(f"{path} cannot be read ({e.strerror}).") from None
+    except ValueError as e:
+        raise ConfigMismatchError(f"{e} It is not a config.json of sparta-train.") from None
+    try:
         if not isinstance(stored, dict):
-            raise ValueError(f"{path} holds a JSON {type(stored).__name__}, not an object.")
-        return TrainConfig.from_stored(stored)
+            raise ValueError(f"it holds a JSON {type(stored).__name__}, not an object.")
+        return TrainConfig.from_stored(stored, whole=True)
     except (ValueError, TypeError) as e:
         raise ConfigMismatchError(
-            f"{e} It is not a config.json of sparta-train: use --overwrite to delete "
-            f"{os.path.dirname(path)} and start again, or another --model_dir.") from None
+            f"{path} is not a config.json of sparta-train: {e}") from None
 
 
 def prepare_model_dir(config, overwrite, chief=True):
     """Refuse a model_dir of another configuration; returns True if it can resume.
 
     Only the chief deletes (`overwrite`: a model_dir of sparta-train only, see
-    `model_dir.clear`), removes what a killed run left half-written, and writes config.json.
+    `model_dir.clear`), removes what a killed run left half-written, and writes config.json
+    (with the mark of sparta-train, `config.WRITTEN_BY`).
+
+    Raises:
+        ConfigMismatchError: model_dir holds another configuration, or a config.json that
+            is not sparta-train's.
+        model_dir.NotAModelDirError: `overwrite`, and the folder is not a model_dir.
+        WriteError: the folder cannot be written.
     """
     path = os.path.join(config.model_dir, model_dir.CONFIG)
-    if overwrite and chief:
-        model_dir.clear(config.model_dir)
-    os.makedirs(config.model_dir, exist_ok=True)
-    if chief:
-        _remove_leftovers(config.model_dir)
+    try:
+        if overwrite and chief:
+            model_dir.clear(config.model_dir, _stored_config)
+        os.makedirs(config.model_dir, exist_ok=True)
+        if chief:
+            _remove_leftovers(config.model_dir)
+    except OSError as e:
+        raise WriteError(f"--model_dir={config.model_dir} cannot be written ({e}).") from None
     resume = os.path.exists(path)
     if resume:
-        old = _stored_config(path).identity()
+        try:
+            old = _stored_config(path).identity()
+        except ConfigMismatchError as e:
+            raise ConfigMismatchError(
+                f"{e} Use another --model_dir, or move {config.model_dir} away.") from None
         new = config.identity()
         diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
         if diff:
@@ -138,7 +170,10 @@ def prepare_model_dir(config, overwrite, chief=True):
                 f"{config.model_dir} holds a run of another configuration:\n{lines}\n"
                 "Use another --model_dir, or --overwrite to delete it and start again.")
     if chief:  # another worker may be reading it
-        model_dir.write_json(path, config.to_json())
+        try:
+            model_dir.write_json(path, {**WRITTEN_BY, **config.to_json()})
+        except OSError as e:
+            raise WriteError(f"{path} cannot be written ({e}).") from None
     return resume
 
 
@@ -147,12 +182,12 @@ def _remove_leftovers(folder):
     `model_dir.atomic_path` and the `ckpt-N_temp*` of an unfinished checkpoint save."""
     checkpoints = os.path.join(folder, model_dir.CHECKPOINTS)
     for parent in (folder, checkpoints):
-        if not os.path.isdir(parent):
+        if not os.path.isdir(parent) or os.path.islink(parent):
             continue
         for name in os.listdir(parent):
             full = os.path.join(parent, name)
             if model_dir.is_temporary(name) or (parent == checkpoints and "_temp" in name):
-                if os.path.isdir(full):
+                if os.path.isdir(full) and not os.path.islink(full):
                     shutil.rmtree(full)
                 else:
                     os.remove(full)
@@ -223,14 +258,21 @@ def log_epoch(folder, row, summaries=None):
 
     Rows of this epoch and later ones already there are dropped first: they belong to
     an earlier run of the model_dir (retrained from scratch, its checkpoints gone, or
-    killed after the row was written and before its checkpoint), not to this one.
+    killed after the row was written and before its checkpoint), not to this one. So is
+    a line that is not a row (damaged), with a warning that names it.
     """
     path = os.path.join(folder, model_dir.METRICS_FILE)
     rows = []
     if os.path.isfile(path):
-        with open(path) as f:
-            rows = [line for line in f
-                    if line.strip() and json.loads(line)["epoch"] < row["epoch"]]
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    if json.loads(line)["epoch"] < row["epoch"]:
+                        rows.append(line.rstrip("\n") + "\n")
+                except (ValueError, TypeError, KeyError, IndexError):
+                    if line.strip():
+                        print(f"Warning: line {number} of {path} is not a row of metrics "
+                              f"({line.strip()[:60]!r}); it is dropped.")
     model_dir.write_text(path, "".join(rows + [json.dumps(row) + "\n"]))
     if summaries is not None:
         summaries(row)
@@ -252,11 +294,42 @@ def warn_if_stalled(config, row, num_classes):
               "the network is not learning. Try a lower --lr.")
 
 
+@contextlib.contextmanager
+def writing(path, errors=(OSError,)):
+    """Runs a block that writes `path`: an error of `errors` in it stops the run.
+
+    Raises:
+        WriteError: the block raised one of `errors` (a full disk, a folder that is not
+            writable); one line that names `path` and the cause.
+    """
+    try:
+        yield
+    except WriteError:
+        raise
+    except errors as e:
+        cause = " ".join(str(e).split())  # one line
+        if cause.startswith("{{"):  # TensorFlow's name of the op that failed
+            cause = cause.split("}}", 1)[1].strip()
+        if len(cause) > 300:  # the reason ("File too large") comes last
+            cause = f"{cause[:140]} ... {cause[-140:]}"
+        raise WriteError(
+            f"Could not write {path} ({type(e).__name__}: {cause}). Training stopped; what "
+            "was written before is kept. Free some space (or make the folder writable) and "
+            "rerun the same command: it resumes from the last checkpoint.") from e
+
+
 def save_model(config, net, ds):
-    """Writes `net` as model_dir/model.keras, and the class names beside it (atomically)."""
-    with model_dir.atomic_path(os.path.join(config.model_dir, model_dir.MODEL)) as tmp:
+    """Writes `net` as model_dir/model.keras, and the class names beside it (atomically).
+
+    Raises:
+        WriteError: either file could not be written; the old one is left as it was.
+    """
+    path = os.path.join(config.model_dir, model_dir.MODEL)
+    with writing(path, Exception), model_dir.atomic_path(path) as tmp:  # Keras wraps errors
         net.save(tmp)
-    model_dir.write_json(os.path.join(config.model_dir, model_dir.CLASS_NAMES), ds.class_names)
+    path = os.path.join(config.model_dir, model_dir.CLASS_NAMES)
+    with writing(path):
+        model_dir.write_json(path, ds.class_names)
 
 
 def eval_protocol(config):
@@ -269,7 +342,11 @@ def finish(config, net, ds):
     """The end of a run on either backend: saves `net` as model_dir/model.keras (and the
     class names beside it), evaluates its clean and PGD accuracy under `eval_protocol`
     (`protocol.correct`; PGD only if `eval_pgd_steps`) and writes results.json, which names
-    the protocol."""
+    the protocol.
+
+    Raises:
+        WriteError: model.keras, class_names.json or results.json could not be written.
+    """
     save_model(config, net, ds)
     pgd = eval_protocol(config)
     x, y = ds.x_test, ds.y_test
@@ -281,10 +358,16 @@ def finish(config, net, ds):
 
 
 def write_results(config, ds, results):
-    """Adds the sizes and eps to `results`, writes them to model_dir/results.json."""
+    """Adds the sizes and eps to `results`, writes them to model_dir/results.json.
+
+    Raises:
+        WriteError: results.json could not be written.
+    """
     results.update(eval_examples=int(len(ds.y_test)), train_examples=int(len(ds.x_train)),
                    eps=config.eps)
-    model_dir.write_json(os.path.join(config.model_dir, model_dir.RESULTS), results)
+    path = os.path.join(config.model_dir, model_dir.RESULTS)
+    with writing(path):
+        model_dir.write_json(path, results)
     return results
 
 

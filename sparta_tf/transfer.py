@@ -59,22 +59,30 @@ class ModelFileError(ValueError):
     """A model file exists but cannot be loaded: corrupt, truncated, or refused as unsafe."""
 
 
+# The most that a JSON file inside a .keras file (config.json, metadata.json) may hold:
+# Keras reads it whole, and a model's config is a few MiB at most.
+MAX_JSON_BYTES = 64 * 2**20
+
+
 def load(path):
     """The Keras model of a `sparta-train` model_dir (its model.keras) or of a `.keras` file.
 
     The one loader of `.keras` files (evaluation and export use it too). It loads under
     Keras's safe_mode: a file that holds arbitrary Python code (a `Lambda` layer) is
-    refused, not run.
+    refused, not run. A JSON file inside it of more than `MAX_JSON_BYTES` (as its zip
+    directory says: Python's zip reader reads no more) is refused before Keras reads it.
 
     Raises:
         FileNotFoundError: `path` holds no `.keras` file (`model_dir.keras_file`).
-        ModelFileError: the file is no `.keras` archive (corrupt or truncated), is refused
-            by safe_mode, or fails to load otherwise; the message names the file and why.
+        ModelFileError: the file is no `.keras` archive (corrupt or truncated), holds a JSON
+            file of more than `MAX_JSON_BYTES`, is refused by safe_mode, or fails to load
+            otherwise; the message names the file and why.
     """
     file = model_dir.keras_file(path)
     if not zipfile.is_zipfile(file):  # Keras would say "File not found"
         raise ModelFileError(f"{file} is not a .keras file: it is no zip archive (corrupt or "
                              "truncated?).")
+    _check_json_sizes(file)
     try:
         return _load_keras_file(file)
     except Exception as e:  # noqa: BLE001 - any failure of a bad file is one clear line
@@ -86,6 +94,22 @@ def load(path):
                 "trust its author, load it yourself with safe_mode=False.") from e
         raise ModelFileError(f"{file} could not be loaded as a Keras model (corrupt or "
                              f"truncated?): {type(e).__name__}: {cause}") from e
+
+
+def _check_json_sizes(file):
+    """Refuses a `.keras` file whose JSON members hold more than `MAX_JSON_BYTES`."""
+    try:
+        with zipfile.ZipFile(file) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ModelFileError(f"{file} is not a .keras file: its zip directory cannot be read "
+                             f"(corrupt or truncated?): {e}") from None
+    for item in members:
+        if item.filename.endswith(".json") and item.file_size > MAX_JSON_BYTES:
+            raise ModelFileError(
+                f"{file} is refused: its {item.filename[:100]!r} holds {item.file_size:,} "
+                f"bytes, more than the {MAX_JSON_BYTES // 2**20} MiB a model's config may "
+                "hold (a damaged or hostile file?).")
 
 
 def _load_keras_file(file):

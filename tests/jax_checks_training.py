@@ -11,6 +11,11 @@ without a random start, take one SGD step, and write what they got to FOLDER/<ba
 the adversarial images, the loss, and every weight after the step. The script also writes
 FOLDER/jax_known_pgd.npz, `known_images_step("pgd")` on JAX, and FOLDER/jax_trades.npz,
 `trades_step` (one TRADES step on JAX and the TRADES loss computed apart).
+
+    KERAS_BACKEND=jax python tests/jax_checks_training.py --old_checkpoint MODEL_DIR
+
+rewrites the newest checkpoint of a JAX run as sparta-tf wrote it before `state.npz`
+(`old_checkpoint`), for `test_jax_training.py`'s resume test.
 """
 
 import os
@@ -133,7 +138,28 @@ def trades_step(folder):
             "moved": float(np.max(np.abs(keras.ops.convert_to_numpy(x_adv) - x)))}
 
 
+def old_checkpoint(folder):
+    """On JAX: rewrites the newest checkpoint of model_dir `folder` as sparta-tf wrote it
+    before `jax_trainer.STATE`: the weights and the optimizer's variables in Keras's
+    `state.weights.h5` (`Model.save_weights`), without the metrics' sums."""
+    # pylint: disable=import-outside-toplevel
+    from sparta_tf import adversarial, model_dir, training
+    from sparta_tf.backend import jax_trainer
+    stored = model_dir.read_json(os.path.join(folder, model_dir.CONFIG))
+    config, sources, ds, steps = training.prepare(training.TrainConfig.from_stored(stored))
+    model = adversarial.build(config, ds.num_classes, ds.x_train.shape[1:], steps, sources)
+    model(ds.x_train[:1])  # built, as jax_trainer.run does
+    checkpoints = jax_trainer.Checkpoints(os.path.join(folder, model_dir.CHECKPOINTS))
+    checkpoints.restore(model)
+    newest = checkpoints.latest()
+    model.save_weights(os.path.join(newest, jax_trainer.KERAS_STATE))
+    os.remove(os.path.join(newest, jax_trainer.STATE))
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--old_checkpoint":
+        old_checkpoint(sys.argv[2])
+        sys.exit()
     for name in ("pgd", "standard"):
         step(sys.argv[1], name)
     np.savez(os.path.join(sys.argv[1], "jax_known_pgd.npz"), **known_images_step("pgd"))

@@ -54,7 +54,8 @@ def test_an_evaluation_serves_its_own_config_and_settings_only():
     for other in (dict(lr=0.05), dict(epochs=2), dict(max_test=10), dict(weight_decay=1e-4)):
         assert _match(stored, _config(**other), SETTINGS) is None, other
     # Where things lie and how a run is saved are not part of it (TrainConfig.RESUMABLE).
-    for same in (dict(data_dir="/elsewhere"), dict(checkpoint_every=7), dict(jit_compile=True)):
+    for same in (dict(data_dir="/elsewhere"), dict(checkpoint_every=7), dict(jit_compile=True),
+                 dict(max_extract_gb=64.0)):
         assert _match(stored, _config(**same), SETTINGS) == RESULTS, same
 
 

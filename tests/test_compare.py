@@ -149,6 +149,9 @@ def test_a_cell_that_did_not_learn_is_marked_stalled(grid, tmp_path):
     assert not stalled(dataclasses.replace(config, objective="trades"), 10)
     write([2.39, 2.30, 2.29, 2.17])  # learning by its last epoch
     assert not stalled(config, 10)
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # a damaged line is not a row
+        f.write('{"epoch": 5, "lo\n')
+    assert not stalled(config, 10)
     # The table marks it, names it and still counts it.
     cells = [{**c, "stalled": c["activation"] == "sparta" and c["objective"] == "pgd"}
              for c in results["cells"]]

@@ -11,11 +11,15 @@ import sys
 
 import keras
 import pytest
+import tensorflow as tf
+from PIL import Image
 
 from conftest import run_app_cases
 from sparta_tf import layers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+           "truck"]
 SMALL = ["--eval_steps=2,4", "--pgd_restarts=2", "--autoattack_iterations=2",
          "--square_queries=10", "--batch_size=16"]
 
@@ -35,10 +39,49 @@ def model_dir(tmp_path_factory):
     h = layers.Sparta()(keras.layers.Conv2D(8, 3, strides=2, padding="same")(h))
     logits = keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(h))
     keras.Model(inputs, logits).save(path / "model.keras")
-    # As training writes it; evaluate takes the data flags and eps from it.
+    # As training writes them; evaluate takes the data flags and eps from it, and checks
+    # the class names against the data's.
     (path / "config.json").write_text(json.dumps(
         {"dataset": "bundled", "max_test": 20, "seed": 1, "eps": 4 / 255, "model": "resnet18"}))
+    (path / "class_names.json").write_text(json.dumps(CIFAR10))
     return path
+
+
+def _classifier(path, shape=(32, 32, 3), classes=10):
+    """A tiny classifier of `shape` images and `classes` logits, saved to `path`."""
+    inputs = keras.Input(shape)
+    h = keras.layers.Conv2D(4, 3, strides=4, padding="same")(inputs)
+    keras.Model(inputs, keras.layers.Dense(classes)(keras.layers.Flatten()(h))).save(path)
+    return path
+
+
+def _two_class_folder(root):
+    """An image folder (split/class/image) of 2 classes, 2 PNGs of 32x32 each."""
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            os.makedirs(root / split / name)
+            for i in range(2):
+                Image.new("RGB", (32, 32), (60 * i, 90, 30)).save(root / split / name / f"{i}.png")
+    return root
+
+
+def _without_logits(path):
+    """A SavedModel whose serving_default returns probabilities, not logits."""
+    module = tf.Module()
+    module.serve = tf.function(
+        lambda images: {"probabilities": tf.nn.softmax(tf.reduce_mean(images, [1, 2]))},
+        input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.float32, name="images")])
+    tf.saved_model.save(module, str(path / "1"), signatures={"serving_default": module.serve})
+    return path
+
+
+def _model_dir_with(folder, model_dir, **files):
+    """A copy of `model_dir` in `folder`, with other `files` ({name: JSON text})."""
+    folder.mkdir()
+    (folder / "model.keras").write_bytes((model_dir / "model.keras").read_bytes())
+    for name, text in files.items():
+        (folder / f"{name}.json").write_text(text)
+    return folder
 
 
 def test_evaluates_a_model_dir(model_dir):
@@ -92,6 +135,61 @@ def test_bad_input_is_an_error_without_traceback():
         assert out.returncode != 0, args
         assert message in out.stderr, (args, out.stderr[-2000:])
         assert "Traceback" not in out.stderr, args
+
+
+def test_a_model_that_does_not_fit_the_data_is_refused_in_one_line(model_dir, tmp_path,
+                                                                    tmp_path_factory):
+    """Before the evaluation, and before anything is written: the issue's 12-class model on
+    the 10 classes of the bundled data and 10-class model on a 2-class folder (every
+    accuracy was 0.0, with exit status 0), a model of other images or channels, class names
+    that are not the data's, a SavedModel without logits, and a config.json that holds what
+    the flags refuse; and data that --max_extract_gb refuses. All in one process."""
+    small = ["--num_examples=10", *SMALL]
+    renamed = _model_dir_with(tmp_path / "renamed", model_dir,
+                              class_names=json.dumps([f"c{i}" for i in range(10)]))
+    null = _model_dir_with(tmp_path / "null", model_dir, config='{"dataset": null}')
+    seed = _model_dir_with(tmp_path / "seed", model_dir, config='{"seed": -1}')
+    cases = [
+        ([f"--model_path={_classifier(tmp_path / 'twelve.keras', classes=12)}"],
+         f"error: The model {tmp_path / 'twelve.keras'} has 12 classes (logits), and the data "
+         "has 10 classes ('airplane', 'automobile', 'bird', 'cat', ... (10 in all)): evaluate "
+         "it on the data it was trained on (--dataset)."),
+        ([f"--model_path={model_dir}", f"--dataset={_two_class_folder(tmp_path / 'two')}",
+          "--num_examples=2"],
+         f"error: The model {model_dir} has 10 classes (logits), and the data has 2 classes "
+         "('cat', 'dog')"),
+        ([f"--model_path={_classifier(tmp_path / 'small.keras', shape=(8, 8, 3))}"],
+         f"error: The model {tmp_path / 'small.keras'} takes images of 8x8x3 (height x width "
+         "x channels), and the data's are 32x32x3"),
+        ([f"--model_path={_classifier(tmp_path / 'gray.keras', shape=(32, 32, 1))}"],
+         "takes images of 32x32x1 (height x width x channels), and the data's are 32x32x3"),
+        ([f"--model_path={renamed}"],
+         f"error: The model {renamed} was trained on 10 classes ('c0', 'c1', "
+         "'c2', 'c3', ... (10 in all), in its class_names.json), and the data has 10 classes"),
+        ([f"--model_path={_without_logits(tmp_path / 'served')}"],
+         f"error: The SavedModel {tmp_path / 'served' / '1'} has no `logits` output in its "
+         "serving_default signature (it has: probabilities)"),
+        ([f"--model_path={null}"],
+         f"error: {null / 'config.json'} holds dataset: null, which --dataset "
+         "refuses"),
+        ([f"--model_path={seed}"],
+         f"error: {seed / 'config.json'} holds seed: -1, which --seed refuses"),
+        ([f"--model_path={model_dir}", "--max_extract_gb=0.0001",
+          f"--data_dir={tmp_path_factory.mktemp('cache')}"],
+         "it expands to more than 0.0001 GB (--max_extract_gb=0.0001)"),
+    ]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    before = {p for p in tmp_path.rglob("*")}
+    evaluated = model_dir / "eval.json"
+    stamp = evaluated.stat().st_mtime_ns if evaluated.exists() else None
+    runs = run_app_cases("evaluate", [[*small, *args] for args, _ in cases], env=env)
+    for out, (args, message) in zip(runs, cases):
+        assert out.returncode == 1, (args, out.stderr[-2000:])
+        assert message in out.stderr, (args, out.stderr[-2000:])
+        assert out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr, args
+        assert "Robustness" not in out.stdout, args  # nothing was evaluated
+    assert {p for p in tmp_path.rglob("*")} == before  # no eval.json anywhere
+    assert (evaluated.stat().st_mtime_ns if evaluated.exists() else None) == stamp
 
 
 def test_help_says_what_runs_when_a_model_loads():

@@ -57,7 +57,7 @@ def test_versions_are_never_overwritten(tmp_path):
                                                  r"--version for 8"):
         export.export(_model(1), base, CLASSES, version=2)
     assert os.path.getmtime(os.path.join(base, "2", "saved_model.pb")) == before
-    assert sorted(os.listdir(base)) == ["1", "2", "7"]  # no partial folder left behind
+    assert sorted(os.listdir(base)) == [".export.lock", "1", "2", "7"]  # no partial left
     assert export.versions(base) == [1, 2, 7]
     meta = export.metadata(os.path.join(base, "7"))
     assert meta["class_names"] == CLASSES and meta["input_shape"] == [32, 32, 3]
@@ -87,7 +87,73 @@ def test_the_next_version_skips_past_an_incomplete_folder(tmp_path):
     with pytest.raises(export.ExportError, match=r"Version 3 exists already.*leave out "
                                                  r"--version for 4"):
         export.export(model, str(base), CLASSES, version=3)
-    assert sorted(os.listdir(base)) == ["1", "2", "3"] and not os.listdir(base / "2")
+    assert sorted(os.listdir(base)) == [".export.lock", "1", "2", "3"]
+    assert not os.listdir(base / "2")
+
+
+def test_a_killed_exports_partial_folder_is_removed_by_the_next_export(tmp_path):
+    base = tmp_path / "sparta"
+    left = base / ".partial-1-k1ll3d"  # as a kill during write_out leaves it
+    (left / "variables").mkdir(parents=True)
+    (left / "variables" / "variables.data-00000-of-00001").write_bytes(os.urandom(4096))
+    (base / ".partial-link").symlink_to(tmp_path)  # a link is removed, not followed
+    (tmp_path / "kept").write_text("mine")
+    assert export.export(_tiny(), str(base), CLASSES) == str(base / "1")
+    assert sorted(os.listdir(base)) == [".export.lock", "1"]
+    assert (tmp_path / "kept").read_text() == "mine"
+
+
+_EXPORTER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    import test_export
+    from sparta_tf import export
+    model = test_export._tiny()  # the same weights in both processes
+    for step in ("export", "export_if_changed"):
+        print("ready", flush=True)
+        sys.stdin.readline()  # both start at once
+        print(getattr(export, step)(model, sys.argv[2 if step == "export" else 3],
+                                    test_export.CLASSES), flush=True)
+""")
+
+
+def test_two_exports_at_once_give_two_versions_and_two_unchanged_ones_give_one(tmp_path):
+    """Two processes export at the same moment: `export` gives versions 1 and 2 (the second
+    waits for the lock), `export_if_changed` of the same weights one version, returned to
+    both (its check and its write are one step). Without the lock one of the two failed
+    ("Directory not empty")."""
+    both, same = tmp_path / "both", tmp_path / "same"
+    logs = [tmp_path / f"stderr{i}" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", _EXPORTER, os.path.dirname(__file__),
+                               str(both), str(same)], cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
+             for log in logs]
+
+    def answer(p):  # its next line but the notice that it waits for the other
+        line = p.stdout.readline()
+        while line.startswith("Waiting for another export"):
+            line = p.stdout.readline()
+        return line.strip()
+
+    try:
+        answers = []
+        for _ in range(2):
+            for p, log in zip(procs, logs):
+                assert answer(p) == "ready", log.read_text()[-3000:]
+            for p in procs:
+                p.stdin.write("go\n")
+                p.stdin.flush()
+            answers.append(sorted(answer(p) for p in procs))
+        for p, log in zip(procs, logs):
+            assert p.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert answers == [[str(both / "1"), str(both / "2")], [str(same / "1")] * 2], \
+        [log.read_text()[-2000:] for log in logs]
+    assert export.versions(both) == [1, 2] and export.versions(same) == [1]
+    assert sorted(os.listdir(both)) == [".export.lock", "1", "2"]
 
 
 def test_a_version_is_readable_by_a_server_of_another_user(tmp_path):

@@ -4,6 +4,8 @@ resumes after a kill and writes what TensorFlow's apps read, with TensorFlow uni
 import importlib.util
 import json
 import os
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,21 +67,44 @@ def test_the_tf_and_jax_steps_agree(tmp_path):
     np.testing.assert_allclose(trades["loss"], trades["expected"], rtol=1e-5)
 
 
-def _train(model_dir, env, **popen):
+def _train(model_dir, env, limit=None, **popen):
+    """Runs sparta-train on a tiny run (`popen`: started, not waited for); `limit`: the
+    largest file it may write, in bytes (`ulimit -f`)."""
     cmd = [sys.executable, "-m", "trainers.train", f"--model_dir={model_dir}",
            "--max_train=96", "--max_test=20", "--width_multiplier=0.0625", "--epochs=2",
            "--batch_size=16", "--pgd_steps=1", "--eval_pgd_steps=2", "--checkpoint_every=2"]
     if popen:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, **popen)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    limited = limit and (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+                          preexec_fn=limited)
 
 
 def _weights(model_dir):
     return transfer.load(model_dir).get_weights()
 
 
+def _rows(folder):
+    return [json.loads(line) for line in open(folder / "metrics.jsonl")]
+
+
+def _assert_same_rows(rows, expected, note=""):
+    """The metrics rows of two runs agree in every field but img/s, to float round-off."""
+    assert [set(r) - {"img/s"} for r in rows] == [set(r) - {"img/s"} for r in expected], note
+    for row, want in zip(rows, expected):
+        for name in set(want) - {"img/s"}:
+            assert row[name] == pytest.approx(want[name], rel=1e-5, abs=1e-6), \
+                f"{note}: epoch {want['epoch']}, {name}"
+
+
 @needs_jax
 def test_sparta_train_on_jax_without_tensorflow_resumes_after_a_kill(tmp_path):
+    """Run b is killed after its first checkpoint (step 2 of 6), then stopped in one line by
+    a full disk at the next one (`ulimit -f`: Python ignores SIGXFSZ, so writes fail with
+    EFBIG), then resumed: it ends as run a, never stopped, with the same weights, results
+    and metrics rows (the resumed epoch's metrics go on from the checkpoint's sums). A copy
+    of it whose checkpoint lacks those sums (written before they were saved) resumes to the
+    same weights, its row saying from which step its metrics count."""
     env = jax_without_tensorflow(tmp_path / "blocked")
     straight = _train(tmp_path / "a", env)
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -90,20 +115,43 @@ def test_sparta_train_on_jax_without_tensorflow_resumes_after_a_kill(tmp_path):
     killed = tmp_path / "b"
     proc = _train(killed, env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (killed / "checkpoints" / "ckpt-2").exists() and proc.poll() is None \
+    while not (killed / "checkpoints" / "ckpt-1").exists() and proc.poll() is None \
             and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "results.json").exists(), "the run ended before it was killed"
-    resumed = _train(killed, env)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Resuming" in resumed.stdout
-    for a, b in zip(_weights(tmp_path / "a"), _weights(killed)):  # read on TensorFlow
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    assert os.listdir(killed / "checkpoints") == ["ckpt-1"], "killed after step 2's save"
+
+    # A checkpoint's weights are ~400 KB, config.json 1 KB: the next save fails.
+    limited = _train(killed, env, limit=100_000)
+    last = limited.stderr.strip().splitlines()[-1]
+    assert limited.returncode == 1 and "Traceback" not in limited.stderr, limited.stderr[-3000:]
+    assert last.startswith(f"error: Could not write {killed / 'checkpoints' / 'ckpt-2'} ("), last
+    assert "at epoch 1, step 2 of 6" in limited.stdout
+    assert not (killed / "metrics.jsonl").exists()  # epoch 1 did not end
+    assert os.listdir(killed / "checkpoints") == ["ckpt-1"]  # nothing of ckpt-2 is left
+    assert sorted(os.listdir(killed / "checkpoints" / "ckpt-1")) == ["position.json",
+                                                                     "state.npz"]
+
+    old = tmp_path / "old"  # its checkpoint as written before state.npz: no metrics' sums
+    shutil.copytree(killed, old)
+    rewritten = subprocess.run([sys.executable, _CHECKS, "--old_checkpoint", str(old)],
+                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert rewritten.returncode == 0, rewritten.stderr[-3000:]
+    assert sorted(os.listdir(old / "checkpoints" / "ckpt-1")) == ["position.json",
+                                                                  "state.weights.h5"]
+
+    for folder in (killed, old):
+        resumed = _train(folder, env)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "at epoch 1, step 2 of 6" in resumed.stdout
+        for a, b in zip(_weights(tmp_path / "a"), _weights(folder)):  # read on TensorFlow
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
     assert json.loads((killed / "results.json").read_text()) == \
         json.loads((tmp_path / "a" / "results.json").read_text())
-    assert [json.loads(l)["epoch"] for l in open(killed / "metrics.jsonl")] == [1, 2]
+    _assert_same_rows(_rows(killed), _rows(tmp_path / "a"))
+    assert [r.get("metrics_from_step") for r in _rows(old)] == [3, None]
 
     # TensorFlow's apps read it: resuming it on TensorFlow is refused (another backend) ...
     on_tf = subprocess.run(

@@ -2,12 +2,14 @@
 
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+import types
 
 import keras
 import numpy as np
@@ -16,6 +18,7 @@ import tensorflow as tf
 
 import jax_checks_training
 from sparta_tf import adversarial, attacks, layers, model_dir, models, training
+from sparta_tf.backend import tensorflow_trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -170,13 +173,15 @@ def test_every_field_of_the_recipe_is_the_experiments_identity(tmp_path, field, 
 
 @pytest.mark.parametrize("field, value", [
     ("epochs", 3), ("checkpoint_every", 0), ("eval_pgd_steps", 0), ("max_test", 10),
-    ("data_dir", "/elsewhere"), ("jit_compile", True), ("strategy", "multi_worker")])
+    ("data_dir", "/elsewhere"), ("jit_compile", True), ("strategy", "multi_worker"),
+    ("max_extract_gb", 64.0), ("max_extract_ratio", 500.0)])
 def test_only_the_resumable_fields_may_change_on_resume(tmp_path, field, value):
     training.prepare_model_dir(_tiny_config(tmp_path / "run"), overwrite=False)
     assert training.prepare_model_dir(_tiny_config(tmp_path / "run", **{field: value}), False)
     assert set(training.TrainConfig.RESUMABLE) == {
-        "model_dir", "data_dir", "max_test", "epochs", "checkpoint_every", "eval_pgd_steps",
-        "jit_compile", "strategy", "sparta_from", "gates_from"}
+        "model_dir", "data_dir", "max_extract_gb", "max_extract_ratio", "max_test", "epochs",
+        "checkpoint_every", "eval_pgd_steps", "jit_compile", "strategy", "sparta_from",
+        "gates_from"}
 
 
 def test_a_dataset_archive_counts_by_its_name_not_its_folder(tmp_path):
@@ -333,6 +338,133 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert not os.path.exists(tmp_path / "run" / "results.json")
 
 
+def _rows(folder):
+    return [json.loads(line) for line in open(folder / "metrics.jsonl")]
+
+
+def _assert_same_rows(rows, expected, note=""):
+    """The metrics rows of two runs agree in every field but img/s, to float round-off."""
+    assert [set(r) - {"img/s"} for r in rows] == [set(r) - {"img/s"} for r in expected], note
+    for row, want in zip(rows, expected):
+        for name in set(want) - {"img/s"}:
+            assert row[name] == pytest.approx(want[name], rel=1e-5, abs=1e-6), \
+                f"{note}: epoch {want['epoch']}, {name}"
+
+
+_RESUMED = dict(epochs=2, checkpoint_every=2)  # 5 steps an epoch: saves at steps 2 and 4
+
+
+def _app_cmd(folder):
+    """The sparta-train command of `_tiny_config(folder, **_RESUMED)`."""
+    return [sys.executable, "-m", "trainers.train", f"--model_dir={folder}", "--max_train=160",
+            "--max_test=20", "--width_multiplier=0.0625", "--epochs=2", "--batch_size=32",
+            "--pgd_steps=1", "--eval_pgd_steps=2", "--checkpoint_every=2"]
+
+
+def _failing_second_save(monkeypatch, error):
+    """Makes the second checkpoint save of a run raise `error`, as a full disk does."""
+    real, saves = tf.train.CheckpointManager.save, []
+
+    def save(manager, *args, **kwargs):
+        saves.append(manager)
+        if len(saves) == 2:
+            raise error
+        return real(manager, *args, **kwargs)
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", save)
+
+
+def test_a_failed_checkpoint_stops_the_run_in_one_line_and_it_resumes_to_the_same_run(
+        tmp_path, monkeypatch, capsys):
+    """A checkpoint that cannot be written stops the run, and no metrics row is written for
+    the epoch. TensorFlow reports a full disk as OutOfRangeError, which Keras's fit() took
+    for the end of the data: the epoch ended early and its row was written as complete.
+
+    Run b's save at step 4 fails so (in this process); then sparta-train resumes it at step
+    2 under `ulimit -f` (Python ignores SIGXFSZ: writes fail with EFBIG) and stops at the
+    same save, in one line; then, with space back, it ends as run a, never stopped: the
+    same weights, results and metrics rows, the resumed epoch's too (its metrics go on from
+    the partial sums in the checkpoint)."""
+    straight = training.run(_tiny_config(tmp_path / "a", **_RESUMED), verbose=0)
+    run_dir = tmp_path / "b"
+    full = tf.errors.OutOfRangeError(None, None, "ckpt: File too large")
+    _failing_second_save(monkeypatch, full)
+    with pytest.raises(training.WriteError, match=r"a checkpoint in .*checkpoints "
+                       r"\(OutOfRangeError: ckpt: File too large\)\. Training stopped"):
+        training.run(_tiny_config(run_dir, **_RESUMED), verbose=0)
+    monkeypatch.undo()
+    assert not (run_dir / "metrics.jsonl").exists()  # epoch 1 did not end
+
+    # A checkpoint is ~400 KB, config.json 1 KB: the first save fails.
+    limited = subprocess.run(
+        _app_cmd(run_dir), cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        capture_output=True, text=True, timeout=600,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)))
+    last = limited.stderr.strip().splitlines()[-1]
+    assert limited.returncode == 1 and "Traceback" not in limited.stderr, limited.stderr[-3000:]
+    assert last.startswith(f"error: Could not write a checkpoint in {run_dir / 'checkpoints'} "
+                           "(OutOfRangeError: ") and "File too large" in last, last
+    assert "at epoch 1, step 2 of 5" in limited.stdout
+    assert not (run_dir / "metrics.jsonl").exists()
+
+    capsys.readouterr()
+    resumed = training.run(_tiny_config(run_dir, **_RESUMED), verbose=0)
+    assert "at epoch 1, step 2 of 5" in capsys.readouterr().out
+    assert resumed == straight
+    for a, b in zip(_final_weights(tmp_path / "a"), _final_weights(run_dir)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    _assert_same_rows(_rows(run_dir), _rows(tmp_path / "a"))
+
+
+def test_a_checkpoint_without_the_metrics_sums_resumes_and_its_row_says_so(tmp_path,
+                                                                          monkeypatch):
+    """A checkpoint written before the metrics' partial sums were saved still resumes; the
+    resumed epoch's row says from which step its metrics count, and the checkpoints go on
+    numbering from it."""
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(tensorflow_trainer, "_metric_variables", lambda model: [])  # as before
+    _failing_second_save(monkeypatch, OSError(27, "File too large"))
+    with pytest.raises(training.WriteError, match=r"OSError: \[Errno 27\] File too large"):
+        training.run(_tiny_config(run_dir, **_RESUMED), verbose=0)
+    monkeypatch.undo()
+    old = tf.train.latest_checkpoint(str(run_dir / "checkpoints"))
+    assert old.endswith("ckpt-1")
+    assert not any(n.startswith("metrics/") for n, _ in tf.train.list_variables(old))
+
+    training.run(_tiny_config(run_dir, **_RESUMED), verbose=0)
+    rows = _rows(run_dir)
+    assert [r.get("metrics_from_step") for r in rows] == [3, None]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    new = tf.train.latest_checkpoint(str(run_dir / "checkpoints"))
+    assert new.endswith("ckpt-6")  # 2 more in epoch 1, 3 in epoch 2
+    assert any(n.startswith("metrics/") for n, _ in tf.train.list_variables(new))
+
+
+def test_a_model_or_results_that_cannot_be_written_is_one_write_error(tmp_path):
+    """A full disk while saving model.keras or results.json (`ulimit -f` in this process:
+    Python ignores SIGXFSZ, so writes fail with EFBIG) is a WriteError naming the file;
+    the old file stays whole and no temporary file is left."""
+    config = _tiny_config(tmp_path)
+    net = models.build("resnet18", 10, "relu", width_multiplier=0.0625)  # ~450 KB saved
+    ds = types.SimpleNamespace(class_names=[str(i) for i in range(10)],
+                               x_train=np.zeros(4), y_test=np.zeros(2))
+    (tmp_path / "model.keras").write_bytes(b"old model")
+    (tmp_path / "results.json").write_text("{}")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, hard))
+        with pytest.raises(training.WriteError, match=r"model\.keras \(.*File too large"):
+            training.save_model(config, net, ds)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (10, hard))
+        with pytest.raises(training.WriteError, match=r"results\.json \(OSError: .*too large"):
+            training.write_results(config, ds, {"clean_acc": 0.5})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert (tmp_path / "model.keras").read_bytes() == b"old model"
+    assert (tmp_path / "results.json").read_text() == "{}"
+    assert sorted(os.listdir(tmp_path)) == ["model.keras", "results.json"]
+
+
 def _train_cmd(model_dir):
     return [sys.executable, "-m", "trainers.train", f"--model_dir={model_dir}",
             "--max_train=320", "--max_test=20", "--width_multiplier=0.0625", "--epochs=3",
@@ -405,6 +537,7 @@ def test_killed_at_random_points_the_same_command_ends_with_the_same_weights(tmp
         json.loads((tmp_path / "a" / "results.json").read_text()), note
     epochs = [json.loads(l)["epoch"] for l in open(killed_dir / "metrics.jsonl")]
     assert epochs == [1, 2, 3], note
+    _assert_same_rows(_rows(killed_dir), _rows(tmp_path / "a"), note)
     assert not any(".tmp-" in n or "_temp" in n for n in
                    os.listdir(killed_dir) + os.listdir(killed_dir / "checkpoints")), note
 

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from conftest import run_app_cases
+from conftest import run_app_cases, run_apps
 from sparta_tf import adversarial, layers, models, training, transfer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -224,6 +224,24 @@ def test_trainer_refuses_a_source_that_does_not_fit_and_writes_nothing(tmp_path)
         assert all(n in out.stderr for n in needles), (args, out.stderr[-2000:])
         assert "Traceback" not in out.stderr and "Epoch" not in out.stdout, args
         assert not (tmp_path / "run").exists(), args
+
+
+def test_a_corrupt_source_file_is_one_line_in_every_app_that_reads_it(tmp_path):
+    """`--sparta_from` naming a file that is no .keras archive: sparta-train,
+    sparta-transfer and sparta-compare (its sparta_transfer arm) each end in one line that
+    names it, and write nothing. All in one process."""
+    corrupt = tmp_path / "corrupt.keras"
+    corrupt.write_bytes(b"PK\x03\x04 not a model")
+    run = [f"--sparta_from={corrupt}", f"--model_dir={tmp_path / 'run'}", "--max_train=64",
+           "--batch_size=32", "--max_test=8", f"--width_multiplier={TINY}"]
+    runs = run_apps([("train", run), ("transfer", [*run, "--seeds=0", "--noautoattack"]),
+                     ("compare", [*run, "--seeds=0", "--activations=relu,sparta_transfer"])])
+    for out in runs:
+        assert out.returncode == 1, (out.args, out.stderr[-2000:])
+        assert out.stderr == (f"error: {corrupt} is not a .keras file: it is no zip archive "
+                              "(corrupt or truncated?).\n"), (out.args, out.stderr[-2000:])
+        assert "Epoch" not in out.stdout, out.args
+    assert os.listdir(tmp_path) == ["corrupt.keras"]
 
 
 def test_transfer_trainer_needs_a_source():

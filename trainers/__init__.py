@@ -8,19 +8,41 @@ log level. A user of an app should see its progress and its summary: unless
 TF_CPP_MIN_LOG_LEVEL is set, the apps set it to 2 (warnings and errors of Python code
 still show) and silence stderr while TensorFlow loads. Set TF_CPP_MIN_LOG_LEVEL=0 to
 see everything.
+
+Where Keras cannot load its backend (TensorFlow, unless KERAS_BACKEND or keras.json names
+another, is not installed), every app exits with one line that says so and what to set.
 """
 
 import os
+import sys
+
+
+def _import_keras():
+    """Imports Keras, which loads its backend; exits with one line where it cannot."""
+    try:
+        import keras  # noqa: F401  (loads TensorFlow on its backend)
+    except (ImportError, ValueError) as e:  # ValueError: KERAS_BACKEND names no backend
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        backend = os.environ.get("KERAS_BACKEND")
+        if backend:
+            sys.exit(f"error: Keras cannot load its backend {backend!r} (KERAS_BACKEND): "
+                     f"{cause}. Install it, or set KERAS_BACKEND to an installed backend "
+                     "(tensorflow or jax).")
+        sys.exit(f"error: Keras runs on TensorFlow here (KERAS_BACKEND is not set), and "
+                 f"TensorFlow cannot be imported: {cause}. Install TensorFlow, or set "
+                 "KERAS_BACKEND=jax (sparta-train trains and evaluates on JAX).")
 
 
 def _quiet_tensorflow_start():
     if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+        _import_keras()
         return
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
     saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, 2)
     try:
-        import keras  # loads TensorFlow on its backend
+        _import_keras()
+        import keras
         if keras.backend.backend() == "tensorflow":
             import tensorflow as tf
             tf.config.list_physical_devices()  # probes the devices: the CUDA lines
@@ -36,8 +58,6 @@ def require_tensorflow(app, needs):
     Call it at the top of a TensorFlow-only app, before its imports load TensorFlow (on a
     machine without it, an import would end in a traceback instead).
     """
-    import sys
-
     import keras
     if keras.backend.backend() != "tensorflow":
         sys.exit(f"error: {app} needs TensorFlow ({needs}), and Keras runs on "

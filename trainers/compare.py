@@ -24,7 +24,7 @@ from absl import app, logging
 
 from flags import compare as compare_flags
 from flags import core
-from sparta_tf import data, training, transfer
+from sparta_tf import data, model_dir, training, transfer
 from sparta_tf.experiments import grid, report
 
 def main(argv):
@@ -34,9 +34,10 @@ def main(argv):
     try:
         base = core.train_config()
         results = grid.run_grid(base, **compare_flags.grid(base))
-    except (training.ConfigMismatchError, training.NonFiniteLossError,
+    except (training.ConfigMismatchError, training.NonFiniteLossError, training.WriteError,
             data.DatasetUnavailableError, data.BadDataError, FileNotFoundError,
-            transfer.TransferError) as e:
+            training.SetupError, transfer.TransferError, transfer.ModelFileError,
+            model_dir.LockedError, model_dir.NotAModelDirError) as e:
         sys.exit(f"error: {e}")
     print(report.table(results))
     name = compare_flags.FLAGS.report_name

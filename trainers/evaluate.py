@@ -6,7 +6,9 @@
 Clean, FGSM, PGD (CE and CW losses, with restarts), Square and AutoAttack accuracy at
 --eps, and the sanity checks of Carlini et al. (2019). Writes eval.json and eval.md to
 --output_dir and prints the Markdown. For a model_dir, the data flags and --eps not given
-on the command line come from its config.json.
+on the command line come from its config.json. A model that does not fit the data (other
+images, another number of classes, or other class names in the class_names.json beside
+it) is refused before anything is evaluated.
 
 What runs: a .keras file (or a model_dir's model.keras) loads under Keras's safe_mode, so
 it runs no arbitrary code: a Lambda layer is refused, not run. An exported SavedModel runs
@@ -18,7 +20,8 @@ import trainers
 
 trainers.require_tensorflow("sparta-evaluate", "SavedModels and ART's AutoAttack")
 
-import os  # noqa: E402  (after the check: the imports below load TensorFlow)
+import json  # noqa: E402  (after the check: the imports below load TensorFlow)
+import os  # noqa: E402
 import sys  # noqa: E402
 
 from absl import app, flags
@@ -45,13 +48,14 @@ def main(argv):
         trained = model_dir.read_json(config) if os.path.isfile(config) else {}
         if not isinstance(trained, dict):
             raise ValueError(f"{config} holds no JSON object of settings.")
-        # The flags given, else the model_dir's config, else the flags' defaults.
-        given = {name: core.given_or(name, trained.get(name, FLAGS[name].value))
-                 for name in FROM_CONFIG}
+        given = {name: _setting(name, trained, config) for name in FROM_CONFIG}
         model = evaluation.load_model(path)
         evaluation.check_writable(output_dir)  # before the evaluation, not after it
         ds = data.load(given["dataset"], given["data_dir"], max_test=given["max_test"],
-                       seed=given["seed"], splits=("test",))
+                       seed=given["seed"], splits=("test",),
+                       max_extract_gb=FLAGS.max_extract_gb,
+                       max_extract_ratio=FLAGS.max_extract_ratio)
+        evaluation.check_fits(model, ds.x_test, ds.class_names, path)
     except (FileNotFoundError, ValueError, data.DatasetUnavailableError) as e:
         sys.exit(f"error: {e}")
     report = evaluation.robustness_report(
@@ -68,6 +72,25 @@ def main(argv):
     except OSError as e:
         sys.exit(f"error: could not write eval.json and eval.md to {output_dir}: {e}")
     print(f"Wrote eval.json and eval.md to {output_dir}")
+
+
+def _setting(name, trained, config):
+    """Flag `name` if given, else its value in the model_dir's config.json `trained` (read
+    from `config`, and checked as the flag would check it), else the flag's default.
+
+    Raises:
+        ValueError: config.json holds a value that the flag would refuse.
+    """
+    if FLAGS[name].present or name not in trained:
+        return FLAGS[name].value
+    value = trained[name]
+    if value is None and FLAGS[name].default is None:
+        return None
+    try:
+        return FLAGS[name].parser.parse(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{config} holds {name}: {json.dumps(value)[:100]}, which --{name} "
+                         f"refuses ({e}); give --{name} on the command line.") from None
 
 
 def run():

@@ -6,7 +6,9 @@
 
 Writes EXPORT_DIR/VERSION with the signatures `serving_default` (float32 pixels in [0, 1])
 and `serve_image_bytes` (JPEG or PNG bytes), both returning logits, probabilities, classes
-and class_names (see sparta_tf/export.py). An existing version is never overwritten.
+and class_names (see sparta_tf/export.py). An existing version is never overwritten. Two
+exports to one EXPORT_DIR at once give two versions (the second waits for the first), and
+each removes the `.partial-*` folders that a killed export left there.
 """
 
 import trainers

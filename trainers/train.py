@@ -31,7 +31,7 @@ def main(argv):
     start = time.perf_counter()
     try:
         results = training.run(config, overwrite=core.FLAGS.overwrite)
-    except (training.ConfigMismatchError, training.NonFiniteLossError,
+    except (training.ConfigMismatchError, training.NonFiniteLossError, training.WriteError,
             data.DatasetUnavailableError, data.BadDataError, transfer.TransferError,
             FileNotFoundError, training.SetupError, model_dir.LockedError,
             model_dir.NotAModelDirError, transfer.ModelFileError) as e:

@@ -5,14 +5,20 @@ update under a `tf.GradientTape`, compiled by Keras with tf.function (XLA option
 under `tf.distribute.MirroredStrategy` (one machine) or `MultiWorkerMirroredStrategy` (the
 cluster of `TF_CONFIG`). `run(config)` is `training.run` on TensorFlow: it builds the data,
 the model and the optimizer under the strategy, resumes from `config.model_dir` when it
-can, and checkpoints (`tf.train.Checkpoint`: model, optimizer and the (epoch, step)
-position) every epoch and every `checkpoint_every` steps. In a multi-worker job each worker
-reads its shard of every global batch; the chief writes what a user sees (config,
-checkpoints, logs, model, results), and the other workers keep their share of the
-collective saves in a hidden folder of model_dir that they delete when done. All randomness
-(data order, augmentation, PGD's random start) is stateless and keyed on (seed, epoch,
-step), so the checkpointed counters are the whole RNG state: a killed run resumes with the
-same batches and the same noise it would have seen. A run ends in `training.finish`, as on
+can, and checkpoints (`tf.train.Checkpoint`: model, optimizer, the (epoch, step) position
+and the metrics' partial sums) every epoch and every `checkpoint_every` steps. A resumed
+epoch's metrics go on from those sums, so its row of metrics.jsonl is an unbroken run's; a
+checkpoint written before they were saved resumes too, and the row then says from which
+step its metrics count (`metrics_from_step`). A checkpoint, metrics row or model that cannot
+be written stops the run in one `training.WriteError`: TensorFlow reports a full disk as
+OutOfRangeError, which Keras's fit() would take for the end of the data, ending the epoch
+early with its row written as complete. In a multi-worker job each worker reads its shard
+of every global batch; the chief writes what a user sees (config, checkpoints, logs, model,
+results), and the other workers keep their share of the collective saves in a hidden
+folder of model_dir that they delete when done. All randomness (data order, augmentation,
+PGD's random start) is stateless and keyed on (seed, epoch, step), so the checkpointed
+counters are the whole RNG state: a killed run resumes with the same batches and the same
+noise it would have seen. A run ends in `training.finish`, as on
 JAX (model.keras, the evaluation under `sparta_tf.protocol`, results.json).
 """
 
@@ -87,22 +93,33 @@ def worker_of(strategy):
     return index == 0, index, count
 
 
+def _metric_variables(model):
+    """The variables of `model.metrics` (their running totals and counts), in order."""
+    return [v for metric in model.metrics for v in metric.variables]
+
+
 class _Checkpointer(keras.callbacks.Callback):
     """Saves every `every` steps, stops on a non-finite loss or weight, adds img/s to logs.
 
     The epoch's last step is left to the end-of-epoch save, (epoch + 1, 0): a checkpoint
-    at (epoch, steps) would resume into an empty epoch.
+    at (epoch, steps) would resume into an empty epoch. `sums`: the values of the metrics'
+    variables to start the epoch from (a resumed epoch's), or None (from 0).
     """
 
-    def __init__(self, manager, position, epoch, skipped, every, batch_size, steps):
+    def __init__(self, manager, position, epoch, skipped, every, batch_size, steps, sums=None):
         super().__init__()
         self.manager, self.position, self.epoch = manager, position, epoch
         self.skipped, self.every, self.batch_size = skipped, every, batch_size
-        self.steps = steps
+        self.steps, self.sums = steps, sums
         self.bad_step = None
 
     def on_train_begin(self, logs=None):
         self.start, self.seen = time.perf_counter(), 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.sums is not None:  # after fit() has reset the metrics
+            for variable, value in zip(_metric_variables(self.model), self.sums):
+                variable.assign(value)
 
     def throughput(self):
         return self.seen / max(time.perf_counter() - self.start, 1e-9)
@@ -129,16 +146,25 @@ class _Checkpointer(keras.callbacks.Callback):
         return False
 
     def save(self, epoch, step):
-        """Saves the training state as at (epoch, step)."""
+        """Saves the training state as at (epoch, step).
+
+        Raises:
+            training.WriteError: the checkpoint could not be written, whatever the error (a
+                full disk is an OutOfRangeError, which fit() must not take for the end of
+                the data).
+        """
         self.position.assign([epoch, step])
-        self.manager.save()
+        with training.writing(f"a checkpoint in {self.manager.directory}", Exception):
+            self.manager.save()
 
 
-def _restore(ckpt, folder):
+def _restore(ckpt, folder, before_metrics):
     """Restores `ckpt` from the newest readable checkpoint in `folder`, if there is one.
 
     A checkpoint that cannot be read (truncated by a full disk, say) is reported and the
-    older one that the manager keeps is tried.
+    older one that the manager keeps is tried. One written before the metrics' sums were
+    saved is restored through `before_metrics`, the same checkpoint without them. Returns
+    whether the checkpoint restored held the metrics' sums.
 
     Raises:
         SetupError: there are checkpoints, and none can be read.
@@ -152,15 +178,18 @@ def _restore(ckpt, folder):
                             key=lambda p: int(p.rsplit("-", 1)[1]))
     for path in reversed(candidates):
         try:
-            ckpt.restore(path).assert_existing_objects_matched()
-            return path
+            sums = any(name.startswith("metrics/") for name, _ in tf.train.list_variables(path))
+            (ckpt if sums else before_metrics).restore(path).assert_existing_objects_matched()
+            if not sums:  # the next save numbers on from it
+                ckpt.save_counter.assign(before_metrics.save_counter)
+            return sums
         except Exception as e:  # a damaged file fails in many ways (IndexError, DataLoss...)
             print(f"Warning: checkpoint {path} cannot be read ({type(e).__name__}: "
                   f"{str(e).splitlines()[0][:200]}); trying an older one.")
     if candidates:
         raise SetupError(f"No checkpoint in {folder} can be read. Use --overwrite to start "
                          "again, or restore the folder from a backup.")
-    return None
+    return False
 
 
 def _epoch_data(strategy, ds, config, epoch, skip):
@@ -212,23 +241,27 @@ def _train(config, strategy, model, ds, steps, overwrite, verbose):
     private = None if chief else os.path.join(config.model_dir, f".worker{worker}")
     with strategy.scope():
         position = tf.Variable([0, 0], dtype=tf.int64, trainable=False)  # (epoch, step)
-        ckpt = tf.train.Checkpoint(model=model.model, optimizer=model.optimizer,
-                                   position=position)
+        parts = dict(model=model.model, optimizer=model.optimizer, position=position)
+        ckpt = tf.train.Checkpoint(**parts, metrics=_metric_variables(model))
+        before_metrics = tf.train.Checkpoint(**parts)
     checkpoints = os.path.join(config.model_dir, model_dir.CHECKPOINTS)
     manager = tf.train.CheckpointManager(
         ckpt, checkpoints if chief else os.path.join(private, model_dir.CHECKPOINTS),
         max_to_keep=2)
-    _restore(ckpt, checkpoints)  # the chief's, for every worker
+    with_sums = _restore(ckpt, checkpoints, before_metrics)  # the chief's, for every worker
     epoch, skip = (int(v) for v in position.numpy())
     if skip >= steps:  # a checkpoint at an epoch's last step (written before 0.1.1)
         epoch, skip = epoch + 1, 0
+    # A resumed epoch's metrics go on from the checkpoint's sums (fit() resets them first).
+    sums = [keras.ops.convert_to_numpy(v) for v in _metric_variables(model)] \
+        if skip and with_sums else None
     training.report_position(config, epoch, skip, steps)
-    writer = tf.summary.create_file_writer(os.path.join(config.model_dir, model_dir.LOGS)) \
-        if chief else None
+    logs = os.path.join(config.model_dir, model_dir.LOGS)
+    writer = tf.summary.create_file_writer(logs) if chief else None
     for epoch in range(epoch, config.epochs):
         print(f"Epoch {epoch + 1}/{config.epochs}")
         checkpointer = _Checkpointer(manager, position, epoch, skip, config.checkpoint_every,
-                                     config.batch_size, steps)
+                                     config.batch_size, steps, sums)
         train = _epoch_data(strategy, ds, config, epoch, skip)
         with strategy.scope():
             history = model.fit(train, epochs=1, verbose=verbose if chief else 0,
@@ -241,12 +274,16 @@ def _train(config, strategy, model, ds, steps, overwrite, verbose):
                 f"{checkpointer.bad_step}; loss {history.history['loss'][-1]}). Training "
                 f"stopped; the last good checkpoint ({manager.latest_checkpoint}) is kept. "
                 "Try a lower --lr.")
-        skip = 0
         lr = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
         row = {"epoch": epoch + 1, "lr": lr, "img/s": checkpointer.throughput(),
                **{k: float(v[-1]) for k, v in history.history.items()}}
+        if skip and sums is None:  # resumed from a checkpoint without the metrics' sums
+            row["metrics_from_step"] = skip + 1
+        skip, sums = 0, None
         if chief:  # first: a kill before the save reruns the epoch's end, rewriting the row
-            training.log_epoch(config.model_dir, row, lambda row: _summaries(writer, row))
+            with training.writing(os.path.join(config.model_dir, model_dir.METRICS_FILE)):
+                training.log_epoch(config.model_dir, row,
+                                   lambda row: _summaries(writer, logs, row))
         checkpointer.save(epoch + 1, 0)
         if chief:
             training.warn_if_stalled(config, row, ds.num_classes)
@@ -257,10 +294,15 @@ def _train(config, strategy, model, ds, steps, overwrite, verbose):
     return training.finish(config, model.model, ds)
 
 
-def _summaries(writer, row):
-    """Writes the epoch's `row` to TensorBoard."""
-    with writer.as_default(step=row["epoch"]):
+def _summaries(writer, folder, row):
+    """Writes the epoch's `row` to TensorBoard (`writer`, of `folder`).
+
+    Raises:
+        training.WriteError: the event file could not be written.
+    """
+    with training.writing(folder, (OSError, tf.errors.OpError)), \
+            writer.as_default(step=row["epoch"]):
         for name, value in row.items():
-            if name != "epoch":
+            if name not in ("epoch", "metrics_from_step"):
                 tf.summary.scalar(name, value)
-    writer.flush()
+        writer.flush()

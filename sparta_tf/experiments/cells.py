@@ -124,7 +124,13 @@ def stalled(config, num_classes):
     path = os.path.join(config.model_dir, model_dir.METRICS_FILE)
     if not os.path.isfile(path):
         return False
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+                rows.append({"loss": float(row["loss"]), "epoch": int(row["epoch"])})
+            except (ValueError, TypeError, KeyError):  # damaged (`training.log_epoch` drops it)
+                pass
     return bool(rows) and training.stalled(rows[-1]["loss"], num_classes, rows[-1]["epoch"],
                                            config.objective)

@@ -93,7 +93,8 @@ def run_grid(base, activations, seeds, objectives=("pgd", "standard"), root="run
     if TRANSFER_ARM in activations:
         base, _ = training.with_sparta_source(base)  # its sha256 is part of the cells' key
     ds = data.load(base.dataset, base.data_dir, max_test=base.max_test, seed=settings.seed,
-                   splits=("test",))
+                   splits=("test",), max_extract_gb=base.max_extract_gb,
+                   max_extract_ratio=base.max_extract_ratio)
     cells, missing = [], []
     for seed in seeds:
         for objective in objectives:
