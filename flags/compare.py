@@ -13,9 +13,9 @@ import re
 from absl import flags
 
 from flags import core
-from sparta_tf import activations, autoattack, config
+from sparta_tf import activations, autoattack_keras, config
 from sparta_tf.experiments.arms import EXTRA_ARMS, GATE_ARMS, TRANSFER_ARM
-from sparta_tf.experiments.cells import EvalSettings
+from sparta_tf.experiments.cells import ART_ATTACKS, STANDARD, EvalSettings
 from sparta_tf.experiments.grid import REPORT
 
 FLAGS = flags.FLAGS
@@ -103,14 +103,21 @@ def define_compare(model_dir="runs/compare", arms=activations.COMPARED,
     flags.register_validator(
         "report_name", lambda name: bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name)),
         message="must be a plain file name: letters, digits, '_', '.', '-'")
-    flags.DEFINE_list("autoattack_attacks", list(EvalSettings.autoattack_attacks),
-                      "AutoAttack's white-box attacks, run in this order before Square: "
-                      "apgd-ce, apgd-t (standard; one run per target class, 9 of them) and "
-                      "apgd-dlr (untargeted, one run; a cheaper stand-in for apgd-t).")
-    flags.register_validator(
-        "autoattack_attacks", _distinct_in(set(autoattack.KNOWN) - {"square"}),
-        message=f"must be a comma-separated list of distinct attacks out of: "
-                f"{', '.join(a for a in autoattack.KNOWN if a != 'square')}")
+    flags.DEFINE_list("autoattack_attacks", None,
+                      "AutoAttack's white-box attacks, run in this order before Square "
+                      "(default: standard AutoAttack's, apgd-ce,apgd-t,fab-t with "
+                      "--autoattack=keras and apgd-ce,apgd-t with art): apgd-ce, apgd-t and "
+                      "fab-t (one run per target class, 9 of them), and with art apgd-dlr "
+                      "(untargeted, one run; a cheaper stand-in for apgd-t).")
+    white_box = {"keras": autoattack_keras.ATTACKS[:-1],
+                 "art": tuple(a for a in ART_ATTACKS if a != "square")}
+    flags.register_multi_flags_validator(
+        ["autoattack_attacks", "autoattack"],
+        lambda v: v["autoattack_attacks"] is None or v["autoattack"] == "none" or _distinct_in(
+            white_box[v["autoattack"]])(v["autoattack_attacks"]),
+        message="--autoattack_attacks must be a comma-separated list of distinct attacks "
+                "out of: " + "; ".join(f"{', '.join(names)} (--autoattack={engine})"
+                                       for engine, names in white_box.items()))
     flags.DEFINE_bool("plots", True,
                       "Write the PNGs: robust accuracy against eps, Sparta's attention "
                       "maps, the activation change of ReLU against Sparta.")
@@ -139,8 +146,10 @@ def grid(base):
         root=base.model_dir, make_plots=FLAGS.plots, overwrite=FLAGS.overwrite,
         report_only=FLAGS.report_only, report_name=FLAGS.report_name,
         settings=EvalSettings(
-            eps=base.eps, pgd_steps=base.eval_pgd_steps, autoattack=FLAGS.autoattack,
+            eps=base.eps, pgd_steps=base.eval_pgd_steps, autoattack=FLAGS.autoattack != "none",
+            autoattack_engine="art" if FLAGS.autoattack == "art" else "keras",
             autoattack_iterations=FLAGS.autoattack_iterations,
             square_queries=FLAGS.square_queries, square_examples=FLAGS.square_examples,
-            autoattack_attacks=tuple(FLAGS.autoattack_attacks),
+            autoattack_attacks=tuple(FLAGS.autoattack_attacks or STANDARD[
+                "art" if FLAGS.autoattack == "art" else "keras"]),
             eps_curve=tuple(core.PixelParser().parse(e) for e in FLAGS.eps_curve)))

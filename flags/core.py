@@ -273,10 +273,20 @@ def train_config():
     return config.TrainConfig(**values)
 
 
-def define_autoattack():
-    """--autoattack and its sizes, for sparta-evaluate and sparta-compare."""
-    flags.DEFINE_bool("autoattack", True,
-                      "Run AutoAttack (APGD-CE, APGD-T and Square, through ART).")
+AUTOATTACK_HELP = {
+    "keras": "keras: standard AutoAttack in keras.ops (APGD-CE, APGD-T, FAB-T, Square; "
+             "sparta_tf.autoattack_keras), on TensorFlow and JAX",
+    "art": "art: ART's APGD-CE, APGD-T and Square (sparta_tf.autoattack; no FAB), on "
+           "TensorFlow only: the cross-check",
+    "none": "none: no AutoAttack"}
+
+
+def define_autoattack(default="keras", engines=("keras", "art", "none")):
+    """--autoattack (which AutoAttack, out of `engines`) and its sizes, for sparta-evaluate
+    and sparta-compare."""
+    flags.DEFINE_enum("autoattack", default, list(engines),
+                      "Which AutoAttack runs: " + "; ".join(AUTOATTACK_HELP[e] for e in engines)
+                      + ".")
     flags.DEFINE_integer("autoattack_iterations", 100, "APGD iterations (100 is standard).",
                          lower_bound=1, upper_bound=MAX_STEPS)
     flags.DEFINE_integer("square_queries", 5000, "Square queries (5000 is standard).",

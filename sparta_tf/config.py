@@ -108,8 +108,9 @@ class TrainConfig:
 
     # The fields that may change when a run resumes: where things are, how far an archive
     # may expand, how long it trains, how often it saves, how it is evaluated at the end,
-    # how the step is compiled and distributed. Every other field is the experiment's identity (`identity`): a model_dir
-    # whose config differs in one of them holds another experiment.
+    # how the step is compiled and distributed. Every other field is the experiment's
+    # identity (`identity`): a model_dir whose config differs in one of them holds another
+    # experiment.
     RESUMABLE = ("model_dir", "data_dir", "max_extract_gb", "max_extract_ratio", "max_test",
                  "epochs", "checkpoint_every", "eval_pgd_steps", "jit_compile", "strategy",
                  "sparta_from", "gates_from")

@@ -8,13 +8,17 @@
   CW losses, Square and AutoAttack, and the gradient-masking sanity checks of
   Carlini et al., "On Evaluating Adversarial Robustness" (arXiv:1902.06705,
   2019; `sparta_tf.masking`), naming its PGD protocol. `to_markdown(report)`
-  renders it. AutoAttack itself is `sparta_tf.autoattack`.
+  renders it. AutoAttack is `sparta_tf.autoattack_keras` (its attacks in keras.ops, on
+  every backend: `autoattack="keras"`, the default) or, on TensorFlow, ART's in
+  `sparta_tf.autoattack` (`autoattack="art"`, the cross-check).
 - `load_model(path)`: a model_dir, a `.keras` file or an exported SavedModel;
   `check_fits(model, x, class_names, path)`, that it takes the data's images and has one
   logit per class of the data, and `check_writable(folder)`: both to fail before an
   evaluation rather than after it, or instead of a wrong one.
 
-Models take pixels in [0, 1] and return logits. This module imports no absl.
+Models take pixels in [0, 1] and return logits. This module imports no absl, and no
+TensorFlow on another Keras backend: there a SavedModel or ART's AutoAttack is refused in one
+line (`BackendError`).
 """
 
 import dataclasses
@@ -25,10 +29,36 @@ import keras
 import numpy as np
 
 # `layers` registers Sparta and FReLU with Keras, so that `.keras` files load.
-from sparta_tf import (attacks, autoattack, data, export, layers, masking,  # noqa: F401
+from sparta_tf import (attacks, autoattack_keras, data, layers, masking,  # noqa: F401
                        model_dir, protocol, transfer)
 
+if keras.backend.backend() == "tensorflow":  # ART's AutoAttack runs on TensorFlow only
+    from sparta_tf import autoattack as autoattack_art
+
 ModelFileError = transfer.ModelFileError
+AUTOATTACKS = ("keras", "art", "none")  # the AutoAttack that `robustness_report` runs
+
+
+class BackendError(ValueError):
+    """What was asked needs TensorFlow, and Keras runs on another backend."""
+
+
+def needs_tensorflow(what):
+    """Raises `BackendError` for `what` (e.g. "a SavedModel") unless Keras runs on
+    TensorFlow; the message says whether TensorFlow is installed here."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return
+    try:  # not `find_spec`: an installation that cannot be imported is not one
+        import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+        installed = True
+    except ImportError:
+        installed = False
+    raise BackendError(
+        f"{what} needs TensorFlow, and Keras runs on {backend} here"
+        + (" (KERAS_BACKEND); run with KERAS_BACKEND=tensorflow." if installed
+           else ", where TensorFlow is not installed; install it and run with "
+                "KERAS_BACKEND=tensorflow."))
 
 
 class ModelMismatchError(ValueError):
@@ -79,7 +109,7 @@ def load_model(path):
     if os.path.isfile(os.path.join(path, model_dir.MODEL)) or path.endswith(".keras"):
         return transfer.load(path)
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "saved_model.pb")):
-        complete = export.versions(path)
+        complete = model_dir.versions(path)
         if complete:
             path = os.path.join(path, str(complete[-1]))
         else:
@@ -89,6 +119,7 @@ def load_model(path):
                     f"No model at {path!r}: its numbered versions ({', '.join(numbered)}) "
                     "hold no saved_model.pb; they are incomplete exports.")
     if os.path.isfile(os.path.join(path, "saved_model.pb")):
+        needs_tensorflow(f"The SavedModel {path}")
         try:
             served = _ServedLogits(keras.layers.TFSMLayer(path, call_endpoint="serving_default"))
         except Exception as e:  # noqa: BLE001 - any failure of a bad SavedModel: one line
@@ -165,7 +196,7 @@ def check_fits(model, x, class_names, path):
         raise ModelMismatchError(
             f"The model {path} has {logits.shape[-1]} classes (logits), and the data has "
             f"{data_classes}: evaluate it on the data it was trained on (--dataset).")
-    trained = export.class_names_beside(path)
+    trained = model_dir.class_names_beside(path)
     if trained is None:
         return
     if not isinstance(trained, list) or not all(isinstance(n, str) for n in trained):
@@ -216,7 +247,7 @@ class _ServedLogits:
 
 
 def robustness_report(model, x, y, eps, steps=(20, 100), losses=("ce", "cw"), restarts=3,
-                      run_autoattack=True, autoattack_iterations=100, square_queries=5000,
+                      autoattack="keras", autoattack_iterations=100, square_queries=5000,
                       eps_multiples=(0.25, 0.5, 1, 2, 4), large_eps=0.5,
                       tolerance=masking.TOLERANCE, batch_size=256, seed=0, verbose=True):
     """Clean and attacked accuracy at `eps`, and the checks for gradient masking.
@@ -232,9 +263,11 @@ def robustness_report(model, x, y, eps, steps=(20, 100), losses=("ce", "cw"), re
         x, y: uint8 images or floats in [0, 1] (NHWC), and int labels.
         eps: the L-inf budget in pixels.
         steps, losses, restarts: the PGD runs at eps.
-        run_autoattack: also run AutoAttack (APGD-CE, APGD-T after Square); if
-            False, only Square, for the `black_box_weaker` check.
-        autoattack_iterations, square_queries: see `autoattack.robust_accuracy`.
+        autoattack: which AutoAttack runs after Square (`AUTOATTACKS`): "keras"
+            (`autoattack_keras`: APGD-CE, APGD-T, FAB-T), "art" (ART's APGD-CE and
+            APGD-T, on TensorFlow only), or "none": only Square, for the
+            `black_box_weaker` check.
+        autoattack_iterations, square_queries: see `autoattack_keras.robust_accuracy`.
         eps_multiples, large_eps: the eps values of the sweep.
         tolerance: the noise the checks allow, as a fraction of the examples.
         batch_size: examples per batch.
@@ -248,9 +281,18 @@ def robustness_report(model, x, y, eps, steps=(20, 100), losses=("ce", "cw"), re
 
     Returns: a JSON-able dict: `eps`, `examples`, `settings`, `protocol` (as
         `Protocol.to_json`), `accuracy` (name -> accuracy at eps), `autoattack_after`
-        (accuracy after each AutoAttack attack, cumulative), `eps_sweep` ([eps,
+        (accuracy after each AutoAttack attack, cumulative), `per_image` (which images
+        Square and AutoAttack's whole chain left right, `pack`ed), `eps_sweep` ([eps,
         accuracy] pairs) and `checks` (`masking.checks` of the rest).
+
+    Raises:
+        ValueError: `autoattack` is not one of `AUTOATTACKS`.
+        BackendError: "art" where Keras does not run on TensorFlow.
     """
+    if autoattack not in AUTOATTACKS:
+        raise ValueError(f"autoattack must be one of {AUTOATTACKS}; got {autoattack!r}.")
+    if autoattack == "art":
+        needs_tensorflow("ART's AutoAttack (--autoattack=art)")
     x, y = data.pixels(x), np.asarray(y, np.int32)
     first = protocol.Protocol(eps=eps, steps=steps[0], restarts=restarts, loss=losses[0],
                               batch_size=batch_size, seed=seed)
@@ -267,11 +309,18 @@ def robustness_report(model, x, y, eps, steps=(20, 100), losses=("ce", "cw"), re
             run = dataclasses.replace(first, steps=n, loss=loss)
             results[f"pgd{n}_{loss}"] = acc(run, run.name)
     # Square first: its accuracy alone is then the first step of the chain.
-    chain = ("square", "apgd-ce", "apgd-t") if run_autoattack else ("square",)
-    aa = autoattack.robust_accuracy(model, x, y, eps, batch_size, chain,
-                                    autoattack_iterations, square_queries, verbose, seed)
+    if autoattack == "art":
+        aa = autoattack_art.robust_accuracy(model, x, y, eps, batch_size,
+                                            ("square", "apgd-ce", "apgd-t"),
+                                            autoattack_iterations, square_queries, verbose,
+                                            seed)
+    else:
+        chain = ("square",) + (autoattack_keras.ATTACKS[:-1] if autoattack == "keras" else ())
+        aa = autoattack_keras.robust_accuracy(model, x, y, eps, batch_size, chain,
+                                              autoattack_iterations, square_queries, seed,
+                                              verbose)
     results["square"] = aa["after"]["square"]
-    if run_autoattack:
+    if autoattack != "none":
         results["autoattack"] = aa["accuracy"]
     sweep = sorted({eps * m for m in eps_multiples} | {eps, large_eps})
     one = dataclasses.replace(first, restarts=1)
@@ -280,13 +329,26 @@ def robustness_report(model, x, y, eps, steps=(20, 100), losses=("ce", "cw"), re
     report = {
         "eps": eps, "examples": len(x),
         "settings": {"steps": list(steps), "losses": list(losses), "restarts": restarts,
-                     "autoattack_iterations": autoattack_iterations,
+                     "autoattack": autoattack, "autoattack_iterations": autoattack_iterations,
                      "square_queries": square_queries, "tolerance": tolerance,
                      "large_eps": large_eps, "seed": seed},
         "protocol": first.to_json(),
-        "accuracy": results, "autoattack_after": aa["after"], "eps_sweep": sweep,
+        "accuracy": results, "autoattack_after": aa["after"],
+        "per_image": {"autoattack" if autoattack != "none" else "square": pack(aa["robust"])},
+        "eps_sweep": sweep,
     }
     return {**report, "checks": masking.checks(report)}
+
+
+def pack(hits):
+    """A bool array as a short string: its length and its bits in hex (`unpack` reverses)."""
+    return f"{len(hits)}:{np.packbits(np.asarray(hits, bool)).tobytes().hex()}"
+
+
+def unpack(text):
+    """The bool array of `pack`."""
+    length, bits = text.split(":")
+    return np.unpackbits(np.frombuffer(bytes.fromhex(bits), np.uint8))[:int(length)].astype(bool)
 
 
 def to_markdown(report):
@@ -295,7 +357,8 @@ def to_markdown(report):
     names = {"clean": "clean", "fgsm": "FGSM",
              "square": f"Square ({s['square_queries']} queries, black-box)",
              "autoattack": f"AutoAttack ({', '.join(report['autoattack_after'])}; "
-                           f"APGD {s['autoattack_iterations']} iterations)"}
+                           f"{'ART' if s.get('autoattack') == 'art' else 'keras.ops'}, "
+                           f"{s['autoattack_iterations']} iterations)"}
     for n in s["steps"]:
         for loss in s["losses"]:
             names[f"pgd{n}_{loss}"] = (f"PGD-{n}, {loss.upper()} loss, {s['restarts']} "

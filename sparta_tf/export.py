@@ -51,13 +51,7 @@ class ExportError(ValueError):
     """The export would overwrite a version, or its inputs do not fit the model."""
 
 
-def versions(export_dir):
-    """The complete numbered versions under `export_dir` (with a saved_model.pb), ascending
-    (none if it does not exist)."""
-    if not os.path.isdir(export_dir):
-        return []
-    return sorted(int(d) for d in os.listdir(export_dir)
-                  if d.isdigit() and os.path.isfile(os.path.join(export_dir, d, "saved_model.pb")))
+versions = model_dir.versions  # the complete versions under an export_dir
 
 
 def _next_version(export_dir):
@@ -89,18 +83,6 @@ def weights_sha256(model):
 def metadata(version_dir):
     """The `assets.extra/sparta_tf.json` of an exported version, or None."""
     path = os.path.join(version_dir, METADATA)
-    if not os.path.isfile(path):
-        return None
-    return model_dir.read_json(path)
-
-
-def class_names_beside(model_path):
-    """The class names that `sparta-train` wrote beside a model.keras (or in a model_dir).
-
-    Returns: the list, or None where there is none.
-    """
-    folder = model_path if os.path.isdir(model_path) else os.path.dirname(model_path)
-    path = os.path.join(folder, model_dir.CLASS_NAMES)
     if not os.path.isfile(path):
         return None
     return model_dir.read_json(path)

@@ -146,8 +146,9 @@ def check_header(path):
 
     Raises:
       BadDataError: the file cannot be read or is not a regular file, its content is
-        neither PNG nor JPEG (whatever its extension), its header is broken or names a kind of PNG or JPEG that not both
-        decoders read, or it has more than `MAX_IMAGE_PIXELS` pixels.
+        neither PNG nor JPEG (whatever its extension), its header is broken or names a
+        kind of PNG or JPEG that not both decoders read, or it has more than
+        `MAX_IMAGE_PIXELS` pixels.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO would block an open

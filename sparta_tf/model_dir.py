@@ -77,6 +77,27 @@ def keras_file(path):
     return file
 
 
+def class_names_beside(model_path):
+    """The class names that `sparta-train` wrote beside a model.keras (or in a model_dir).
+
+    Returns: the list, or None where there is none.
+    """
+    folder = model_path if os.path.isdir(model_path) else os.path.dirname(model_path)
+    path = os.path.join(folder, CLASS_NAMES)
+    if not os.path.isfile(path):
+        return None
+    return read_json(path)
+
+
+def versions(export_dir):
+    """The complete numbered versions of a SavedModel under `export_dir` (with a
+    saved_model.pb), ascending (none if it does not exist)."""
+    if not os.path.isdir(export_dir):
+        return []
+    return sorted(int(d) for d in os.listdir(export_dir)
+                  if d.isdigit() and os.path.isfile(os.path.join(export_dir, d, "saved_model.pb")))
+
+
 def current_umask():
     """The process's umask (read without changing it for longer than a call)."""
     mask = os.umask(0)

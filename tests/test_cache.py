@@ -67,8 +67,19 @@ def test_an_old_evaluation_reads_as_one_with_the_defaults_of_what_it_lacks():
     for name in ("sparta_lr_multiplier", "sparta_normalize_gate_input", "backend"):
         del stored["config"][name]  # config fields added since
     assert _match(stored, config, SETTINGS) == RESULTS
-    # A missing setting had its default then, so it does not serve another value.
-    assert _match(stored, config, dataclasses.replace(SETTINGS, square_examples=9)) is None
+    # A missing setting had its default then, so it does not serve another value (with
+    # AutoAttack, whose settings these are: without it they do not count).
+    assert _match(stored, config, dataclasses.replace(SETTINGS, square_examples=9)) == RESULTS
+    with_aa = dataclasses.replace(SETTINGS, autoattack=True)
+    old_aa = _stored(config, with_aa)
+    del old_aa["settings"]["square_examples"]
+    assert _match(old_aa, config, with_aa) == RESULTS
+    assert _match(old_aa, config, dataclasses.replace(with_aa, square_examples=9)) is None
+    # A missing engine was ART's: the only AutoAttack sparta-tf had.
+    del old_aa["settings"]["autoattack_engine"]
+    assert _match(old_aa, config, with_aa) is None
+    assert _match(old_aa, config, dataclasses.replace(with_aa, autoattack_engine="art")) == \
+        RESULTS
     # A missing backend was TensorFlow's: the only one sparta-tf had.
     assert _match(stored, _config(backend="jax"), SETTINGS) is None
 
@@ -114,12 +125,14 @@ CURVE = (2 / 255, 4 / 255, 16 / 255)
     # Written before `square_examples`, `autoattack_attacks` and `per_image` existed.
     ("compare_r18w025/pgd/relu/seed1", EvalSettings(autoattack=False, eps_curve=CURVE), False),
     # The latest evaluation has AutoAttack, Square on 500 images with 1,000 queries.
+    # ART's AutoAttack: written before `autoattack_engine` existed.
     ("autoattack_r18w025/pgd/sparta/seed0", EvalSettings(
         square_queries=1000, square_examples=500, autoattack_attacks=("apgd-ce", "apgd-dlr"),
-        eps_curve=CURVE), True),
+        eps_curve=CURVE, autoattack_engine="art"), True),
     # One of its `earlier` evaluations: Square with 5,000 queries.
     ("autoattack_r18w025/pgd/sparta/seed0", EvalSettings(
-        square_examples=500, autoattack_attacks=("apgd-ce", "apgd-dlr"), eps_curve=CURVE), True),
+        square_examples=500, autoattack_attacks=("apgd-ce", "apgd-dlr"), eps_curve=CURVE,
+        autoattack_engine="art"), True),
 ])
 def test_the_committed_cells_are_read_back(cell, settings, autoattack):
     root, objective, arm, seed = cell.rsplit("/", 3)
@@ -131,3 +144,6 @@ def test_the_committed_cells_are_read_back(cell, settings, autoattack):
     assert 0 < found["pgd"] < found["clean"] < 1
     plain = cache.stored_results(config, dataclasses.replace(settings, autoattack=False))
     assert plain is not None and plain["autoattack"] is None and plain["pgd"] == found["pgd"]
+    if autoattack:  # ART's evaluation does not serve the keras.ops AutoAttack
+        assert cache.stored_results(config, dataclasses.replace(
+            settings, autoattack_engine="keras")) is None

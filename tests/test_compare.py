@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
-from conftest import run_app_cases, shared_once
+from conftest import jax_without_tensorflow, run_app_cases, shared_once
 from sparta_tf import data, models, plots, training
 from sparta_tf.experiments import ablation, arms, cache, stats
 from sparta_tf.experiments.cells import EvalSettings, evaluate, pack, stalled, unpack
@@ -34,7 +34,7 @@ GRID = dict(activations=["relu", "sparta"], seeds=[0], objectives=["pgd", "stand
 # The same grid as trainer flags.
 FLAGS = [f"--{k}={v}" for k, v in TINY.items()] + [
     "--activations=relu,sparta", "--seeds=0", "--objectives=pgd,standard",
-    "--eps_curve=0,8/255", "--noautoattack"]
+    "--eps_curve=0,8/255", "--autoattack=none"]
 
 
 def _compare(*args):
@@ -309,6 +309,8 @@ def test_evaluate_with_autoattack():
     assert results["clean"] == 1.0 and results["eps_curve"] == [[0.0, 1.0]]
     assert 0 <= results["autoattack"] <= results["pgd"] + 0.25
     assert "square_check" not in results  # Square ran in the chain, on every image
+    # Standard AutoAttack in keras.ops by default.
+    assert list(results["autoattack_after"]) == ["apgd-ce", "apgd-t", "fab-t", "square"]
     assert unpack(results["per_image"]["autoattack"]).mean() == results["autoattack"]
     # Square alone on a class-balanced subset, for the masking check; APGD on every image.
     subset = dataclasses.replace(settings, square_examples=4)
@@ -332,7 +334,7 @@ def test_evaluate_with_autoattack():
     assert "against the better of PGD-20 and AutoAttack's white-box" in check(0.25, 0.27, 0.24)
     # Another white-box chain; the accuracy after each of its attacks is kept and tabled.
     dlr = evaluate(model, x, y, dataclasses.replace(
-        subset, autoattack_attacks=("apgd-ce", "apgd-dlr")))
+        subset, autoattack_attacks=("apgd-ce", "apgd-dlr"), autoattack_engine="art"))
     assert list(dlr["autoattack_after"]) == ["apgd-ce", "apgd-dlr"]
     assert dlr["autoattack_after"]["apgd-dlr"] == dlr["autoattack"]
     cells = [{"objective": "pgd", "activation": "sparta", "seed": 0, **dlr}]
@@ -551,6 +553,7 @@ def test_the_flags_make_the_evaluation_settings():
     code = ("import dataclasses, json; from flags import compare as c, core; c.define_compare(); "
             "core.FLAGS(['x', '--square_examples=500', '--square_queries=1000', "
             "'--autoattack_iterations=50', '--autoattack_attacks=apgd-ce,apgd-dlr', "
+            "'--autoattack=art', "
             "'--eps_curve=2/255']); "
             "print(json.dumps(dataclasses.asdict(c.grid(core.train_config())['settings'])))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
@@ -561,4 +564,33 @@ def test_the_flags_make_the_evaluation_settings():
                                      "autoattack_iterations", "autoattack_attacks")} == {
         "square_examples": 500, "square_queries": 1000, "autoattack_iterations": 50,
         "autoattack_attacks": ["apgd-ce", "apgd-dlr"]}
-    assert settings["eps_curve"] == [2 / 255]
+    assert settings["eps_curve"] == [2 / 255] and settings["autoattack_engine"] == "art"
+
+
+def test_a_tiny_grid_on_jax_without_tensorflow(tmp_path):
+    """sparta-compare trains and evaluates on JAX where TensorFlow cannot be imported, with
+    AutoAttack in keras.ops, and writes the reports as on TensorFlow; ART's AutoAttack is one
+    line that says TensorFlow is not installed."""
+    env = jax_without_tensorflow(tmp_path / "blocked")
+    flags = [f"--{k}={v}" for k, v in dict(TINY, max_train=32, max_test=8).items()] + [
+        "--activations=relu", "--seeds=0", "--objectives=pgd", "--eps_curve=0",
+        "--autoattack_iterations=2", "--square_queries=3", "--noplots",
+        f"--model_dir={tmp_path / 'grid'}"]
+
+    def compare(*args):
+        return subprocess.run([sys.executable, "-m", "trainers.compare", *flags, *args],
+                              cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+
+    out = compare()
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((tmp_path / "grid" / "comparison.json").read_text())
+    assert results["settings"]["autoattack_engine"] == "keras"
+    [cell] = results["cells"]
+    assert 0 <= cell["autoattack"] <= cell["pgd"] <= cell["clean"] <= 1
+    assert list(cell["autoattack_after"]) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert len(unpack(cell["per_image"]["autoattack"])) == 8
+    assert "sparta_tf.autoattack_keras" in (tmp_path / "grid" / "comparison.md").read_text()
+    out = compare("--autoattack=art")
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    line = out.stderr.strip().splitlines()[-1]
+    assert "needs TensorFlow" in line and "TensorFlow is not installed" in line, line

@@ -14,8 +14,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import run_app_cases
-from sparta_tf import layers
+from conftest import jax_without_tensorflow, needs_jax, run_app_cases
+from sparta_tf import evaluation, layers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
@@ -96,6 +96,11 @@ def test_evaluates_a_model_dir(model_dir):
     acc = report["accuracy"]
     assert list(acc) == ["clean", "fgsm", "pgd2_ce", "pgd2_cw", "pgd4_ce", "pgd4_cw",
                          "square", "autoattack"]
+    # Standard AutoAttack in keras.ops, Square first (alone, for the masking check).
+    assert report["settings"]["autoattack"] == "keras"
+    assert list(report["autoattack_after"]) == ["square", "apgd-ce", "apgd-t", "fab-t"]
+    robust = evaluation.unpack(report["per_image"]["autoattack"])
+    assert len(robust) == 20 and robust.mean() == acc["autoattack"]
     assert all(0 <= v <= acc["clean"] for v in acc.values())
     assert acc["clean"] > 0
     assert report["eps_sweep"][-1] == [0.5, 0.0]   # PGD at eps 0.5 breaks every example
@@ -109,11 +114,49 @@ def test_evaluates_a_model_dir(model_dir):
 
 def test_flags_override_the_config_and_output_dir(model_dir, tmp_path):
     out = _evaluate(f"--model_path={model_dir / 'model.keras'}", f"--output_dir={tmp_path}",
-                    "--num_examples=10", "--eps=2/255", "--noautoattack", *SMALL)
+                    "--num_examples=10", "--eps=2/255", "--autoattack=none", *SMALL)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["examples"] == 10 and report["eps"] == pytest.approx(2 / 255)
     assert "autoattack" not in report["accuracy"] and "square" in report["accuracy"]
+
+
+def test_arts_autoattack_is_the_cross_check_on_tensorflow(model_dir, tmp_path):
+    out = _evaluate(f"--model_path={model_dir}", f"--output_dir={tmp_path}",
+                    "--num_examples=10", "--autoattack=art", *SMALL)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["settings"]["autoattack"] == "art"
+    assert list(report["autoattack_after"]) == ["square", "apgd-ce", "apgd-t"]
+    assert "ART" in (tmp_path / "eval.md").read_text()
+
+
+@needs_jax
+def test_evaluates_on_jax_without_tensorflow(model_dir, tmp_path):
+    """The whole report, AutoAttack included, on JAX where TensorFlow cannot be imported;
+    what needs TensorFlow is one line that says it is not installed."""
+    env = jax_without_tensorflow(tmp_path / "blocked")
+
+    def evaluate(*args):
+        return subprocess.run([sys.executable, "-m", "trainers.evaluate", *args], cwd=ROOT,
+                              capture_output=True, text=True, env=env, timeout=600)
+
+    out = evaluate(f"--model_path={model_dir}", f"--output_dir={tmp_path}", *SMALL)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["examples"] == 20 and report["settings"]["autoattack"] == "keras"
+    assert list(report["autoattack_after"]) == ["square", "apgd-ce", "apgd-t", "fab-t"]
+    assert 0 <= report["accuracy"]["autoattack"] <= report["accuracy"]["square"]
+    assert len(evaluation.unpack(report["per_image"]["autoattack"])) == 20
+    assert {c["name"] for c in report["checks"]} >= {"eps_monotone", "black_box_weaker"}
+    saved_model = _without_logits(tmp_path / "saved_model")
+    for args in ([f"--model_path={model_dir}", "--autoattack=art"],
+                 [f"--model_path={saved_model}"]):
+        out = evaluate(*args, *SMALL)
+        assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+        line = out.stderr.strip().splitlines()[-1]
+        assert line.startswith("error:") and "needs TensorFlow" in line, line
+        assert "TensorFlow is not installed" in line, line
 
 
 BAD_INPUT = [

@@ -42,9 +42,12 @@ def test_a_sparta_on_a_silu_network_starts_as_that_network_and_only_its_gates_tr
     copied = transfer.copy_network_and_freeze(source, target)
     assert "logits" in copied and "stem_conv" in copied and not any(
         n.startswith("sparta") for n in copied)
-    # Sparta starts at SiLU (beta0 = 1: the gate sees x itself), so the network is the same.
-    np.testing.assert_allclose(target.predict(x, verbose=0), source.predict(x, verbose=0),
-                               rtol=1e-5, atol=1e-5)
+    # Sparta starts at SiLU (beta0 = 1: the gate sees x itself), so the network is the same,
+    # to float32 round-off of the logits' scale (the random weights make them ~1e5: sums in
+    # another order then differ by ~1e-2).
+    expected = source.predict(x, verbose=0)
+    np.testing.assert_allclose(target.predict(x, verbose=0), expected, rtol=1e-5,
+                               atol=1e-6 * np.abs(expected).max())
     gates = {id(v) for l in transfer.sparta_layers(target).values() for v in l.weights}
     assert {id(v) for v in target.trainable_variables} == gates
 

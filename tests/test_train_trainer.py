@@ -203,7 +203,7 @@ def test_the_extraction_limits_reach_the_archive_in_every_app_that_loads_data(tm
     limit = ["--dataset=bundled", f"--data_dir={tmp_path / 'cache'}", "--max_extract_gb=0.0001",
              f"--model_dir={tmp_path / 'run'}", *TINY]
     runs = run_apps([("train", limit),
-                     ("compare", [*limit, "--seeds=0", "--activations=relu", "--noautoattack"])])
+                     ("compare", [*limit, "--seeds=0", "--activations=relu", "--autoattack=none"])])
     for out in runs:
         assert out.returncode == 1, (out.args, out.stderr[-2000:])
         assert out.stderr.startswith("error: Refusing archive ") and \

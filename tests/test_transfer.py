@@ -234,7 +234,7 @@ def test_a_corrupt_source_file_is_one_line_in_every_app_that_reads_it(tmp_path):
     corrupt.write_bytes(b"PK\x03\x04 not a model")
     run = [f"--sparta_from={corrupt}", f"--model_dir={tmp_path / 'run'}", "--max_train=64",
            "--batch_size=32", "--max_test=8", f"--width_multiplier={TINY}"]
-    runs = run_apps([("train", run), ("transfer", [*run, "--seeds=0", "--noautoattack"]),
+    runs = run_apps([("train", run), ("transfer", [*run, "--seeds=0", "--autoattack=none"]),
                      ("compare", [*run, "--seeds=0", "--activations=relu,sparta_transfer"])])
     for out in runs:
         assert out.returncode == 1, (out.args, out.stderr[-2000:])
@@ -257,7 +257,7 @@ def test_transfer_trainer_compares_relu_fresh_and_transferred_sparta(tmp_path):
     _, path = _source(tmp_path)
     flags = ["--dataset=bundled", "--max_train=64", "--max_test=8", "--width_multiplier=0.0625",
              "--epochs=1", "--batch_size=32", "--pgd_steps=1", "--eval_pgd_steps=1",
-             "--checkpoint_every=0", "--noautoattack", "--noplots", "--seeds=0",
+             "--checkpoint_every=0", "--autoattack=none", "--noplots", "--seeds=0",
              "--eps_curve=0,8/255", "--model=resnet34", "--sparta_sharing=stage",
              f"--sparta_from={path}", f"--model_dir={tmp_path / 'cmp'}"]
     out = _run("transfer", *flags)

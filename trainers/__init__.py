@@ -60,9 +60,15 @@ def require_tensorflow(app, needs):
     """
     import keras
     if keras.backend.backend() != "tensorflow":
+        try:  # an installation that cannot be imported is not one
+            import tensorflow  # noqa: F401  pylint: disable=unused-import
+            how = "run it with KERAS_BACKEND=tensorflow"
+        except ImportError:
+            how = ("TensorFlow is not installed here: install it and run with "
+                   "KERAS_BACKEND=tensorflow")
         sys.exit(f"error: {app} needs TensorFlow ({needs}), and Keras runs on "
-                 f"{keras.backend.backend()} here. Run it with KERAS_BACKEND=tensorflow; on "
-                 "JAX, sparta-train trains and evaluates.")
+                 f"{keras.backend.backend()} here; {how}. On JAX, sparta-train, "
+                 "sparta-evaluate, sparta-compare and sparta-transfer run.")
 
 
 _quiet_tensorflow_start()

@@ -11,20 +11,20 @@ clean, PGD-{--eval_pgd_steps} and AutoAttack accuracy at --eps. Writes compariso
 names another report of the same cells). Rerunning the
 same command resumes: finished cells are skipped, a killed one continues.
 --report_only writes the reports of the cells finished so far, training nothing.
+
+On TensorFlow and on JAX (KERAS_BACKEND=jax, where TensorFlow need not be installed): the
+grid's AutoAttack is written in keras.ops (--autoattack=keras, the default). ART's
+(--autoattack=art), with which the committed grids were measured, needs TensorFlow.
 """
 
-import trainers
-
-trainers.require_tensorflow("sparta-compare and sparta-transfer", "ART's AutoAttack and the grid's evaluation")
-
-import os  # noqa: E402  (after the check: the imports below load TensorFlow)
-import sys  # noqa: E402
+import os
+import sys
 
 from absl import app, logging
 
 from flags import compare as compare_flags
 from flags import core
-from sparta_tf import data, model_dir, training, transfer
+from sparta_tf import data, evaluation, model_dir, training, transfer
 from sparta_tf.experiments import grid, report
 
 def main(argv):
@@ -32,12 +32,14 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # keep TF's INFO lines off the progress output
     try:
+        if compare_flags.FLAGS.autoattack == "art":
+            evaluation.needs_tensorflow("ART's AutoAttack (--autoattack=art)")
         base = core.train_config()
         results = grid.run_grid(base, **compare_flags.grid(base))
     except (training.ConfigMismatchError, training.NonFiniteLossError, training.WriteError,
             data.DatasetUnavailableError, data.BadDataError, FileNotFoundError,
             training.SetupError, transfer.TransferError, transfer.ModelFileError,
-            model_dir.LockedError, model_dir.NotAModelDirError) as e:
+            model_dir.LockedError, model_dir.NotAModelDirError, evaluation.BackendError) as e:
         sys.exit(f"error: {e}")
     print(report.table(results))
     name = compare_flags.FLAGS.report_name

@@ -10,21 +10,23 @@ on the command line come from its config.json. A model that does not fit the dat
 images, another number of classes, or other class names in the class_names.json beside
 it) is refused before anything is evaluated.
 
+On every Keras backend: AutoAttack is written in keras.ops (--autoattack=keras, the
+default), so KERAS_BACKEND=jax evaluates a model_dir or a .keras file where TensorFlow is not
+installed. What needs TensorFlow, a SavedModel as the model and ART's AutoAttack
+(--autoattack=art, the cross-check), is refused in one line on another backend.
+
 What runs: a .keras file (or a model_dir's model.keras) loads under Keras's safe_mode, so
 it runs no arbitrary code: a Lambda layer is refused, not run. An exported SavedModel runs
 its own graph, TensorFlow ops chosen by whoever wrote it: only evaluate SavedModels you
 trust.
 """
 
-import trainers
-
-trainers.require_tensorflow("sparta-evaluate", "SavedModels and ART's AutoAttack")
-
-import json  # noqa: E402  (after the check: the imports below load TensorFlow)
-import os  # noqa: E402
-import sys  # noqa: E402
+import json
+import os
+import sys
 
 from absl import app, flags
+
 
 from flags import core
 from sparta_tf import data, evaluation, model_dir
@@ -44,6 +46,8 @@ def main(argv):
         path if os.path.isfile(os.path.join(path, model_dir.MODEL))
         else os.path.dirname(os.path.abspath(path)))
     try:
+        if FLAGS.autoattack == "art":
+            evaluation.needs_tensorflow("ART's AutoAttack (--autoattack=art)")
         config = os.path.join(path, model_dir.CONFIG)
         trained = model_dir.read_json(config) if os.path.isfile(config) else {}
         if not isinstance(trained, dict):
@@ -60,7 +64,7 @@ def main(argv):
         sys.exit(f"error: {e}")
     report = evaluation.robustness_report(
         model, ds.x_test, ds.y_test, given["eps"], steps=[int(s) for s in FLAGS.eval_steps],
-        restarts=FLAGS.pgd_restarts, run_autoattack=FLAGS.autoattack,
+        restarts=FLAGS.pgd_restarts, autoattack=FLAGS.autoattack,
         autoattack_iterations=FLAGS.autoattack_iterations, square_queries=FLAGS.square_queries,
         batch_size=FLAGS.batch_size, seed=given["seed"])
     report.update(model=path, dataset=given["dataset"])

@@ -30,7 +30,7 @@ def main(argv):
     flags = core.FLAGS
     try:
         model_path = model_dir.keras_file(flags.model_path)
-        class_names = flags.class_names or export.class_names_beside(model_path)
+        class_names = flags.class_names or model_dir.class_names_beside(model_path)
     except (FileNotFoundError, ValueError) as e:  # ValueError: a corrupt class_names.json
         sys.exit(f"error: {e}")
     if not class_names:

@@ -67,7 +67,7 @@ def _export(config):
     try:
         return export.export_if_changed(model_path,
                                         os.path.join(config.model_dir, model_dir.EXPORT),
-                                        export.class_names_beside(model_path))
+                                        model_dir.class_names_beside(model_path))
     except export.ExportError as e:
         sys.exit(f"error: {e}")
 

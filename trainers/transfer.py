@@ -14,8 +14,8 @@ works here; only the defaults differ. Rerunning the same command resumes.
 
 import sys
 
-from trainers import compare  # first: it refuses a backend other than TensorFlow
-from flags import compare as compare_flags  # noqa: I100
+from flags import compare as compare_flags
+from trainers import compare
 
 
 def run():

@@ -7,10 +7,11 @@ under `earlier`, the same model's evaluations with other settings, which still s
 
 `match(stored, config, settings)` decides whether one stored evaluation serves, and is a
 pure function: it reads `stored` as an evaluation written by any earlier version would be
-read (a TrainConfig field or a setting added since then takes its default), and an
+read (a TrainConfig field or a setting added since then takes its default, or what it was
+before its default changed: `BEFORE`, ART's AutoAttack before `autoattack_engine`), and an
 evaluation with AutoAttack also serves the same settings without it (its AutoAttack left
 out), so a grid can gain AutoAttack cell by cell while its tables without it still read
-every cell.
+every cell; without AutoAttack, AutoAttack's own settings do not count.
 """
 
 import dataclasses
@@ -25,7 +26,10 @@ EVAL_FILE = "compare_eval.json"
 # The settings that only AutoAttack uses: an evaluation with AutoAttack also serves one
 # without it (its other numbers are the same).
 AUTOATTACK_SETTINGS = ("autoattack", "autoattack_iterations", "square_queries",
-                       "square_examples", "autoattack_attacks")
+                       "square_examples", "autoattack_attacks", "autoattack_engine")
+# Settings whose default changed: what an evaluation stored without them had. Before
+# `autoattack_engine`, AutoAttack was ART's, and its white-box attacks APGD-CE and APGD-T.
+BEFORE = {"autoattack_engine": "art", "autoattack_attacks": ["apgd-ce", "apgd-t"]}
 
 
 def _json(value):
@@ -57,15 +61,18 @@ def match(stored, config, settings):
     # Read as a config: a field added since the cell was stored takes its default.
     stored_config = key(training.TrainConfig.from_stored(stored.get("config", {})),
                         settings)["config"]
-    # Settings added since the cell was stored had their defaults then.
-    stored_settings = _json({**dataclasses.asdict(EvalSettings()), **stored.get("settings", {})})
+    # Settings added since the cell was stored had their defaults then (or `BEFORE`'s).
+    stored_settings = _json({**dataclasses.asdict(EvalSettings()), **BEFORE,
+                             **stored.get("settings", {})})
     if {"config": stored_config, "settings": stored_settings} == wanted:
         return stored["results"]
-    if settings.autoattack or not stored_settings["autoattack"]:
+    if settings.autoattack:
         return None
+    # Without AutoAttack, its settings do not matter.
     lifted = {**stored_settings, **{k: wanted["settings"][k] for k in AUTOATTACK_SETTINGS}}
     if {"config": stored_config, "settings": lifted} == wanted:
-        return without_autoattack(stored["results"])
+        results = stored["results"]
+        return without_autoattack(results) if stored_settings["autoattack"] else results
     return None
 
 

@@ -12,9 +12,20 @@ import dataclasses
 import json
 import os
 
-import numpy as np
 
-from sparta_tf import autoattack, data, model_dir, protocol, training
+import keras
+
+from sparta_tf import autoattack_keras, data, model_dir, protocol, training
+from sparta_tf.evaluation import pack, unpack  # noqa: F401  (the grid's per-image results)
+
+if keras.backend.backend() == "tensorflow":  # ART's AutoAttack runs on TensorFlow only
+    from sparta_tf import autoattack as autoattack_art
+
+
+# The attacks of ART's AutoAttack (`sparta_tf.autoattack.KNOWN`; that module loads TensorFlow).
+ART_ATTACKS = ("apgd-ce", "apgd-t", "square", "apgd-dlr")
+# Standard AutoAttack's white-box attacks (Square comes last), as each engine has them.
+STANDARD = {"keras": autoattack_keras.ATTACKS[:-1], "art": ("apgd-ce", "apgd-t")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,8 +36,10 @@ class EvalSettings:
         eps: the L-inf budget of PGD and AutoAttack, in pixels.
         pgd_steps: the steps of the PGD (`protocol()`: step size 2.5 * eps / steps,
             one random start).
-        autoattack: also run `autoattack.robust_accuracy`: `autoattack_attacks`,
-            then Square.
+        autoattack: also run AutoAttack: `autoattack_attacks`, then Square.
+        autoattack_engine: whose: "keras" (`autoattack_keras`, on every backend) or "art"
+            (ART's, `sparta_tf.autoattack`, on TensorFlow only). An evaluation stored
+            before this setting existed ran ART's (`cache.match`).
         autoattack_iterations, square_queries: its sizes (100 and 5000 are
             standard AutoAttack's).
         square_examples: None: Square is the last attack of AutoAttack's chain,
@@ -35,10 +48,11 @@ class EvalSettings:
             box, the costly one on a CPU) runs alone on a class-balanced N of
             them, for the masking check: it must not beat the white-box attacks
             (PGD, AutoAttack's chain) there.
-        autoattack_attacks: the white-box attacks of AutoAttack, in order, out
-            of `autoattack.KNOWN` but Square: APGD-CE and APGD-T as standard
-            AutoAttack (APGD-T runs once per target class, 9 of them), or
-            APGD-DLR (`apgd-dlr`, one untargeted run) in APGD-T's place.
+        autoattack_attacks: the white-box attacks of AutoAttack, in order, but
+            Square: with "keras", out of `autoattack_keras.ATTACKS` (standard:
+            APGD-CE, APGD-T and FAB-T, the targeted ones once per target class, 9 of
+            them); with "art", out of `ART_ATTACKS` (no FAB-T there; APGD-DLR is
+            one untargeted run in APGD-T's place).
         eps_curve: the budgets of the robust accuracy against eps curve (PGD
             with `pgd_steps` steps at each); empty for none.
         batch_size: examples per batch.
@@ -54,7 +68,8 @@ class EvalSettings:
     batch_size: int = 256
     seed: int = 0
     square_examples: int | None = None
-    autoattack_attacks: tuple = ("apgd-ce", "apgd-t")
+    autoattack_attacks: tuple = ("apgd-ce", "apgd-t", "fab-t")
+    autoattack_engine: str = "keras"
 
     def protocol(self):
         """The PGD protocol of the cells (`sparta_tf.protocol`): PGD-`pgd_steps` at `eps`,
@@ -77,10 +92,15 @@ def evaluate(model, x, y, settings, verbose=False):
             "autoattack": None}
 
     def robust(x, y, chain):
-        return autoattack.robust_accuracy(
+        if settings.autoattack_engine == "art":
+            return autoattack_art.robust_accuracy(
+                model, x, y, settings.eps, settings.batch_size, chain,
+                iterations=settings.autoattack_iterations, queries=settings.square_queries,
+                verbose=verbose, seed=settings.seed)
+        return autoattack_keras.robust_accuracy(
             model, x, y, settings.eps, settings.batch_size, chain,
             iterations=settings.autoattack_iterations, queries=settings.square_queries,
-            verbose=verbose, seed=settings.seed)
+            seed=settings.seed, verbose=verbose)
 
     square = after = None
     if settings.autoattack:
@@ -105,17 +125,6 @@ def evaluate(model, x, y, settings, verbose=False):
                             for eps in settings.eps_curve]
     results["per_image"] = {m: None if h is None else pack(h) for m, h in hits.items()}
     return results
-
-
-def pack(hits):
-    """A bool array as a short string: its length and its bits in hex (`unpack` reverses)."""
-    return f"{len(hits)}:{np.packbits(np.asarray(hits, bool)).tobytes().hex()}"
-
-
-def unpack(text):
-    """The bool array of `pack`."""
-    length, bits = text.split(":")
-    return np.unpackbits(np.frombuffer(bytes.fromhex(bits), np.uint8))[:int(length)].astype(bool)
 
 
 def stalled(config, num_classes):

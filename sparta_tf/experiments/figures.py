@@ -4,8 +4,8 @@ Sparta and ReLU models do under attack."""
 import logging
 import os
 
+import keras
 import numpy as np
-import tensorflow as tf
 
 from sparta_tf import evaluation, model_dir, plots
 
@@ -51,7 +51,7 @@ def pictures(results, x, y, root, settings, prefix=""):
     pgd = settings.protocol().attack()
     wanted = [a for a in ("relu", "sparta") if a in first]
     loaded = {a: evaluation.load_model(first[a]["model_dir"]) for a in wanted}
-    x_adv = {a: pgd(m, tf.constant(x), tf.constant(y[:PLOT_EXAMPLES])).numpy()
+    x_adv = {a: keras.ops.convert_to_numpy(pgd(m, x, y[:PLOT_EXAMPLES]))
              for a, m in loaded.items()}
     paths.append(plots.attention_maps(loaded["sparta"], x[:1], x_adv["sparta"][:1],
                                       os.path.join(root, f"{prefix}attention_maps.png")))

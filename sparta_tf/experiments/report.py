@@ -16,7 +16,6 @@ import numpy as np
 from sparta_tf import activations, masking, protocol
 from sparta_tf.experiments import stats
 from sparta_tf.experiments.arms import GATE_ARMS, TRANSFER_ARM
-from sparta_tf.experiments.cells import EvalSettings
 
 
 def percent(summary):
@@ -47,7 +46,8 @@ def table(results):
              f"Test accuracy (%) on {results['test_examples']} test images at L-inf eps "
              f"{protocol.eps_text(s['eps'])}: PGD-{s['pgd_steps']} "
              f"(step 2.5 eps / {s['pgd_steps']}, 1 random start)"
-             + (f" and AutoAttack ({_chain_text(s)}; `sparta_tf.autoattack`)."
+             + (f" and AutoAttack ({_chain_text(s)}; "
+                f"`sparta_tf.{ENGINES[s.get('autoattack_engine', 'art')]}`)."
                 if s["autoattack"] else "; AutoAttack not run.")
              + " Mean ± sample std over n seeds.",
              *([f"PGD protocol (`sparta_tf.protocol`): {_protocol_text(results['protocol'])}."]
@@ -227,9 +227,13 @@ def _protocol_text(stored):
     return protocol.Protocol.from_json(stored).describe()
 
 
+ENGINES = {"keras": "autoattack_keras", "art": "autoattack"}  # whose AutoAttack: its module
+
+
 def _chain_text(settings):
     """E.g. `APGD-CE, APGD-T (100 iterations), worst case per image; Square alone on 500`."""
-    names = [a.upper() for a in settings.get("autoattack_attacks", EvalSettings.autoattack_attacks)]
+    # Before the setting existed the chain was APGD-CE, APGD-T (`cache.BEFORE`).
+    names = [a.upper() for a in settings.get("autoattack_attacks", ("apgd-ce", "apgd-t"))]
     text = f"{', '.join(names)} ({settings['autoattack_iterations']} iterations)"
     if settings.get("square_examples") is None:
         return f"{text}, then Square ({settings['square_queries']} queries), worst case per image"
