@@ -31,7 +31,6 @@ sha256 of the weights and the TensorFlow and Keras versions that wrote it.
 
 import base64
 import contextlib
-import errno
 import fcntl
 import hashlib
 import os
@@ -140,11 +139,7 @@ def _holding(export_dir):
     fd = os.open(os.path.join(export_dir, model_dir.EXPORT_LOCK),
                  os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
+        if not model_dir.try_flock(fd):
             print(f"Waiting for another export to {export_dir} to finish...")
             fcntl.flock(fd, fcntl.LOCK_EX)
         for name in os.listdir(export_dir):

@@ -252,6 +252,18 @@ def clear(path, read_config):
             os.remove(full)
 
 
+def try_flock(fd):
+    """Takes an exclusive `flock` on the open file `fd` without waiting: True, or False
+    where another process holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise
+        return False
+
+
 @contextlib.contextmanager
 def lock(path):
     """Holds model_dir `path` for this process while the block runs (creating the folder).
@@ -267,11 +279,7 @@ def lock(path):
     # Not through a link: the lock's file is truncated and written.
     fd = os.open(os.path.join(path, LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
+        if not try_flock(fd):
             holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "unknown"
             raise LockedError(
                 f"{path} is in use by another run (process {holder}). Wait for it to end, "

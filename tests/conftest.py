@@ -158,3 +158,18 @@ def small_trained_net(shape=(4, 4, 3), seed=0):
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x, y, epochs=30, batch_size=64, verbose=0)
     return model, x[:128], y[:128]
+
+
+def metrics_rows(folder):
+    """The rows of `folder`/metrics.jsonl."""
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_same_rows(rows, expected, note=""):
+    """The metrics rows of two runs agree in every field but img/s, to float round-off."""
+    assert [set(r) - {"img/s"} for r in rows] == [set(r) - {"img/s"} for r in expected], note
+    for row, want in zip(rows, expected):
+        for name in set(want) - {"img/s"}:
+            assert row[name] == pytest.approx(want[name], rel=1e-5, abs=1e-6), \
+                f"{note}: epoch {want['epoch']}, {name}"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT, jax_without_tensorflow, needs_jax
+from conftest import ROOT, assert_same_rows, jax_without_tensorflow, metrics_rows, needs_jax
 from sparta_tf import transfer
 
 _CHECKS = os.path.join(ROOT, "tests", "jax_checks_training.py")
@@ -84,19 +84,6 @@ def _weights(model_dir):
     return transfer.load(model_dir).get_weights()
 
 
-def _rows(folder):
-    return [json.loads(line) for line in open(folder / "metrics.jsonl")]
-
-
-def _assert_same_rows(rows, expected, note=""):
-    """The metrics rows of two runs agree in every field but img/s, to float round-off."""
-    assert [set(r) - {"img/s"} for r in rows] == [set(r) - {"img/s"} for r in expected], note
-    for row, want in zip(rows, expected):
-        for name in set(want) - {"img/s"}:
-            assert row[name] == pytest.approx(want[name], rel=1e-5, abs=1e-6), \
-                f"{note}: epoch {want['epoch']}, {name}"
-
-
 @needs_jax
 def test_sparta_train_on_jax_without_tensorflow_resumes_after_a_kill(tmp_path):
     """Run b is killed after its first checkpoint (step 2 of 6), then stopped in one line by
@@ -150,8 +137,8 @@ def test_sparta_train_on_jax_without_tensorflow_resumes_after_a_kill(tmp_path):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
     assert json.loads((killed / "results.json").read_text()) == \
         json.loads((tmp_path / "a" / "results.json").read_text())
-    _assert_same_rows(_rows(killed), _rows(tmp_path / "a"))
-    assert [r.get("metrics_from_step") for r in _rows(old)] == [3, None]
+    assert_same_rows(metrics_rows(killed), metrics_rows(tmp_path / "a"))
+    assert [r.get("metrics_from_step") for r in metrics_rows(old)] == [3, None]
 
     # TensorFlow's apps read it: resuming it on TensorFlow is refused (another backend) ...
     on_tf = subprocess.run(

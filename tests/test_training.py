@@ -17,6 +17,7 @@ import pytest
 import tensorflow as tf
 
 import jax_checks_training
+from conftest import assert_same_rows, metrics_rows
 from sparta_tf import adversarial, attacks, layers, model_dir, models, training
 from sparta_tf.backend import tensorflow_trainer
 
@@ -338,19 +339,6 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert not os.path.exists(tmp_path / "run" / "results.json")
 
 
-def _rows(folder):
-    return [json.loads(line) for line in open(folder / "metrics.jsonl")]
-
-
-def _assert_same_rows(rows, expected, note=""):
-    """The metrics rows of two runs agree in every field but img/s, to float round-off."""
-    assert [set(r) - {"img/s"} for r in rows] == [set(r) - {"img/s"} for r in expected], note
-    for row, want in zip(rows, expected):
-        for name in set(want) - {"img/s"}:
-            assert row[name] == pytest.approx(want[name], rel=1e-5, abs=1e-6), \
-                f"{note}: epoch {want['epoch']}, {name}"
-
-
 _RESUMED = dict(epochs=2, checkpoint_every=2)  # 5 steps an epoch: saves at steps 2 and 4
 
 
@@ -413,7 +401,7 @@ def test_a_failed_checkpoint_stops_the_run_in_one_line_and_it_resumes_to_the_sam
     assert resumed == straight
     for a, b in zip(_final_weights(tmp_path / "a"), _final_weights(run_dir)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
-    _assert_same_rows(_rows(run_dir), _rows(tmp_path / "a"))
+    assert_same_rows(metrics_rows(run_dir), metrics_rows(tmp_path / "a"))
 
 
 def test_a_checkpoint_without_the_metrics_sums_resumes_and_its_row_says_so(tmp_path,
@@ -432,7 +420,7 @@ def test_a_checkpoint_without_the_metrics_sums_resumes_and_its_row_says_so(tmp_p
     assert not any(n.startswith("metrics/") for n, _ in tf.train.list_variables(old))
 
     training.run(_tiny_config(run_dir, **_RESUMED), verbose=0)
-    rows = _rows(run_dir)
+    rows = metrics_rows(run_dir)
     assert [r.get("metrics_from_step") for r in rows] == [3, None]
     assert all(np.isfinite(r["loss"]) for r in rows)
     new = tf.train.latest_checkpoint(str(run_dir / "checkpoints"))
@@ -537,7 +525,7 @@ def test_killed_at_random_points_the_same_command_ends_with_the_same_weights(tmp
         json.loads((tmp_path / "a" / "results.json").read_text()), note
     epochs = [json.loads(l)["epoch"] for l in open(killed_dir / "metrics.jsonl")]
     assert epochs == [1, 2, 3], note
-    _assert_same_rows(_rows(killed_dir), _rows(tmp_path / "a"), note)
+    assert_same_rows(metrics_rows(killed_dir), metrics_rows(tmp_path / "a"), note)
     assert not any(".tmp-" in n or "_temp" in n for n in
                    os.listdir(killed_dir) + os.listdir(killed_dir / "checkpoints")), note
 
