@@ -7,10 +7,13 @@ the images that the ones before did not break, one run each, 100 iterations, the
 attacks once for each of the classes of the 2nd to 10th highest clean logit, Square with
 5,000 queries and p_init 0.8. An image counts as robust only if every attack failed on it.
 
-Each attack is compiled once, for one batch shape (`sparta_tf/backend/<name>.py`,
-`attack_fn`): every batch has the same number of images, the last one padded with copies
-of its first image (whose results are dropped). The target classes are data, not part of
-the compiled function, so the nine target ranks share one compilation. Seeded: the same
+Each attack is compiled for a few batch shapes only (`sparta_tf/backend/<name>.py`,
+`attack_fn`): a pass over the images still robust uses batches of `batch_size`, or of the
+smallest power of two (at least 8) that holds them all, the last batch padded with copies of
+its first image (whose results are dropped). So the later attacks, which see only the few
+images that the first one did not break, do not pay for a full batch of padding. The target
+classes are data, not part of the compiled function, so the nine target ranks share one
+compilation. Seeded: the same
 model, images and seed give the same result. The attacks run in float32.
 
 The other AutoAttack of the project, `sparta_tf.autoattack`, runs ART's attacks on
@@ -87,9 +90,11 @@ def robust_accuracy(model, x, y, eps, batch_size=256, attacks_run=ATTACKS, itera
             ranks = [1]
         run = backend.attack_fn(model, attack)
         for rank in ranks:
-            for batch in _batches(np.flatnonzero(robust), size):
+            left = np.flatnonzero(robust)
+            padded = min(size, _bucket(len(left)))
+            for batch in _batches(left, padded):
                 calls += 1
-                index = np.concatenate([batch, np.repeat(batch[:1], size - len(batch))])
+                index = np.concatenate([batch, np.repeat(batch[:1], padded - len(batch))])
                 _, right = run(x[index], y[index], [seed, calls], ranked[index, rank])
                 robust[batch[~right[:len(batch)]]] = False
         after[name] = float(robust.mean())
@@ -97,6 +102,11 @@ def robust_accuracy(model, x, y, eps, batch_size=256, attacks_run=ATTACKS, itera
             print(f"AutoAttack {name}: {after[name]:.1%} robust "
                   f"({time.perf_counter() - start:.0f} s)")
     return {"accuracy": float(robust.mean()), "after": after, "robust": robust}
+
+
+def _bucket(count):
+    """The batch shape for `count` images: the smallest power of two >= count, at least 8."""
+    return max(8, 1 << max(0, count - 1).bit_length())
 
 
 def _batches(index, size):

@@ -60,6 +60,30 @@ def project(p, w, c):
     return direction * ops.minimum(ops.expand_dims(t, -1), room)
 
 
+def step(difference, flat, y, state):
+    """One FAB step (see the module docstring) on flattened images: `state` is (x(k), the
+    closest misclassified point so far, its L-inf distance to `flat`, inf if none), and
+    `difference(v)` gives (z_t - z_y, the logits) at the flat points v."""
+    x_k, best, best_norm = state
+    g, _, grad = attacks.backend_module().loss_and_input_gradient(difference, x_k)
+    g, grad = ops.stop_gradient(g), ops.stop_gradient(grad)
+    # The boundary g(x_k) + grad . (v - x_k) = 0, reached from x_k and from x.
+    d_k = project(x_k, grad, -g)
+    d_0 = project(flat, grad, -g - ops.sum(grad * (flat - x_k), axis=-1))
+    a_k = ops.max(ops.abs(d_k), axis=-1, keepdims=True)
+    a_0 = ops.max(ops.abs(d_0), axis=-1, keepdims=True)
+    alpha = ops.clip(a_k / ops.maximum(a_k + a_0, 1e-12), 0.0, ALPHA_MAX)
+    x_next = ops.clip((1 - alpha) * (x_k + ETA * d_k) + alpha * (flat + ETA * d_0), 0.0, 1.0)
+    _, logits = difference(x_next)
+    wrong = ops.not_equal(ops.cast(ops.argmax(logits, axis=-1), "int32"), y)
+    norm = ops.max(ops.abs(x_next - flat), axis=-1)
+    closer = ops.logical_and(wrong, norm < best_norm)
+    best = ops.where(ops.expand_dims(closer, -1), x_next, best)
+    best_norm = ops.where(closer, norm, best_norm)
+    x_next = ops.where(ops.expand_dims(wrong, -1), (1 - BETA) * flat + BETA * x_next, x_next)
+    return x_next, best, best_norm
+
+
 class FAB:
     """Targeted L-inf FAB (see the module docstring) on pixels in [0, 1]; models return logits.
 
@@ -122,28 +146,10 @@ class FAB:
             logits = logits_of(v)
             return ops.sum(logits * pick, axis=-1), logits
 
-        def step(_, state):
-            x_k, best, best_norm = state
-            g, _, grad = backend.loss_and_input_gradient(difference, x_k)
-            g, grad = ops.stop_gradient(g), ops.stop_gradient(grad)
-            # The boundary g(x_k) + grad . (v - x_k) = 0, reached from x_k and from x.
-            d_k = project(x_k, grad, -g)
-            d_0 = project(flat, grad, -g - ops.sum(grad * (flat - x_k), axis=-1))
-            a_k = ops.max(ops.abs(d_k), axis=-1, keepdims=True)
-            a_0 = ops.max(ops.abs(d_0), axis=-1, keepdims=True)
-            alpha = ops.clip(a_k / ops.maximum(a_k + a_0, 1e-12), 0.0, ALPHA_MAX)
-            x_next = ops.clip((1 - alpha) * (x_k + ETA * d_k) + alpha * (flat + ETA * d_0),
-                              0.0, 1.0)
-            wrong = ops.not_equal(ops.cast(ops.argmax(logits_of(x_next), axis=-1), "int32"), y)
-            norm = ops.max(ops.abs(x_next - flat), axis=-1)
-            closer = ops.logical_and(wrong, norm < best_norm)
-            best = ops.where(ops.expand_dims(closer, -1), x_next, best)
-            best_norm = ops.where(closer, norm, best_norm)
-            x_next = ops.where(ops.expand_dims(wrong, -1), (1 - BETA) * flat + BETA * x_next,
-                               x_next)
-            return x_next, best, best_norm
+        def one(_, state):
+            return step(difference, flat, y, state)
 
         state = (flat, flat, ops.full((n,), float("inf"), "float32"))
-        _, best, best_norm = backend.fori_loop(self.iterations, step, state)
+        _, best, best_norm = backend.fori_loop(self.iterations, one, state)
         within = ops.expand_dims(best_norm <= self.eps, -1)
         return ops.stop_gradient(ops.reshape(ops.where(within, best, flat), shape))

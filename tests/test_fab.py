@@ -52,6 +52,41 @@ def test_the_projection_is_the_smallest_step():
     assert np.all(best < np.abs(c[reached]))
 
 
+def _step(x_k, best, best_norm, flat=(0.3, 0.3)):
+    """One `fab.step` on 2 pixels of a linear 2-class model, z = (0, v_1 + v_2 - 1), label 0
+    (target 1), so g = v_1 + v_2 - 1 and grad g = (1, 1)."""
+    def difference(v):
+        g = keras.ops.sum(v, axis=-1) - 1.0
+        return g, keras.ops.stack([keras.ops.zeros_like(g), g], axis=-1)
+
+    state = [keras.ops.convert_to_tensor(np.asarray(v, np.float32))
+             for v in ([x_k], [best], [best_norm])]
+    out = fab.step(difference, keras.ops.convert_to_tensor(np.asarray([flat], np.float32)),
+                   keras.ops.convert_to_tensor([0]), state)
+    return [np.asarray(v)[0] for v in out]
+
+
+def test_a_step_by_hand():
+    # From x = (0.3, 0.3), g = -0.4: d_k = d_0 = (0.2, 0.2), alpha = min(0.5, 0.1), so
+    # x + 1.05 d = (0.51, 0.51), misclassified at L-inf distance 0.21: the closest so far,
+    # then 0.9 of the way back to x: 0.03 + 0.9 * 0.51 = 0.489.
+    x_next, best, norm = _step([0.3, 0.3], [0.3, 0.3], np.inf)
+    np.testing.assert_allclose(best, [0.51, 0.51], atol=1e-5)
+    np.testing.assert_allclose(norm, 0.21, atol=1e-5)
+    np.testing.assert_allclose(x_next, [0.489, 0.489], atol=1e-5)
+    # A closer point was found before: it stays the closest.
+    x_next, best, norm = _step([0.3, 0.3], [0.4, 0.45], 0.15)
+    np.testing.assert_allclose(best, [0.4, 0.45], atol=1e-6)
+    np.testing.assert_allclose(norm, 0.15, atol=1e-6)
+    np.testing.assert_allclose(x_next, [0.489, 0.489], atol=1e-5)
+    # From x_k = (0.3, 0.5) away from x: d_k = (0.1, 0.1), d_0 = (0.2, 0.2), alpha = 0.1:
+    # 0.9 (x_k + 0.105) + 0.1 (x + 0.21) = (0.4155, 0.5955), wrong at distance 0.2955.
+    x_next, best, norm = _step([0.3, 0.5], [0.3, 0.3], np.inf)
+    np.testing.assert_allclose(best, [0.4155, 0.5955], atol=1e-5)
+    np.testing.assert_allclose(norm, 0.2955, atol=1e-5)
+    np.testing.assert_allclose(x_next, [0.40395, 0.56595], atol=1e-5)
+
+
 def test_near_the_smallest_perturbation_of_a_linear_model():
     rng = np.random.default_rng(1)
     weights = rng.normal(0, 1, (27, 4)).astype(np.float32)
