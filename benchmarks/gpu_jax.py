@@ -23,11 +23,15 @@ the device reports it; it only grows, so it is the most of this and the steps be
 Part 3, the pilot: PGD-AT (K steps, eps 8/255, one-cycle lr up to `--lr`) of each arm in
 turn, ReLU, Sparta, SiLU by default, each one `training.run` on JAX (the run of
 `KERAS_BACKEND=jax sparta-train`) in OUT/pilot/<arm>, evaluated clean and under
-PGD-`--eval_pgd_steps` on every test image; model.keras stays there (for AutoAttack on a
-CPU afterwards), its sha256 in the report. The epochs, the same for every arm, are the most
-(up to `--pilot_max_epochs`) that the time left allows, sized from part 2's step and compile
-times of the first dtype; if fewer than `--pilot_min_epochs` fit, the last arm is dropped
-(down to two). One seed: a pilot, not a result.
+PGD-`--eval_pgd_steps` on every test image, then under standard AutoAttack
+(`sparta_tf.autoattack_keras`: APGD-CE, APGD-T, FAB-T, Square) on `--autoattack_examples`
+test images, the same class-balanced sample for every arm; model.keras stays there, its
+sha256 in the report. Last, Sparta minus ReLU and Sparta minus SiLU in AutoAttack accuracy,
+paired by image, with a 95% bootstrap interval over the images (`experiments.stats.paired`).
+The epochs, the same for every arm, are the most (up to `--pilot_max_epochs`) that the time
+left allows once every arm's compiles, evaluations and AutoAttack are counted, sized from part
+2's step and compile times of the first dtype; if fewer than `--pilot_min_epochs` fit, the
+last arm is dropped (down to two). One seed: a pilot, not a result.
 
 Writes gpu_jax.json and GPU_JAX.md into --output_dir after each part and each arm.
 """
@@ -70,11 +74,23 @@ flags.DEFINE_integer("pilot_min_epochs", 10, "Fewer epochs than this: drop the l
 flags.DEFINE_integer("pilot_max_train", 0, "Training images of the pilot (0: all).")
 flags.DEFINE_integer("pilot_max_test", 0, "Test images of the pilot (0: all).")
 flags.DEFINE_integer("eval_pgd_steps", 20, "PGD steps of the pilot's evaluation.")
+flags.DEFINE_integer("autoattack_examples", 1000, "Test images of the pilot's AutoAttack "
+                     "(0: none).")
+flags.DEFINE_integer("autoattack_iterations", 100, "APGD and FAB iterations (standard: 100).")
+flags.DEFINE_integer("autoattack_queries", 5000, "Square queries (standard: 5000).")
 FLAGS = flags.FLAGS
 
 POLICY = {"bfloat16": "mixed_bfloat16", "float32": "float32"}
 EPS = 8 / 255
 SAFETY = 1.25  # the pilot's estimates are multiplied by this (data, host work, saves)
+PAIRS = (("sparta", "relu"), ("sparta", "silu"))  # the paired differences of the pilot
+
+
+def autoattack_passes(iterations, queries):
+    """About how many forward-and-backward passes standard AutoAttack makes per image: APGD-CE
+    on every image, APGD-T and FAB-T (9 targets each) on the half that robust training leaves
+    standing, and Square's forward passes (a third of a pass each) on that half."""
+    return iterations * (1 + 0.5 * 9 * 2) + queries * 0.5 / 3
 
 
 def _left():
@@ -272,6 +288,7 @@ def _plan(step, data_dir):
                    FLAGS.pilot_max_test or None)  # also extracts the archive, once
     load_s = time.monotonic() - start
     n_train, n_test = len(ds.y_train), len(ds.y_test)
+    n_autoattack = min(FLAGS.autoattack_examples, n_test)
     del ds
     dtype, configs = FLAGS.dtypes[0], step["configs"]
     measured = {a: configs.get(f"at/{a}/{dtype}", {}) for a in FLAGS.pilot_arms}
@@ -283,14 +300,17 @@ def _plan(step, data_dir):
     for arm in FLAGS.pilot_arms:
         c = measured[arm] if "s_per_step" in measured[arm] else fallback
         per_image[arm] = c["s_per_step"]["median"] / FLAGS.batch_size
-        evaluation = n_test * (FLAGS.eval_pgd_steps + 1) / (FLAGS.pgd_steps + 1) * per_image[arm]
-        # The train step and the two evaluations compile, the data load again, then evaluate.
-        overhead[arm] = 3 * c["compile_s"] + load_s + evaluation
+        passes = (n_test * (FLAGS.eval_pgd_steps + 1) + n_autoattack * autoattack_passes(
+            FLAGS.autoattack_iterations, FLAGS.autoattack_queries))
+        evaluation = passes / (FLAGS.pgd_steps + 1) * per_image[arm]
+        # The train step, the two evaluations and the 4 attacks compile, the data load
+        # again, then evaluate.
+        overhead[arm] = (3 + 4 * bool(n_autoattack)) * c["compile_s"] + load_s + evaluation
     left = _left()
     arms, epochs = fit_pilot(FLAGS.pilot_arms, per_image, overhead, n_train, left,
                              FLAGS.pilot_min_epochs, FLAGS.pilot_max_epochs)
     plan = {"arms": arms, "epochs": epochs, "dtype": dtype, "train_images": n_train,
-            "test_images": n_test, "data_load_s": load_s, "time_left_s": left,
+            "test_images": n_test, "autoattack_images": n_autoattack, "data_load_s": load_s, "time_left_s": left,
             "estimate_s": {a: SAFETY * (overhead[a] + epochs * n_train * per_image[a])
                            for a in arms}}
     if epochs < 1:
@@ -298,8 +318,35 @@ def _plan(step, data_dir):
     return plan
 
 
+def _autoattack(model_path, x, y):
+    """Standard AutoAttack (keras.ops) of the pilot's model on (x, y): its figures, with the
+    images it left right packed (`evaluation.pack`)."""
+    from sparta_tf import autoattack_keras, evaluation, transfer
+    start = time.monotonic()
+    out = autoattack_keras.robust_accuracy(
+        transfer.load(model_path), x, y, EPS, batch_size=FLAGS.batch_size,
+        iterations=FLAGS.autoattack_iterations, queries=FLAGS.autoattack_queries, seed=0)
+    return {"accuracy": out["accuracy"], "after": out["after"], "images": len(y),
+            "per_image": evaluation.pack(out["robust"]), "seconds": time.monotonic() - start}
+
+
+def paired(arms):
+    """Sparta minus ReLU and minus SiLU in the pilot's AutoAttack accuracy, paired by image
+    (the `PAIRS` whose arms both have it)."""
+    from sparta_tf.experiments import stats
+    cells = [{"objective": "pgd", "activation": arm, "seed": 0,
+              "per_image": {"autoattack": a["autoattack"]["per_image"]}}
+             for arm, a in arms.items() if "per_image" in a.get("autoattack", {})]
+    out = {}
+    for arm, other in PAIRS:
+        p = stats.paired(cells, "pgd", arm, other, "autoattack")
+        if p is not None:
+            out[f"{arm} - {other}"] = {k: p[k] for k in ("mean", "low", "high", "images")}
+    return out
+
+
 def pilot_part(report, write):
-    from sparta_tf import training
+    from sparta_tf import data, training
     data_dir = tempfile.mkdtemp(prefix="gpu_jax_data-")
     try:
         plan = _plan(report["step"], data_dir)
@@ -308,6 +355,9 @@ def pilot_part(report, write):
         write()
         if "skipped" in plan:
             return
+        if plan["autoattack_images"]:  # the same images for every arm
+            test = data.load(FLAGS.dataset, data_dir, max_test=plan["autoattack_images"],
+                             splits=("test",))
         for arm in plan["arms"]:
             if _left() < plan["estimate_s"][arm]:
                 part["arms"][arm] = {"skipped": f"{_left():.0f} s left, "
@@ -341,6 +391,15 @@ def pilot_part(report, write):
                 "model": os.path.relpath(model, FLAGS.output_dir), "model_sha256": sha256,
                 "model_bytes": os.path.getsize(model), "device_peak_bytes": _device_peak_bytes()}
             write()
+            if plan["autoattack_images"]:
+                try:
+                    part["arms"][arm]["autoattack"] = _autoattack(model, test.x_test,
+                                                                  test.y_test)
+                except Exception as e:  # reported; the next arm still runs
+                    part["arms"][arm]["autoattack"] = {"failed": _error(e)}
+                part["arms"][arm]["seconds"] = time.monotonic() - start
+                part["paired"] = paired(part["arms"])
+                write()
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
 
@@ -391,19 +450,32 @@ def markdown(report):
                       f"PGD-{FLAGS.pgd_steps} AT at eps 8/255, batch {FLAGS.batch_size}, "
                       f"one-cycle lr up to {FLAGS.lr}, momentum 0.9, weight decay 5e-4; "
                       f"accuracy on {plan['test_images']} test images, PGD-"
-                      f"{FLAGS.eval_pgd_steps} at 8/255. Arms planned: "
+                      f"{FLAGS.eval_pgd_steps} at 8/255; standard AutoAttack (keras.ops, "
+                      f"{FLAGS.autoattack_iterations} iterations, {FLAGS.autoattack_queries} "
+                      f"Square queries) on {plan['autoattack_images']} of them. Arms planned: "
                       f"{', '.join(plan['arms'])}.", "",
-                      "| arm | clean | PGD | minutes | model sha256 |", "|---|---:|---:|---:|---|"]
+                      "| arm | clean | PGD | AutoAttack | minutes | model sha256 |",
+                      "|---|---:|---:|---:|---:|---|"]
             for arm, a in pilot["arms"].items():
                 if "results" not in a:
-                    lines.append(f"| {arm} | {a.get('skipped') or a.get('failed')} | | | |")
+                    lines.append(f"| {arm} | {a.get('skipped') or a.get('failed')} | | | | |")
                     continue
-                r = a["results"]
+                r, aa = a["results"], a.get("autoattack", {})
                 pgd = r.get(f"pgd{FLAGS.eval_pgd_steps}_acc")
+                aa = (f"{100 * aa['accuracy']:.2f}" if "accuracy" in aa
+                      else aa.get("failed", "not run"))
                 lines.append(f"| {arm} | {100 * r['clean_acc']:.2f} | "
-                             f"{'n/a' if pgd is None else f'{100 * pgd:.2f}'} | "
+                             f"{'n/a' if pgd is None else f'{100 * pgd:.2f}'} | {aa} | "
                              f"{a['seconds'] / 60:.1f} | `{a['model_sha256'][:16]}` |")
             lines.append("")
+            if pilot.get("paired"):
+                lines += ["AutoAttack accuracy, paired by image (points; 95% bootstrap interval "
+                          "over the images, one seed):", "", "| pair | mean [95% interval] |",
+                          "|---|---|"]
+                for pair, p in pilot["paired"].items():
+                    lines.append(f"| {pair} | {100 * p['mean']:+.2f} [{100 * p['low']:+.2f}, "
+                                 f"{100 * p['high']:+.2f}] |")
+                lines.append("")
     return "\n".join(lines)
 
 

@@ -43,15 +43,18 @@ def test_autoattack_time_times_keras_against_art(tmp_path):
     hidden = keras.layers.Conv2D(4, 3, strides=4, activation="relu")(inputs)
     keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(hidden))).save(
         tmp_path / "tiny.keras")
-    out = _run("autoattack_time.py", f"--model_path={tmp_path / 'tiny.keras'}",
+    out = _run("autoattack_time.py",
+               f"--model_paths={tmp_path / 'tiny.keras'},{tmp_path / 'tiny.keras'}",
                "--num_examples=10", "--iterations=2", "--queries=3", "--rounds=1",
                f"--output_dir={tmp_path}", folder=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "autoattack_time.json").read_text())
     assert set(report["seconds"]) == {"art", "keras_three", "keras_standard"}
     assert set(report["ratio_to_art"]) == {"keras_three", "keras_standard"}
-    assert all(0 <= a <= 1 for a in report["robust_accuracy"].values())
-    assert list(report["after"]["keras_standard"]) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert all(0 <= a <= 1 for a in report["pooled"]["robust_accuracy"].values())
+    assert report["pooled"]["images"] == 20 and len(report["models"]) == 2
+    assert list(report["models"][0]["after"]["keras_standard"]) == [
+        "apgd-ce", "apgd-t", "fab-t", "square"]
     assert "keras.ops: standard (with FAB-T)" in (tmp_path / "AUTOATTACK_TIME.md").read_text()
 
 
@@ -162,8 +165,15 @@ def test_gpu_jax_tiny_runs_every_part_without_tensorflow(tmp_path):
         assert hashlib.sha256(model).hexdigest() == result["model_sha256"]
         config = json.loads((out_dir / "pilot" / arm / "config.json").read_text())
         assert config["lr_schedule"] == "onecycle" and config["backend"] == "jax"
+        autoattack = result["autoattack"]
+        assert autoattack["images"] == 16 and 0 <= autoattack["accuracy"] <= 1
+        assert list(autoattack["after"]) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    pair = pilot["paired"]["sparta - relu"]  # no SiLU arm here
+    assert set(pilot["paired"]) == {"sparta - relu"} and pair["images"] == 16
+    assert pair["low"] <= pair["mean"] <= pair["high"]
     markdown = (out_dir / "GPU_JAX.md").read_text()
     assert "## The compiled AT step" in markdown and "| sparta | " in markdown
+    assert "| sparta - relu | " in markdown
 
 
 def test_gpu_jax_fits_the_pilot_to_the_time_left():
