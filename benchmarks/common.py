@@ -106,7 +106,9 @@ def machine():
             name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
     except (OSError, StopIteration):
         name = platform.processor() or "unknown CPU"
-    return f"{name}, {os.cpu_count()} cores, no GPU"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{name}, {cores} core{'s' if cores != 1 else ''}" + (
+        f" (pinned, of {os.cpu_count()})" if cores != os.cpu_count() else "") + ", no GPU"
 
 
 def write(report, markdown, output_dir, json_name, markdown_name):
