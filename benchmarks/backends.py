@@ -10,6 +10,11 @@ in turn to time `--steps` steps, configuration after configuration, round after 
 that a slow spell of the machine falls on all of them. Each figure is the median over
 rounds (with min and max); every ratio is taken within a round. Writes `backends.json` and
 `BACKENDS.md`.
+
+    python benchmarks/backends.py --before=PATH/TO/AN/OLDER/CHECKOUT --output_dir=...
+
+also times the step of the sparta_tf of that checkout (`name@before`), in two more workers
+interleaved with these, and gives each step's time after / before.
 """
 
 import os
@@ -26,6 +31,7 @@ flags.DEFINE_float("width", 0.25, "ResNet-18 width multiplier.")
 common.define_step_flags()
 flags.DEFINE_string("output_dir", None, "Where to write backends.json and BACKENDS.md.")
 flags.DEFINE_bool("worker", False, "Internal: serve timings on this process's backend.")
+flags.DEFINE_string("before", None, "An older checkout whose sparta_tf's step is timed too.")
 FLAGS = flags.FLAGS
 BACKENDS = ("tensorflow", "jax")
 
@@ -51,8 +57,12 @@ def _tf_step(model, x, y):
 def _jax_step(model, x, y):
     import jax
     from sparta_tf.backend import jax_trainer
-    model(x[:1])  # built, as jax_trainer.run does
-    step, holder = jax.jit(model.train_step, donate_argnums=0), [jax_trainer._state(model)]
+    model(x[:1])  # built, as training.run does
+    if hasattr(jax_trainer, "train_state"):
+        step, holder = jax_trainer.compiled_step(model), [jax_trainer.train_state(model)]
+    else:  # a checkout of --before, whose jax_trainer kept the step's state privately
+        step = jax.jit(model.train_step, donate_argnums=0)
+        holder = [jax_trainer._state(model)]  # pylint: disable=protected-access
 
     def run():
         logs, holder[0] = step(holder[0], (x, y))
@@ -76,9 +86,12 @@ def _serve():
         print(time.perf_counter() - start, flush=True)
 
 
-def _start(backend):
+def _start(backend, tree=None):
+    """A worker on `backend`, with the sparta_tf of checkout `tree` (None: this one)."""
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
-    args = [a for a in sys.argv[1:] if not a.startswith("--output_dir")]
+    if tree:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (tree, env.get("PYTHONPATH")) if p)
+    args = [a for a in sys.argv[1:] if not a.startswith(("--output_dir", "--before"))]
     proc = subprocess.Popen([sys.executable, __file__, "--worker", *args], env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     while proc.stdout.readline().strip() != "ready":
@@ -92,6 +105,8 @@ def main(argv):
     if FLAGS.worker:
         return _serve()
     workers = {backend: _start(backend) for backend in BACKENDS}
+    if FLAGS.before:
+        workers.update({f"{b}@before": _start(b, FLAGS.before) for b in BACKENDS})
     rounds = []
     for _ in range(FLAGS.rounds):
         timing = {}
@@ -109,6 +124,11 @@ def main(argv):
     for activation in FLAGS.activations:
         ratios[f"jax / tensorflow, {activation}"] = common.spread(
             [r[f"jax/{activation}"] / r[f"tensorflow/{activation}"] for r in rounds])
+    for backend in BACKENDS if FLAGS.before else ():
+        for activation in FLAGS.activations:
+            ratios[f"after / before, {backend}, {activation}"] = common.spread(
+                [r[f"{backend}/{activation}"] / r[f"{backend}@before/{activation}"]
+                 for r in rounds])
     for backend in BACKENDS:
         for activation in FLAGS.activations[1:]:
             ratios[f"{activation} / {FLAGS.activations[0]}, {backend}"] = common.spread(

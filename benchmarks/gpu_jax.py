@@ -170,10 +170,10 @@ def _compile(activation, objective, dtype, batch):
     keras.config.set_dtype_policy(config.mixed_precision)  # as training.run holds it
     try:
         model = adversarial.build(config, 10, batch[0].shape[1:], steps_per_epoch=100)
-        model(batch[0][:1])  # built, as jax_trainer.run does: stateless_call needs it
-        state = jax_trainer._state(model)
+        model(batch[0][:1])  # built, as training.run does: stateless_call needs it
+        state = jax_trainer.train_state(model)
         start = time.perf_counter()
-        step = jax.jit(model.train_step, donate_argnums=0).lower(state, batch).compile()
+        step = jax_trainer.compiled_step(model).lower(state, batch).compile()
         figures = {"compile_s": time.perf_counter() - start}
     finally:
         keras.config.set_dtype_policy(policy)

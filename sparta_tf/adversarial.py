@@ -8,11 +8,11 @@ of three objectives, each a small loss in `keras.ops`:
 - `trades`: CE(clean) + beta * KL(p(clean) || p(adv)), with the adversarial example
   maximising that KL (Zhang et al., 2019).
 
-A train step reads: seed, attack, loss, update. The seed, the attack and the loss are
-written here once; the step itself is the backend's (`sparta_tf/backend/tensorflow_trainer.py`
-with a GradientTape, `jax_trainer.py` stateless under `jax.jit`), as Keras's own trainers
-are one small file per backend. `build(config, ...)` makes the model of a `TrainConfig`.
-This module imports no TensorFlow.
+A train step reads: seed, attack, loss, update. The seed, the attack, the loss and the
+metrics are written here once; the step itself is the backend's
+(`sparta_tf/backend/tensorflow_trainer.py` with a GradientTape, `jax_trainer.py` stateless),
+as Keras's own trainers are one small file per backend, and Keras's `fit` runs it.
+`build(config, ...)` makes the model of a `TrainConfig`. This module imports no TensorFlow.
 """
 
 import keras
@@ -150,6 +150,15 @@ class AdversarialModel(TrainStep, keras.Model):
             total = total + self.weight_decay / 2 * sum(squares[1:], squares[0])
         return loss, total, logits, adv_logits
 
+    def update_metrics(self, loss, y, logits, adv_logits):
+        """Updates the metrics with the step's loss and logits; returns their results."""
+        self.loss_tracker.update_state(loss)
+        if logits is not None:
+            self.clean_acc.update_state(y, logits)
+        if adv_logits is not None:
+            self.adv_acc.update_state(y, adv_logits)
+        return {m.name: m.result() for m in self.metrics}
+
     def scaled_gradients(self, grads):
         """The gradients with the Sparta ones scaled by `sparta_lr_multiplier`."""
         return [g if s == 1.0 else g * s for g, s in zip(grads, self.gradient_scale)]
@@ -181,6 +190,8 @@ def build(config, num_classes, input_shape, steps_per_epoch, sources=None):
                              config.sparta_lr_multiplier, config.seed)
     optimizer = keras.optimizers.SGD(learning_rate(config, steps_per_epoch),
                                      momentum=config.momentum)
-    model.compile(optimizer=optimizer, jit_compile=config.jit_compile)
+    # On JAX the step is always compiled (jax.jit); --jit_compile is TensorFlow's XLA.
+    jit = config.jit_compile if keras.backend.backend() == "tensorflow" else True
+    model.compile(optimizer=optimizer, jit_compile=jit)
     model.optimizer.build(net.trainable_variables)  # so that a checkpoint can restore into it
     return model

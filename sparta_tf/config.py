@@ -6,6 +6,7 @@ trainers and the library read them here without importing the training loop. Thi
 imports nothing of `sparta_tf` and no TensorFlow.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -58,6 +59,30 @@ class NonFiniteLossError(RuntimeError):
 
 class WriteError(RuntimeError):
     """A file of the run could not be written (a full disk, a read-only folder)."""
+
+
+@contextlib.contextmanager
+def writing(path, errors=(OSError,)):
+    """Runs a block that writes `path`: an error of `errors` in it stops the run.
+
+    Raises:
+        WriteError: the block raised one of `errors` (a full disk, a folder that is not
+            writable); one line that names `path` and the cause.
+    """
+    try:
+        yield
+    except WriteError:
+        raise
+    except errors as e:
+        cause = " ".join(str(e).split())  # one line
+        if cause.startswith("{{"):  # TensorFlow's name of the op that failed
+            cause = cause.split("}}", 1)[1].strip()
+        if len(cause) > 300:  # the reason ("File too large") comes last
+            cause = f"{cause[:140]} ... {cause[-140:]}"
+        raise WriteError(
+            f"Could not write {path} ({type(e).__name__}: {cause}). Training stopped; what "
+            "was written before is kept. Free some space (or make the folder writable) and "
+            "rerun the same command: it resumes from the last checkpoint.") from e
 
 
 @dataclasses.dataclass

@@ -3,10 +3,11 @@
     model_dir/
         config.json         the TrainConfig of the run, marked as sparta-train's
                             (config.WRITTEN_BY)
-        checkpoints/        resumed from: TensorFlow's `checkpoint`, `ckpt-N.index` and
-                            `ckpt-N.data-*`, or JAX's `ckpt-N/` folders (state.npz, or
-                            state.weights.h5 before it, and position.json);
-                            `ckpt-N_temp*` while one is saved
+        checkpoints/        resumed from: `ckpt-N/` folders (state.npz, or on JAX
+                            state.weights.h5 before it, and position.json;
+                            sparta_tf.checkpoints), `ckpt-N_temp*` while one is saved;
+                            the tf.train files of sparta-tf 0.1's TensorFlow trainer
+                            (`checkpoint`, `ckpt-N.index`, `ckpt-N.data-*`) are refused
         metrics.jsonl       one row per epoch; logs/ holds the same for TensorBoard
         model.keras         the trained network (MODEL), written when training ends
         class_names.json    its class names in label order (CLASS_NAMES)
@@ -15,7 +16,7 @@
         export/VERSION/     the SavedModel for TF Serving (sparta_tf.export); export/ also
                             holds `.partial-*` folders while one is written, and the lock
                             of the exports (EXPORT_LOCK)
-        .worker<i>/         a multi-worker job's other workers' share of the saves
+        .worker<i>/         a multi-worker job's other workers' share of the model's save
         .lock               held by the run that trains in it (`lock`)
 
 What a reader trusts is never seen half-written: every file is written whole to a hidden

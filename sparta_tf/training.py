@@ -1,33 +1,36 @@
 """Training runs: `run(config)` on the Keras backend in use, and the model_dir's lifecycle.
 
-`run(config)` is the whole experiment behind `sparta-train`: read the data, build the
-model (`adversarial.build`), hold and prepare `config.model_dir`, train with resume from
-its checkpoints, then save model.keras and evaluate it. The training loop is the
-backend's: `sparta_tf/backend/tensorflow_trainer.py` (MirroredStrategy, multi-worker,
-tf.train checkpoints) or `jax_trainer.py` (one device, NumPy checkpoints). What
-both share lives here: the model_dir's preparation (the config check, `--overwrite`, the
-lock, what a killed run left half-written), the metrics rows, `finished`, the final
-evaluation (`finish`, under the project's one PGD protocol, `sparta_tf.protocol`) and the
-summary. A file of the run that cannot be written (a full disk) stops it in one
-`WriteError` that names the file (`writing`), on either backend.
+`run(config)` is the whole experiment behind `sparta-train`, the same on every backend: read
+the data, build the model (`adversarial.build`) on the devices of `--strategy`
+(`sparta_tf/backend/<name>_distribute.py`), hold and prepare `config.model_dir`, resume from
+its checkpoints (`sparta_tf.checkpoints`), train with Keras's `fit` one epoch at a time (each
+epoch's batches depend only on (seed, epoch), so a resumed epoch starts at its step), with
+`callbacks.Progress` doing the rest (checkpoints, metrics rows, TensorBoard, the NaN stop),
+then save model.keras and evaluate it (`finish`, under the project's one PGD protocol,
+`sparta_tf.protocol`). Only the train step is the backend's
+(`sparta_tf/backend/<name>_trainer.py`). A file of the run that cannot be written (a full
+disk) stops it in one `WriteError` that names the file (`config.writing`).
 This module imports no TensorFlow; `TrainConfig` and its errors come from
 `sparta_tf.config` and are named here too.
 """
 
 import contextlib
 import dataclasses
-import json
-import math
 import os
 import shutil
 import zipfile
 
 import keras
 
-from sparta_tf import data, model_dir, protocol, transfer
+from sparta_tf import adversarial, callbacks, checkpoints, data, model_dir, protocol, transfer
 from sparta_tf.config import (  # noqa: F401  (the names users know from here)
     LR_SCHEDULES, OBJECTIVES, STRATEGIES, ConfigMismatchError, NonFiniteLossError, SetupError,
-    WRITTEN_BY, TrainConfig, WriteError, learning_rate, stalled)
+    WRITTEN_BY, TrainConfig, WriteError, learning_rate, stalled, writing)
+
+if keras.backend.backend() == "jax":
+    from sparta_tf.backend import jax_distribute as distribute
+elif keras.backend.backend() == "tensorflow":
+    from sparta_tf.backend import tensorflow_distribute as distribute
 
 BACKENDS = ("tensorflow", "jax")
 
@@ -41,7 +44,7 @@ def run(config, overwrite=False, verbose="auto"):
 
     Raises:
         SetupError: the run cannot start as asked, for example on a backend other than
-            the config's.
+            the config's, or with a strategy that the backend lacks.
     """
     backend = keras.backend.backend()
     if backend not in BACKENDS:
@@ -53,13 +56,48 @@ def run(config, overwrite=False, verbose="auto"):
     config = dataclasses.replace(config, backend=backend)
     policy = keras.config.dtype_policy()
     try:
-        if backend == "jax":
-            from sparta_tf.backend import jax_trainer as trainer
-        else:
-            from sparta_tf.backend import tensorflow_trainer as trainer
-        return trainer.run(config, overwrite, verbose)
+        devices = distribute.Devices(config.strategy, config.batch_size)  # TF: first
+        if devices.workers > 1 and overwrite:
+            raise SetupError("--overwrite is not supported with several workers: delete the "
+                             "model_dir before starting them.")
+        config, sources, ds, steps = prepare(config)
+        with devices.scope():  # built first: a transfer that does not fit writes nothing
+            model = adversarial.build(config, ds.num_classes, ds.x_train.shape[1:], steps,
+                                      sources)
+        devices.prepare(model)
+        with holding(config, overwrite, devices.chief):
+            prepare_model_dir(config, overwrite, devices.chief)
+            return _train(config, devices, model, ds, steps, verbose)
     finally:
         keras.config.set_dtype_policy(policy)
+
+
+def _train(config, devices, model, ds, steps, verbose):
+    """Resumes, trains the epochs left with `fit`, finishes."""
+    saved = checkpoints.Checkpoints(os.path.join(config.model_dir, model_dir.CHECKPOINTS),
+                                    write=devices.chief)
+    epoch, skip, sums = saved.restore(model)  # the chief's, on every worker
+    if skip >= steps:  # at an epoch's last step (the TF trainer of 0.1.0 wrote those)
+        epoch, skip, sums = epoch + 1, 0, None
+    report_position(config, epoch, skip, steps)
+    progress = callbacks.Progress(config, saved, steps, ds.num_classes, devices.chief)
+    for epoch in range(epoch, config.epochs):
+        print(f"Epoch {epoch + 1}/{config.epochs}")
+        progress.start(epoch, skip, sums)
+        with devices.scope():
+            history = model.fit(devices.batches(ds, config, epoch, skip), epochs=1,
+                                steps_per_epoch=steps - skip, callbacks=[progress],
+                                verbose=verbose if devices.chief else 0, shuffle=False)
+        if progress.bad is not None:
+            raise NonFiniteLossError(
+                f"The loss or the weights became NaN or Inf in epoch {epoch + 1} (found at "
+                f"{progress.bad}; loss {history.history['loss'][-1]}). Training stopped; the "
+                f"last good checkpoint ({saved.latest()}) is kept. Try a lower --lr.")
+        skip, sums = 0, None
+    if not devices.chief:  # (never on JAX)
+        devices.save_share(model.model, config.model_dir)
+        return None
+    return finish(config, model.model, ds, devices.count)
 
 
 def prepare(config):
@@ -253,69 +291,12 @@ def with_sources(config):
     return config, {k: v for k, v in found.items() if v is not None}
 
 
-def log_epoch(folder, row, summaries=None):
-    """Writes `row` to folder/metrics.jsonl, and passes it to `summaries` (TensorBoard).
-
-    Rows of this epoch and later ones already there are dropped first: they belong to
-    an earlier run of the model_dir (retrained from scratch, its checkpoints gone, or
-    killed after the row was written and before its checkpoint), not to this one. So is
-    a line that is not a row (damaged), with a warning that names it.
-    """
-    path = os.path.join(folder, model_dir.METRICS_FILE)
-    rows = []
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for number, line in enumerate(f, 1):
-                try:
-                    if json.loads(line)["epoch"] < row["epoch"]:
-                        rows.append(line.rstrip("\n") + "\n")
-                except (ValueError, TypeError, KeyError, IndexError):
-                    if line.strip():
-                        print(f"Warning: line {number} of {path} is not a row of metrics "
-                              f"({line.strip()[:60]!r}); it is dropped.")
-    model_dir.write_text(path, "".join(rows + [json.dumps(row) + "\n"]))
-    if summaries is not None:
-        summaries(row)
-
-
 def report_position(config, epoch, skip, steps):
     """Prints where a run starts: resumed, or trained already."""
     if epoch >= config.epochs:
         print(f"{config.model_dir} is trained for {epoch} epochs; evaluating it again.")
     elif epoch or skip:
         print(f"Resuming {config.model_dir} at epoch {epoch + 1}, step {skip} of {steps}.")
-
-
-def warn_if_stalled(config, row, num_classes):
-    """Prints a warning if the epoch's loss is still at chance (`stalled`)."""
-    if stalled(row["loss"], num_classes, row["epoch"], config.objective):
-        print(f"Warning: after {row['epoch']} epochs the training loss ({row['loss']:.3f}) is "
-              f"still at chance (ln {num_classes} = {math.log(num_classes):.3f}): "
-              "the network is not learning. Try a lower --lr.")
-
-
-@contextlib.contextmanager
-def writing(path, errors=(OSError,)):
-    """Runs a block that writes `path`: an error of `errors` in it stops the run.
-
-    Raises:
-        WriteError: the block raised one of `errors` (a full disk, a folder that is not
-            writable); one line that names `path` and the cause.
-    """
-    try:
-        yield
-    except WriteError:
-        raise
-    except errors as e:
-        cause = " ".join(str(e).split())  # one line
-        if cause.startswith("{{"):  # TensorFlow's name of the op that failed
-            cause = cause.split("}}", 1)[1].strip()
-        if len(cause) > 300:  # the reason ("File too large") comes last
-            cause = f"{cause[:140]} ... {cause[-140:]}"
-        raise WriteError(
-            f"Could not write {path} ({type(e).__name__}: {cause}). Training stopped; what "
-            "was written before is kept. Free some space (or make the folder writable) and "
-            "rerun the same command: it resumes from the last checkpoint.") from e
 
 
 def save_model(config, net, ds):
@@ -338,11 +319,11 @@ def eval_protocol(config):
     return protocol.Protocol(eps=config.eps, steps=config.eval_pgd_steps, seed=config.seed)
 
 
-def finish(config, net, ds):
+def finish(config, net, ds, devices=1):
     """The end of a run on either backend: saves `net` as model_dir/model.keras (and the
     class names beside it), evaluates its clean and PGD accuracy under `eval_protocol`
     (`protocol.correct`; PGD only if `eval_pgd_steps`) and writes results.json, which names
-    the protocol.
+    the protocol and how many `devices` trained.
 
     Raises:
         WriteError: model.keras, class_names.json or results.json could not be written.
@@ -350,7 +331,8 @@ def finish(config, net, ds):
     save_model(config, net, ds)
     pgd = eval_protocol(config)
     x, y = ds.x_test, ds.y_test
-    results = {"clean_acc": float(protocol.correct(net, x, y, pgd, clean=True).mean())}
+    results = {"clean_acc": float(protocol.correct(net, x, y, pgd, clean=True).mean()),
+               "devices": devices}
     if config.eval_pgd_steps:
         results[f"pgd{pgd.steps}_acc"] = float(protocol.correct(net, x, y, pgd).mean())
         results["protocol"] = pgd.to_json()
@@ -371,6 +353,10 @@ def write_results(config, ds, results):
     return results
 
 
+def _count(n, word):
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def summary(config, results, minutes, export_dir):
     """A one-screen text summary of a finished run."""
     accs = "  ".join(f"{k.removesuffix('_acc')} {100 * v:.1f}%"
@@ -387,9 +373,11 @@ def summary(config, results, minutes, export_dir):
            "(its sha256 in config.json)"] if config.gates_from else []),
         f"data       {config.dataset}, {results['train_examples']} train / "
         f"{results['eval_examples']} test images",
-        f"training   {config.objective}, {config.epochs} epochs, eps {config.eps * 255:.3g}/255, "
-        f"PGD-{config.pgd_steps}" if config.objective != "standard" else
-        f"training   standard, {config.epochs} epochs",
+        f"training   {config.objective}, {_count(config.epochs, 'epoch')}, eps "
+        f"{config.eps * 255:.3g}/255, PGD-{config.pgd_steps}" if config.objective != "standard"
+        else f"training   standard, {_count(config.epochs, 'epoch')}",
+        *([f"devices    {_count(results['devices'], 'device')} ({keras.backend.backend()})"]
+          if "devices" in results else []),
         f"test       {accs}  (PGD at eps {results['eps'] * 255:.3g}/255)",
         f"time       {minutes:.1f} min",
         f"model_dir  {config.model_dir}",

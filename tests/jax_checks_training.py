@@ -15,7 +15,9 @@ FOLDER/jax_known_pgd.npz, `known_images_step("pgd")` on JAX, and FOLDER/jax_trad
     KERAS_BACKEND=jax python tests/jax_checks_training.py --old_checkpoint MODEL_DIR
 
 rewrites the newest checkpoint of a JAX run as sparta-tf wrote it before `state.npz`
-(`old_checkpoint`), for `test_jax_training.py`'s resume test.
+(`old_checkpoint`), and `--state_devices` prints on how many devices each variable of the
+training state lies after a `fit` (`state_devices`), for `test_jax_training.py`'s resume
+test.
 """
 
 import os
@@ -59,15 +61,18 @@ def step(folder, objective="pgd"):
     backend = keras.backend.backend()
     if backend == "jax":
         from sparta_tf.backend import jax_trainer  # pylint: disable=import-outside-toplevel
-        model(x[:1])  # built, as jax_trainer.run does
+        model(x[:1])  # built, as training.run does
         assert [v.path for v in model.trainable_variables] == \
             [v.path for v in net.trainable_variables]
-        state = jax_trainer._state(model)  # pylint: disable=protected-access
+        state = jax_trainer.train_state(model)
         x_adv = model.adversarial_examples(
             lambda v, training=False: net.stateless_call(
                 state[0], state[1], v, training=training)[0], x, y, None)
         logs, state = model.train_step(state, (x, y))
-        jax_trainer._assign(model, state)  # pylint: disable=protected-access
+        for group, values in zip((model.trainable_variables, model.non_trainable_variables),
+                                 state):
+            for variable, value in zip(group, values):
+                variable.assign(value)
     else:
         x_adv = model.adversarial_examples(net, x, y, None)
         logs = model.train_step((x, y))
@@ -108,8 +113,8 @@ def known_images_step(objective):
     if keras.backend.backend() == "jax":
         import jax  # pylint: disable=import-outside-toplevel
         from sparta_tf.backend import jax_trainer  # pylint: disable=import-outside-toplevel
-        model(x[:1])  # built, as jax_trainer.run does
-        state = jax_trainer._state(model)  # pylint: disable=protected-access
+        model(x[:1])  # built, as training.run does
+        state = jax_trainer.train_state(model)
         logs, _ = jax.jit(model.train_step)(state, (x, y))
     else:
         logs = model.train_step((keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y)))
@@ -126,8 +131,8 @@ def trades_step(folder):
     net.load_weights(os.path.join(folder, WEIGHTS))
     batch = np.load(os.path.join(folder, BATCH))
     x, y = batch["x"], batch["y"]
-    model(x[:1])  # built, as jax_trainer.run does
-    state = jax_trainer._state(model)  # pylint: disable=protected-access
+    model(x[:1])  # built, as training.run does
+    state = jax_trainer.train_state(model)
     x_adv = model.adversarial_examples(
         lambda v, training=False: net.stateless_call(
             state[0], state[1], v, training=training)[0], x, y, None)
@@ -140,25 +145,46 @@ def trades_step(folder):
 
 def old_checkpoint(folder):
     """On JAX: rewrites the newest checkpoint of model_dir `folder` as sparta-tf wrote it
-    before `jax_trainer.STATE`: the weights and the optimizer's variables in Keras's
+    before `checkpoints.STATE`: the weights and the optimizer's variables in Keras's
     `state.weights.h5` (`Model.save_weights`), without the metrics' sums."""
     # pylint: disable=import-outside-toplevel
-    from sparta_tf import adversarial, model_dir, training
-    from sparta_tf.backend import jax_trainer
+    from sparta_tf import adversarial, checkpoints, model_dir, training
     stored = model_dir.read_json(os.path.join(folder, model_dir.CONFIG))
     config, sources, ds, steps = training.prepare(training.TrainConfig.from_stored(stored))
     model = adversarial.build(config, ds.num_classes, ds.x_train.shape[1:], steps, sources)
-    model(ds.x_train[:1])  # built, as jax_trainer.run does
-    checkpoints = jax_trainer.Checkpoints(os.path.join(folder, model_dir.CHECKPOINTS))
-    checkpoints.restore(model)
-    newest = checkpoints.latest()
-    model.save_weights(os.path.join(newest, jax_trainer.KERAS_STATE))
-    os.remove(os.path.join(newest, jax_trainer.STATE))
+    model(ds.x_train[:1])  # built, as training.run does
+    saved = checkpoints.Checkpoints(os.path.join(folder, model_dir.CHECKPOINTS))
+    saved.restore(model)
+    newest = saved.latest()
+    model.save_weights(os.path.join(newest, checkpoints.KERAS_STATE))
+    os.remove(os.path.join(newest, checkpoints.STATE))
+
+
+def state_devices():
+    """On JAX: one epoch of `fit` on the devices of `--strategy=mirrored`, as sparta-train
+    runs it; the sorted numbers of devices that hold each variable of the training state."""
+    # pylint: disable=import-outside-toplevel
+    from sparta_tf import adversarial, checkpoints, training
+    from sparta_tf.backend import jax_distribute
+    devices = jax_distribute.Devices("mirrored", 16)
+    config = training.TrainConfig(max_train=32, max_test=8, width_multiplier=0.0625,
+                                  batch_size=16, pgd_steps=1)
+    config, sources, ds, steps = training.prepare(config)
+    with devices.scope():
+        model = adversarial.build(config, ds.num_classes, ds.x_train.shape[1:], steps, sources)
+    devices.prepare(model)
+    with devices.scope():
+        model.fit(devices.batches(ds, config, 0, 0), epochs=1, steps_per_epoch=steps,
+                  verbose=0)
+    return sorted({len(v.value.sharding.device_set) for v in checkpoints.variables(model)})
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "--old_checkpoint":
         old_checkpoint(sys.argv[2])
+        sys.exit()
+    if sys.argv[1] == "--state_devices":
+        print("devices of each variable:", state_devices())
         sys.exit()
     for name in ("pgd", "standard"):
         step(sys.argv[1], name)

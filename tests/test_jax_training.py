@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT, assert_same_rows, jax_without_tensorflow, metrics_rows, needs_jax
+from conftest import ROOT, jax_without_tensorflow, metrics_rows, needs_jax
 from sparta_tf import transfer
 
 _CHECKS = os.path.join(ROOT, "tests", "jax_checks_training.py")
@@ -86,21 +86,25 @@ def _weights(model_dir):
 
 @needs_jax
 def test_sparta_train_on_jax_without_tensorflow_resumes_after_a_kill(tmp_path):
-    """Run b is killed after its first checkpoint (step 2 of 6), then stopped in one line by
-    a full disk at the next one (`ulimit -f`: Python ignores SIGXFSZ, so writes fail with
-    EFBIG), then resumed: it ends as run a, never stopped, with the same weights, results
-    and metrics rows (the resumed epoch's metrics go on from the checkpoint's sums). A copy
-    of it whose checkpoint lacks those sums (written before they were saved) resumes to the
-    same weights, its row saying from which step its metrics count."""
+    """Run a trains on one device. Run b, on two host devices, is killed after its first
+    checkpoint (step 2 of 6), then stopped in one line by a full disk at the next one
+    (`ulimit -f`: Python ignores SIGXFSZ, so writes fail with EFBIG), then resumed: it ends
+    as run a, never stopped and on one device, with the same weights, results and metrics
+    rows (the resumed epoch's metrics go on from the checkpoint's sums), both devices holding
+    the whole training state, and TensorBoard logs. A copy of it whose checkpoint lacks those
+    sums (written before they were saved) resumes to the same weights, its row saying from
+    which step its metrics count."""
     env = jax_without_tensorflow(tmp_path / "blocked")
+    two = dict(env, XLA_FLAGS=env["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2")
     straight = _train(tmp_path / "a", env)
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert "not exported: a SavedModel needs TensorFlow" in straight.stdout
+    assert "devices    1 device (jax)" in straight.stdout
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert config["backend"] == "jax"
 
     killed = tmp_path / "b"
-    proc = _train(killed, env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _train(killed, two, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (killed / "checkpoints" / "ckpt-1").exists() and proc.poll() is None \
             and time.time() < deadline:
@@ -111,7 +115,7 @@ def test_sparta_train_on_jax_without_tensorflow_resumes_after_a_kill(tmp_path):
     assert os.listdir(killed / "checkpoints") == ["ckpt-1"], "killed after step 2's save"
 
     # A checkpoint's weights are ~400 KB, config.json 1 KB: the next save fails.
-    limited = _train(killed, env, limit=100_000)
+    limited = _train(killed, two, limit=100_000)
     last = limited.stderr.strip().splitlines()[-1]
     assert limited.returncode == 1 and "Traceback" not in limited.stderr, limited.stderr[-3000:]
     assert last.startswith(f"error: Could not write {killed / 'checkpoints' / 'ckpt-2'} ("), last
@@ -129,16 +133,40 @@ def test_sparta_train_on_jax_without_tensorflow_resumes_after_a_kill(tmp_path):
     assert sorted(os.listdir(old / "checkpoints" / "ckpt-1")) == ["position.json",
                                                                   "state.weights.h5"]
 
-    for folder in (killed, old):
-        resumed = _train(folder, env)
+    for folder, devices in ((killed, two), (old, env)):
+        resumed = _train(folder, devices)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert "at epoch 1, step 2 of 6" in resumed.stdout
-        for a, b in zip(_weights(tmp_path / "a"), _weights(folder)):  # read on TensorFlow
-            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
-    assert json.loads((killed / "results.json").read_text()) == \
-        json.loads((tmp_path / "a" / "results.json").read_text())
-    assert_same_rows(metrics_rows(killed), metrics_rows(tmp_path / "a"))
+        assert f"devices    {2 if devices is two else 1} device" in resumed.stdout
+        # Read on TensorFlow. Two devices sum the batch's gradients in another order: after
+        # 12 steps the weights differ by 1e-4 at most (||diff|| / ||w||: 2e-5 measured).
+        a, b = (np.concatenate([w.ravel() for w in _weights(f)]) for f in (tmp_path / "a",
+                                                                           folder))
+        assert np.linalg.norm(b - a) / np.linalg.norm(a) < 1e-3
+    results = {f: json.loads((f / "results.json").read_text()) for f in (tmp_path / "a", killed)}
+    assert results[killed].pop("devices") == 2 and results[tmp_path / "a"].pop("devices") == 1
+    accuracies = {f: {k: r.pop(k) for k in ("clean_acc", "pgd2_acc")} for f, r in results.items()}
+    assert results[killed] == results[tmp_path / "a"]  # the protocol, sizes and eps
+    assert accuracies[killed] == pytest.approx(accuracies[tmp_path / "a"], abs=0.051)
+    for row, want in zip(metrics_rows(killed), metrics_rows(tmp_path / "a")):
+        assert set(row) == set(want)
+        for name in set(want) - {"img/s"}:
+            assert row[name] == pytest.approx(want[name], rel=1e-3), name
     assert [r.get("metrics_from_step") for r in metrics_rows(old)] == [3, None]
+
+    # TensorBoard's logs: each epoch's row, as scalars.
+    from tensorboard.backend.event_processing import event_accumulator
+    logs = event_accumulator.EventAccumulator(str(killed / "logs"))
+    logs.Reload()
+    assert [e.step for e in logs.Scalars("loss")] == [1, 2]
+    assert [e.value for e in logs.Scalars("loss")] == pytest.approx(
+        [r["loss"] for r in metrics_rows(killed)], rel=1e-6)
+
+    # Two devices: each holds the whole training state after training.
+    placed = subprocess.run([sys.executable, _CHECKS, "--state_devices"], cwd=ROOT, env=two,
+                            capture_output=True, text=True, timeout=600)
+    assert placed.returncode == 0, placed.stderr[-3000:]
+    assert placed.stdout.strip().splitlines()[-1] == "devices of each variable: [2]"
 
     # TensorFlow's apps read it: resuming it on TensorFlow is refused (another backend) ...
     on_tf = subprocess.run(
@@ -170,3 +198,20 @@ def test_the_tensorflow_only_apps_refuse_jax_in_one_line(app, tmp_path):
     assert "needs TensorFlow" in out.stderr and "runs on jax here" in out.stderr
     assert "TensorFlow is not installed" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@needs_jax
+def test_a_strategy_that_jax_lacks_and_a_batch_that_does_not_split_are_refused_in_one_line(
+        tmp_path):
+    env = jax_without_tensorflow(tmp_path / "blocked")
+    env["XLA_FLAGS"] += " --xla_force_host_platform_device_count=2"
+    for flag, needle in (("--strategy=multi_worker", "--strategy=multi_worker needs TensorFlow"),
+                         ("--batch_size=15", "--batch_size=15 does not split evenly over the "
+                                             "2 devices")):
+        out = subprocess.run([sys.executable, "-m", "trainers.train", flag,
+                              f"--model_dir={tmp_path / 'run'}"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and needle in last, last
+        assert not (tmp_path / "run").exists()  # refused before anything is written

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import run_app_cases
 from sparta_tf import config as config_module
-from sparta_tf import model_dir, training
+from sparta_tf import callbacks, model_dir, training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 READ = training._stored_config  # what sparta-train passes to check_deletable and clear
@@ -358,7 +358,7 @@ def test_a_damaged_line_of_metrics_jsonl_is_dropped_with_a_warning(tmp_path, cap
     path = tmp_path / "metrics.jsonl"
     path.write_bytes(b'{"epoch": 1, "loss": 2.0}\ngarbage\n[1, 2]\n{"loss": 1}\n\xff\xfe\n'
                      b'{"epoch": "1"}\n{"epoch": 2, "loss": 9.0}\n{"epo')
-    training.log_epoch(str(tmp_path), {"epoch": 2, "loss": 1.5})
+    callbacks.log_epoch(str(tmp_path), {"epoch": 2, "loss": 1.5})
     assert [json.loads(line) for line in path.read_text().splitlines()] == [
         {"epoch": 1, "loss": 2.0}, {"epoch": 2, "loss": 1.5}]
     out = capsys.readouterr().out
@@ -366,7 +366,7 @@ def test_a_damaged_line_of_metrics_jsonl_is_dropped_with_a_warning(tmp_path, cap
         assert f"Warning: line {number} of {path} is not a row of metrics" in out, out
     assert "line 7" not in out  # a row of a later epoch is dropped without a word
     assert "('garbage'); it is dropped." in out
-    training.log_epoch(str(tmp_path), {"epoch": 3, "loss": 1.0})  # the next epoch: clean
+    callbacks.log_epoch(str(tmp_path), {"epoch": 3, "loss": 1.0})  # the next epoch: clean
     assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [1, 2, 3]
     assert capsys.readouterr().out == ""
 

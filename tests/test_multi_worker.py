@@ -77,7 +77,7 @@ def test_two_workers_killed_and_restarted_end_as_an_uninterrupted_job(tmp_path):
 
     killed, ports = tmp_path / "killed", _free_ports(2)
     procs = _start(killed, ports, tmp_path)
-    index = killed / "checkpoints" / "checkpoint"
+    index = killed / "checkpoints" / "ckpt-1"
     deadline = time.time() + TIMEOUT_S
     while not index.exists() and procs[0].poll() is None and time.time() < deadline:
         time.sleep(0.05)

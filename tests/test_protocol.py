@@ -94,7 +94,7 @@ def test_the_trainers_finish_names_its_protocol(tmp_path):
     assert results["pgd3_acc"] == float(_before(model, x, y, expected).mean())
     assert results["clean_acc"] == 1.0 and results["eval_examples"] == len(x)
     clean_only = training.finish(dataclasses.replace(config, eval_pgd_steps=0), model, ds)
-    assert set(clean_only) == {"clean_acc", "eval_examples", "train_examples", "eps"}
+    assert set(clean_only) == {"clean_acc", "devices", "eval_examples", "train_examples", "eps"}
 
 
 _ON_JAX = """

@@ -18,8 +18,7 @@ import tensorflow as tf
 
 import jax_checks_training
 from conftest import assert_same_rows, metrics_rows
-from sparta_tf import adversarial, attacks, layers, model_dir, models, training
-from sparta_tf.backend import tensorflow_trainer
+from sparta_tf import adversarial, attacks, checkpoints, layers, model_dir, models, training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -242,23 +241,22 @@ def test_no_checkpoint_at_an_epochs_last_step_and_a_damaged_one_falls_back(tmp_p
     checkpoint falls back to the older one; what a kill left half-written is removed."""
     run_dir = tmp_path / "run"
     training.run(_tiny_config(run_dir, checkpoint_every=1, objective="standard"), verbose=0)
-    checkpoints = run_dir / "checkpoints"
-    kept = tf.train.get_checkpoint_state(str(checkpoints)).all_model_checkpoint_paths
-    positions = [tuple(tf.train.load_checkpoint(p).get_tensor(
-        "position/.ATTRIBUTES/VARIABLE_VALUE")) for p in kept]
-    assert positions == [(0, 4), (1, 0)]  # not (0, 5)
+    folder = run_dir / "checkpoints"
+    kept = sorted(os.listdir(folder), key=lambda name: int(name[5:]))
+    positions = [json.loads((folder / name / "position.json").read_text()) for name in kept]
+    assert [(p["epoch"], p["step"]) for p in positions] == [(0, 4), (1, 0)]  # not (0, 5)
 
-    newest = tf.train.latest_checkpoint(str(checkpoints))
-    with open(newest + ".data-00000-of-00001", "r+b") as f:
+    newest = folder / kept[-1]
+    with open(newest / "state.npz", "r+b") as f:
         f.truncate(100)
-    (checkpoints / "ckpt-9_temp").mkdir()  # as a kill during a save leaves them
+    (folder / "ckpt-9_temp").mkdir()  # as a kill during a save leaves them
     (run_dir / ".model.keras.tmp-abc123.keras").write_bytes(b"half a model")
     capsys.readouterr()
     training.run(_tiny_config(run_dir, checkpoint_every=1, objective="standard", epochs=2),
                  verbose=0)
     out = capsys.readouterr().out
     assert f"checkpoint {newest} cannot be read" in out and "at epoch 1, step 4 of 5" in out
-    assert not (checkpoints / "ckpt-9_temp").exists()
+    assert not (folder / "ckpt-9_temp").exists()
     assert not (run_dir / ".model.keras.tmp-abc123.keras").exists()
 
 
@@ -329,13 +327,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
                           objective="standard")
     with pytest.raises(training.NonFiniteLossError, match="last good checkpoint"):
         training.run(config, verbose=0)
-    latest = tf.train.latest_checkpoint(str(tmp_path / "run" / "checkpoints"))
+    latest = checkpoints.Checkpoints(str(tmp_path / "run" / "checkpoints")).latest()
     assert latest, "no checkpoint was kept"
-    reader = tf.train.load_checkpoint(latest)
-    for name in reader.get_variable_to_shape_map():  # the checkpoint holds finite weights only
-        value = reader.get_tensor(name)
-        if isinstance(value, np.ndarray) and value.dtype.kind == "f":
-            assert np.isfinite(value).all(), name
+    with np.load(os.path.join(latest, checkpoints.STATE)) as saved:
+        for name in saved.files:  # the checkpoint holds finite weights only
+            if saved[name].dtype.kind == "f":
+                assert np.isfinite(saved[name]).all(), name
     assert not os.path.exists(tmp_path / "run" / "results.json")
 
 
@@ -350,16 +347,17 @@ def _app_cmd(folder):
 
 
 def _failing_second_save(monkeypatch, error):
-    """Makes the second checkpoint save of a run raise `error`, as a full disk does."""
-    real, saves = tf.train.CheckpointManager.save, []
+    """Makes the second checkpoint save of a run raise `error` as it writes, as a full disk
+    does."""
+    real, saves = np.savez, []
 
-    def save(manager, *args, **kwargs):
-        saves.append(manager)
+    def save(*args, **kwargs):
+        saves.append(args[0])
         if len(saves) == 2:
             raise error
-        return real(manager, *args, **kwargs)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(tf.train.CheckpointManager, "save", save)
+    monkeypatch.setattr(np, "savez", save)
 
 
 def test_a_failed_checkpoint_stops_the_run_in_one_line_and_it_resumes_to_the_same_run(
@@ -377,7 +375,7 @@ def test_a_failed_checkpoint_stops_the_run_in_one_line_and_it_resumes_to_the_sam
     run_dir = tmp_path / "b"
     full = tf.errors.OutOfRangeError(None, None, "ckpt: File too large")
     _failing_second_save(monkeypatch, full)
-    with pytest.raises(training.WriteError, match=r"a checkpoint in .*checkpoints "
+    with pytest.raises(training.WriteError, match=r"checkpoints/ckpt-2 "
                        r"\(OutOfRangeError: ckpt: File too large\)\. Training stopped"):
         training.run(_tiny_config(run_dir, **_RESUMED), verbose=0)
     monkeypatch.undo()
@@ -390,8 +388,8 @@ def test_a_failed_checkpoint_stops_the_run_in_one_line_and_it_resumes_to_the_sam
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)))
     last = limited.stderr.strip().splitlines()[-1]
     assert limited.returncode == 1 and "Traceback" not in limited.stderr, limited.stderr[-3000:]
-    assert last.startswith(f"error: Could not write a checkpoint in {run_dir / 'checkpoints'} "
-                           "(OutOfRangeError: ") and "File too large" in last, last
+    assert last.startswith(f"error: Could not write {run_dir / 'checkpoints' / 'ckpt-2'} (") \
+        and "File too large" in last, last
     assert "at epoch 1, step 2 of 5" in limited.stdout
     assert not (run_dir / "metrics.jsonl").exists()
 
@@ -404,28 +402,17 @@ def test_a_failed_checkpoint_stops_the_run_in_one_line_and_it_resumes_to_the_sam
     assert_same_rows(metrics_rows(run_dir), metrics_rows(tmp_path / "a"))
 
 
-def test_a_checkpoint_without_the_metrics_sums_resumes_and_its_row_says_so(tmp_path,
-                                                                          monkeypatch):
-    """A checkpoint written before the metrics' partial sums were saved still resumes; the
-    resumed epoch's row says from which step its metrics count, and the checkpoints go on
-    numbering from it."""
-    run_dir = tmp_path / "run"
-    monkeypatch.setattr(tensorflow_trainer, "_metric_variables", lambda model: [])  # as before
-    _failing_second_save(monkeypatch, OSError(27, "File too large"))
-    with pytest.raises(training.WriteError, match=r"OSError: \[Errno 27\] File too large"):
-        training.run(_tiny_config(run_dir, **_RESUMED), verbose=0)
-    monkeypatch.undo()
-    old = tf.train.latest_checkpoint(str(run_dir / "checkpoints"))
-    assert old.endswith("ckpt-1")
-    assert not any(n.startswith("metrics/") for n, _ in tf.train.list_variables(old))
-
-    training.run(_tiny_config(run_dir, **_RESUMED), verbose=0)
-    rows = metrics_rows(run_dir)
-    assert [r.get("metrics_from_step") for r in rows] == [3, None]
-    assert all(np.isfinite(r["loss"]) for r in rows)
-    new = tf.train.latest_checkpoint(str(run_dir / "checkpoints"))
-    assert new.endswith("ckpt-6")  # 2 more in epoch 1, 3 in epoch 2
-    assert any(n.startswith("metrics/") for n, _ in tf.train.list_variables(new))
+def test_a_tf_train_checkpoint_of_the_old_trainer_is_refused_in_one_line(tmp_path):
+    """The TensorFlow trainer of 0.1 wrote tf.train checkpoints (a `checkpoint` index and
+    `ckpt-N.index`/`.data-*` files): they are refused, named, and left as they are."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "checkpoint").write_text('model_checkpoint_path: "ckpt-1"\n')
+    (folder / "ckpt-1.index").write_bytes(b"old")
+    with pytest.raises(training.SetupError, match=r"holds tf\.train checkpoints, written by "
+                       r"the TensorFlow trainer of sparta-tf 0\.1.*--overwrite\.$"):
+        checkpoints.Checkpoints(str(folder)).restore(None)
+    assert sorted(os.listdir(folder)) == ["checkpoint", "ckpt-1.index"]
 
 
 def test_a_model_or_results_that_cannot_be_written_is_one_write_error(tmp_path):

@@ -8,11 +8,10 @@ import sys
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from conftest import run_app_cases, run_apps
-from sparta_tf import adversarial, layers, models, training, transfer
+from sparta_tf import adversarial, checkpoints, layers, models, training, transfer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = 0.0625
@@ -156,13 +155,13 @@ def test_training_keeps_the_copied_sparta_bit_identical_through_checkpoints_and_
     check(second)
     assert not np.array_equal(first.get_layer("logits").kernel.numpy(),
                               second.get_layer("logits").kernel.numpy())  # the rest trained
-    # The checkpoint names variables by layer index: Sparta's are the [3, 3, C, 1] kernels.
-    reader = tf.train.load_checkpoint(str(run_dir / "checkpoints"))
-    shapes = reader.get_variable_to_shape_map()
-    gates = sorted(k.rsplit("/kernel/", 1)[0] for k, shape in shapes.items()
-                   if k.startswith("model/") and "/kernel/" in k and shape[-1:] == [1])
-    stored = sorted((reader.get_tensor(f"{g}/kernel/.ATTRIBUTES/VARIABLE_VALUE").tobytes(),
-                     reader.get_tensor(f"{g}/bias/.ATTRIBUTES/VARIABLE_VALUE").tobytes())
+    # The checkpoint names variables by their paths: Sparta's are the [3, 3, C, 1] kernels.
+    latest = checkpoints.Checkpoints(str(run_dir / "checkpoints")).latest()
+    with np.load(os.path.join(latest, checkpoints.STATE)) as saved:
+        values = {path: saved[f"v{i}"] for i, path in enumerate(saved["paths"].tolist())}
+    gates = [p.removesuffix("/kernel") for p, v in values.items()
+             if p.endswith("/kernel") and v.ndim == 4 and v.shape[-1] == 1]
+    stored = sorted((values[f"{g}/kernel"].tobytes(), values[f"{g}/bias"].tobytes())
                     for g in gates)
     wanted = sorted((k.tobytes(), b.tobytes()) for k, b in
                     map(_values, transfer.sparta_layers(source).values()))

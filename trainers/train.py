@@ -6,8 +6,8 @@
 
 Rerunning the same command resumes from --model_dir. On Keras's JAX backend
 (KERAS_BACKEND=jax, where TensorFlow need not be installed) it trains and evaluates the
-same way on one device; the SavedModel export, which needs TensorFlow, is left to
-sparta-export.
+same way, on every device of the machine; the SavedModel export, which needs TensorFlow, is
+left to sparta-export.
 """
 
 import os
@@ -19,6 +19,11 @@ from absl import app, logging
 
 from flags import core
 from sparta_tf import data, model_dir, training, transfer
+
+if keras.backend.backend() == "tensorflow":  # the SavedModel export and its errors
+    import tensorflow as tf
+
+    from sparta_tf import export
 
 core.define_training()
 
@@ -50,10 +55,7 @@ def main(argv):
 
 def _peer_stopped():
     """The error of a stopped peer of a multi-worker job: TensorFlow's (none on JAX)."""
-    if keras.backend.backend() != "tensorflow":
-        return ()
-    import tensorflow as tf
-    return tf.errors.UnavailableError
+    return tf.errors.UnavailableError if keras.backend.backend() == "tensorflow" else ()
 
 
 def _export(config):
@@ -62,7 +64,6 @@ def _export(config):
     if keras.backend.backend() != "tensorflow":
         return (f"not exported: a SavedModel needs TensorFlow (on TensorFlow: sparta-export "
                 f"--model_path={config.model_dir} --export_dir=...)")
-    from sparta_tf import export
     model_path = os.path.join(config.model_dir, model_dir.MODEL)
     try:
         return export.export_if_changed(model_path,
