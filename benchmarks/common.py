@@ -45,12 +45,15 @@ def at_model(activation, width, pgd_steps, objective="pgd", jit=False):
     """The `AdversarialModel` of a ResNet-18 (10 classes, 32x32 input) with `activation` at
     `width`, trained with `objective` (PGD-`pgd_steps` at 8/255 for `pgd`), compiled with SGD
     (lr 0.1, momentum 0.9), its optimizer built. `sparta_autodiff` is Sparta differentiated
-    by autodiff, not through its exact custom gradient."""
+    by autodiff, not through its exact custom gradient; `sparta_depthwise` and
+    `sparta_shifted` are Sparta with that form of DW_k (`sparta_tf.gate`)."""
     import keras
     from sparta_tf import adversarial, attacks, models
     kwargs = {}
     if activation == "sparta_autodiff":
         activation, kwargs = "sparta", {"use_custom_gradient": False}
+    elif activation in ("sparta_depthwise", "sparta_shifted"):  # a form of the gate's DW_k
+        activation, kwargs = "sparta", {"gate_form": activation.split("_")[1]}
     net = models.build("resnet18", 10, activation, width, activation_kwargs=kwargs)
     attack = attacks.PGD(8 / 255, pgd_steps) if objective == "pgd" else None
     model = adversarial.AdversarialModel(net, objective, attack)

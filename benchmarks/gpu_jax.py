@@ -10,9 +10,10 @@ one), Python, jax, jaxlib, keras and numpy.
 Part 2, the step that sparta-train runs on JAX: `adversarial.build`'s model and its
 `train_step` under `jax.jit` (compiled ahead), ResNet-18 at `--width`, batch `--batch_size`,
 the same batch every call. For each dtype (bfloat16: Keras's mixed_bfloat16 policy; float32)
-the configurations are `at/<activation>` (PGD-K AT) for each activation and for
-sparta_autodiff (Sparta's forward differentiated by autodiff, not its custom gradient),
-then `standard/<activation>` (no attack), for the AT efficiency (K + 1) t(standard) /
+the configurations are `at/<activation>` (PGD-K AT) for each activation, for
+sparta_autodiff (Sparta's forward differentiated by autodiff, not its custom gradient) and
+for sparta_depthwise (DW_k as a depthwise convolution, not JAX's default shifted form:
+which form a GPU should run, `sparta_tf.gate`), then `standard/<activation>` (no attack), for the AT efficiency (K + 1) t(standard) /
 t(AT). They are compiled in that order, bfloat16 first, while the part's share of the budget
 lasts; then the compiled ones take turns, `--steps` steps each, round after round, so that a
 slow spell falls on all. Figures are medians over rounds; every ratio is taken within a
@@ -64,6 +65,8 @@ flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "Dtypes of the step; the fi
                   "the pilot.")
 flags.DEFINE_list("activations", ["relu", "sparta", "silu"], "Activations of the step; the "
                   "first is the reference of the ratios.")
+flags.DEFINE_bool("sparta_depthwise", True, "Also time Sparta with DW_k as a depthwise "
+                  "convolution (`sparta_depthwise`) beside its default form on JAX (shifted).")
 flags.DEFINE_integer("rounds", 5, "Rounds of the step; each configuration runs `steps` a round.")
 flags.DEFINE_integer("steps", 5, "Timed steps per configuration and round.")
 flags.DEFINE_float("step_share", 0.35, "The share of the time left that the step may use.")
@@ -129,9 +132,11 @@ def machine():
 # Part 2 ----------------------------------------------------------------------------------
 
 def _train_config(activation, objective, dtype, **fields):
-    """The TrainConfig of one arm: `activation` may be sparta_autodiff."""
+    """The TrainConfig of one arm: `activation` may be sparta_autodiff (or sparta_depthwise,
+    which `_compile` sets)."""
     from sparta_tf.config import TrainConfig
-    return TrainConfig(model=FLAGS.model, activation=activation.replace("_autodiff", ""),
+    return TrainConfig(model=FLAGS.model,
+                       activation=activation.replace("_autodiff", "").replace("_depthwise", ""),
                        sparta_custom_gradient=not activation.endswith("_autodiff"),
                        width_multiplier=FLAGS.width, batch_size=FLAGS.batch_size,
                        lr=FLAGS.lr, lr_schedule="onecycle", momentum=0.9, weight_decay=5e-4,
@@ -143,7 +148,8 @@ def _configs():
     """(name, activation, objective, dtype) in the order of priority."""
     out = []
     for dtype in FLAGS.dtypes:
-        at = FLAGS.activations + (["sparta_autodiff"] if "sparta" in FLAGS.activations else [])
+        extra = ["sparta_autodiff"] + (["sparta_depthwise"] if FLAGS.sparta_depthwise else [])
+        at = FLAGS.activations + (extra if "sparta" in FLAGS.activations else [])
         out += [(f"at/{a}/{dtype}", a, "pgd", dtype) for a in at]
         out += [(f"standard/{a}/{dtype}", a, "standard", dtype) for a in FLAGS.activations]
     return out
@@ -162,7 +168,7 @@ def _compile(activation, objective, dtype, batch):
     """(step, state, figures): the compiled train step, its state after a warm-up call."""
     import jax
     import keras
-    from sparta_tf import adversarial
+    from sparta_tf import adversarial, layers
     from sparta_tf.backend import jax_trainer
     config = _train_config(activation, objective, dtype, epochs=1)
     keras.utils.set_random_seed(0)
@@ -170,6 +176,10 @@ def _compile(activation, objective, dtype, batch):
     keras.config.set_dtype_policy(config.mixed_precision)  # as training.run holds it
     try:
         model = adversarial.build(config, 10, batch[0].shape[1:], steps_per_epoch=100)
+        if activation == "sparta_depthwise":  # the form is read when the step is traced
+            for layer in model.model.layers:
+                if isinstance(layer, layers.Sparta):
+                    layer.gate_form = "depthwise"
         model(batch[0][:1])  # built, as training.run does: stateless_call needs it
         state = jax_trainer.train_state(model)
         start = time.perf_counter()
@@ -248,6 +258,8 @@ def _ratios(rounds):
                 lambda r, a=a, d=d: r[f"at/{a}/{d}"] / r[f"at/{ref}/{d}"])
         wanted[f"sparta custom gradient / autodiff, AT, {d}"] = (
             lambda r, d=d: r[f"at/sparta/{d}"] / r[f"at/sparta_autodiff/{d}"])
+        wanted[f"sparta shifted (JAX's default) / depthwise, AT, {d}"] = (
+            lambda r, d=d: r[f"at/sparta/{d}"] / r[f"at/sparta_depthwise/{d}"])
         for a in FLAGS.activations:
             wanted[f"AT efficiency (K+1) t(standard) / t(AT), {a}, {d}"] = (
                 lambda r, a=a, d=d: (k + 1) * r[f"standard/{a}/{d}"] / r[f"at/{a}/{d}"])

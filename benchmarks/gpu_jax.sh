@@ -36,7 +36,8 @@ if [ "${TINY:-0}" = 1 ]; then
   ARGS=(--width=0.0625 --batch_size=16 --dtypes=bfloat16 --activations=relu,sparta
         --rounds=2 --steps=1 --pilot_arms=relu,sparta --pilot_max_train=64
         --pilot_max_test=32 --pilot_max_epochs=1 --pilot_min_epochs=1 --eval_pgd_steps=2
-        --autoattack_examples=16 --autoattack_iterations=2 --autoattack_queries=3)
+        --autoattack_examples=16 --autoattack_iterations=2 --autoattack_queries=3
+        --nosparta_depthwise)
   export XLA_FLAGS="--xla_backend_optimization_level=1 --xla_llvm_disable_expensive_passes=true"
   LIMIT=1800
 fi

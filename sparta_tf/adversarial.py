@@ -25,8 +25,13 @@ if keras.backend.backend() == "jax":
 elif keras.backend.backend() == "tensorflow":
     from sparta_tf.backend.tensorflow_trainer import TrainStep
 else:
-    raise ImportError(f"sparta_tf trains on the tensorflow and jax backends of Keras, not on "
-                      f"{keras.backend.backend()!r} (layers.Sparta runs on every backend).")
+    class TrainStep:  # importable everywhere: `import sparta_tf` is (layers.Sparta runs on all)
+        """No train step: adversarial training runs on TensorFlow and JAX only."""
+
+        def train_step(self, *args):
+            raise NotImplementedError(
+                f"AdversarialModel trains on the tensorflow and jax backends of Keras, not on "
+                f"{keras.backend.backend()!r} (layers.Sparta runs on every backend).")
 
 ops = keras.ops
 
@@ -164,8 +169,10 @@ class AdversarialModel(TrainStep, keras.Model):
         return [g if s == 1.0 else g * s for g, s in zip(grads, self.gradient_scale)]
 
 
-def build(config, num_classes, input_shape, steps_per_epoch, sources=None):
+def build(config, num_classes, input_shape, steps_per_epoch, sources=None,
+          synchronized=False):
     """The wrapped model of `config`, compiled with SGD (under the strategy's scope on TF).
+    `synchronized`: batch norm over the replicas of a TensorFlow strategy (`models.build`).
 
     `sources` (`training.with_sources`): with `"sparta_from"` (a Keras model), its Sparta
     parameters are copied into the network and frozen (`transfer.copy_and_freeze`); with
@@ -177,7 +184,8 @@ def build(config, num_classes, input_shape, steps_per_epoch, sources=None):
     net = models.build(config.model, num_classes, activation=config.activation,
                        width_multiplier=config.width_multiplier,
                        sparta_sharing=config.sparta_sharing, input_shape=input_shape,
-                       activation_kwargs=config.activation_kwargs(), denoise=config.denoise)
+                       activation_kwargs=config.activation_kwargs(), denoise=config.denoise,
+                       synchronized=synchronized)
     if "sparta_from" in sources:
         transfer.copy_and_freeze(sources["sparta_from"], net)
     if "gates_from" in sources:

@@ -5,108 +5,19 @@ The definition is `docs/SPARTA.md` of the project: for a feature map `X` in NHWC
     Z = DW_k(X) + b          # depthwise k x k convolution, stride 1, SAME zero padding
     Sparta(X) = X * sigmoid(Z)
 
-Everything here is `keras.ops` and Keras layers, so it runs on every Keras 3 backend
-(TensorFlow, JAX, PyTorch); the module imports no backend itself. It imports nothing else
-of `sparta_tf`.
+The math (the gate, its two forms and its exact gradient) is `sparta_tf.gate`, whose
+functions this module names too (`layers.sparta_exact`, ...). Everything here is `keras.ops`
+and Keras layers, so it runs on every Keras 3 backend (TensorFlow, JAX, PyTorch); the module
+imports no backend itself, and nothing of `sparta_tf` but `gate`.
 """
 
 import keras
 import numpy as np
 from keras import ops
 
-
-def normalized(x, epsilon=1e-6):
-    """`x / sqrt(mean over H, W of x^2 + epsilon)`, per example and channel.
-
-    The optional normalised gate input: it makes the gate blind to the scale of
-    each feature map, so `Sparta(c * x) = c * Sparta(x)` for c > 0. Half
-    precision is computed in float32 and returned in x's dtype.
-    """
-    half = keras.backend.standardize_dtype(x.dtype) in ("float16", "bfloat16")
-    wide = ops.cast(x, "float32") if half else x
-    # A sum over the count, not keras.ops.mean: on JAX that computes float64 in float32.
-    count = ops.cast(ops.shape(x)[1] * ops.shape(x)[2], wide.dtype)
-    rms = ops.sqrt(ops.sum(ops.square(wide), axis=(1, 2), keepdims=True) / count + epsilon)
-    return ops.cast(wide / rms, x.dtype)
-
-
-def gate_logits(u, kernel, bias):
-    """`Z = DW_k(u) + b`: the depthwise convolution, stride 1, SAME zero padding."""
-    return ops.depthwise_conv(u, kernel, padding="same") + bias
-
-
-def sparta_forward(x, kernel, bias, normalize=False):
-    """The plain forward, `x * sigmoid(DW_k(x) + b)`, differentiated by autodiff.
-
-    With `normalize`, the gate sees `normalized(x)` in place of `x`.
-    """
-    u = normalized(x) if normalize else x
-    return x * ops.sigmoid(gate_logits(u, kernel, bias))
-
-
-def sparta_exact(x, kernel, bias, normalize=False):
-    """The same forward with its exact gradient written out (SPARTA.md, "Gradients").
-
-    With S = sigmoid(Z), upstream G and D = G * X * S * (1 - S) = dL/dZ:
-
-        dL/dX = G * S + DW_k^T(D)
-        dL/dK = sum over N of the correlation of X with D
-        dL/db = sum of D over N, H, W
-
-    `_gate` (a `keras.ops.custom_gradient`) owns the nonlinear half: it takes
-    Z and returns X * S, and its backward gives G * S to X and D to Z from X
-    and an S that it recomputes. What it keeps for the backward is X, u (the
-    gate's input: X itself unless normalised), K and b; not Z, S or the
-    output. The linear half, Z = DW_k(u) + b, is differentiated by the
-    backend: D goes back through the depthwise convolution as DW_k^T(D) (the
-    kernel flipped) to u, as the correlation of u with D to K and as its sum
-    to b, in each backend's own depthwise-convolution gradient, which keeps
-    only u and K. Those are the formulas above, and no slower: written out in
-    `keras.ops` (a transposed, grouped or per-offset correlation), dL/dK took
-    3 to 10 times as long as TensorFlow's kernel on the CPU. With `normalize`,
-    autodiff carries u's gradient on through `normalized`. Nothing is
-    approximated, so attacks see the true gradient.
-    """
-    u = normalized(x) if normalize else x
-    z = gate_logits(u, kernel, bias)
-    return _gate(x, z, ops.stop_gradient(u), ops.stop_gradient(kernel),
-                 ops.stop_gradient(bias))
-
-
-@ops.custom_gradient
-def _gate(x, z, u, kernel, bias):
-    """`x * sigmoid(z)`, z = DW_k(u) + b, with S recomputed from u in the backward.
-
-    u, kernel and bias come in (gradient-stopped) only for the recomputation;
-    their gradients reach them through `gate_logits`, so this returns None
-    for them.
-    """
-    y = x * ops.sigmoid(z)
-
-    def grad(*args, upstream=None):  # TF, JAX: grad(G); PyTorch: grad(*inputs, upstream=G)
-        g = args[0] if upstream is None else upstream
-        s = ops.sigmoid(gate_logits(u, kernel * _one_after(g), bias))
-        gs = g * s
-        return gs, gs * (x - x * s), None, None, None
-
-    return y, grad
-
-
-def _one_after(g):
-    """The number 1, computed from `g`.
-
-    `K * _one_after(G)` is K, but a compiler cannot see that, so the backward's
-    recomputed convolution differs from the forward's one. Without it
-    common-subexpression elimination (grappler's and XLA's both) merges the
-    two, keeps Z alive from the forward to the backward, and undoes the
-    memory saving. It costs a few scalar operations.
-    """
-    return ops.sign(1.0 + ops.abs(ops.nan_to_num(ops.sum(g[:1, :1, :1, :1]))))
-
-
-# Backends whose keras.ops.custom_gradient differentiates; NumPy's and OpenVINO's
-# (inference only) just run the forward, and there the layer uses `sparta_forward`.
-_HAS_CUSTOM_GRADIENT = keras.backend.backend() in ("tensorflow", "jax", "torch")
+from sparta_tf.gate import (  # noqa: F401  (the layer's math, named here as before)
+    FORMS, HAS_CUSTOM_GRADIENT, default_form, gate_logits, normalized, sparta_exact,
+    sparta_forward)
 
 
 MAX_SHIFT = 0.95  # the most `beta` of `Sparta(shift=True)` can be: 1 / (1 - beta) <= 20
@@ -161,11 +72,13 @@ class Sparta(keras.layers.Layer):
     width 0.25, batch 128, 32x32, one forward and backward, 2-core CPU;
     docs/BENCHMARKS.md): on TensorFlow the custom gradient holds 0.76x to
     0.83x autodiff's peak memory in 0.97x to 1.18x its time (two runs, the
-    second on a loaded machine). On JAX (XLA on the CPU) it holds 0.91x in
-    1.34x the time: XLA already plans autodiff's
-    buffers tightly, and the recomputed depthwise convolution is slow on
-    its CPU, so there both targets (0.8x, 1.05x) are missed;
-    `use_custom_gradient=False` is the faster choice on JAX's CPU.
+    second on a loaded machine). On JAX (XLA on the CPU), with DW_k as a
+    depthwise convolution, it held 0.91x in 1.34x the time: XLA plans
+    autodiff's buffers tightly, and lowers the depthwise convolution slowly
+    on its CPU. There DW_k is now the shifted form (`gate_form`): the PGD-3
+    AT step of that ResNet with Sparta takes 1.11x ReLU's time on JAX's CPU,
+    against 2.45x with the depthwise form (docs/BENCHMARKS.md); the memory
+    of the shifted form was not measured.
 
     Args:
         kernel_size: odd int, the size k of the depthwise gate kernel.
@@ -191,6 +104,11 @@ class Sparta(keras.layers.Layer):
             and it is differentiated by autodiff: the batch norm sits between
             the convolution and the sigmoid, where the custom gradient would
             have to recompute it.
+        gate_form: how DW_k is computed (`sparta_tf.gate`): "depthwise" (the
+            backend's depthwise convolution), "shifted" (k x k shifted
+            multiply-adds, which XLA fuses), or "auto" (the default): shifted
+            on JAX, depthwise elsewhere (TensorFlow without XLA keeps its
+            native kernel). Both give the same numbers and gradients.
         **kwargs: the usual Keras layer arguments (`name`, `dtype`,
             `trainable`, ...).
 
@@ -200,8 +118,12 @@ class Sparta(keras.layers.Layer):
 
     def __init__(self, kernel_size=3, beta0=1.0, use_custom_gradient=True,
                  kernel_regularizer=None, bias_regularizer=None,
-                 normalize_gate_input=False, shift=False, gate_batch_norm=False, **kwargs):
+                 normalize_gate_input=False, shift=False, gate_batch_norm=False,
+                 gate_form="auto", **kwargs):
         super().__init__(**kwargs)
+        if gate_form not in ("auto", *FORMS):
+            raise ValueError(f"gate_form must be 'auto' or one of {FORMS}; got {gate_form!r}.")
+        self.gate_form = gate_form
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int; got {kernel_size!r}.")
         self.kernel_size = kernel_size
@@ -245,9 +167,10 @@ class Sparta(keras.layers.Layer):
         if self.gate_batch_norm:
             y = inputs * ops.sigmoid(self._gate_logits(inputs, training))
         else:
-            exact = self.use_custom_gradient and _HAS_CUSTOM_GRADIENT
+            exact = self.use_custom_gradient and HAS_CUSTOM_GRADIENT
             fn = sparta_exact if exact else sparta_forward
-            y = fn(inputs, kernel, bias, normalize=self.normalize_gate_input)
+            y = fn(inputs, kernel, bias, normalize=self.normalize_gate_input,
+                   form=self.form())
         if self.shift:
             beta = ops.cast(self.beta, inputs.dtype)
             y = (y - beta * inputs) / (1.0 - beta)
@@ -258,9 +181,13 @@ class Sparta(keras.layers.Layer):
         kernel = ops.cast(self.kernel, inputs.dtype)
         bias = ops.cast(self.bias, inputs.dtype)
         if not self.gate_batch_norm:
-            return gate_logits(u, kernel, bias)
+            return gate_logits(u, kernel, bias, self.form())
         z = self.gate_bn(ops.depthwise_conv(u, kernel, padding="same"), training=training)
         return z + bias
+
+    def form(self):
+        """The form of DW_k that this layer computes (`gate_form`, "auto" resolved)."""
+        return default_form() if self.gate_form == "auto" else self.gate_form
 
     def gate(self, inputs):
         """The attention map `sigmoid(Z)`, Z = DW_k(x) + b (with `gate_batch_norm`,
@@ -276,6 +203,7 @@ class Sparta(keras.layers.Layer):
             "kernel_size": self.kernel_size,
             "beta0": self.beta0,
             "use_custom_gradient": self.use_custom_gradient,
+            "gate_form": self.gate_form,
             "normalize_gate_input": self.normalize_gate_input,
             "shift": self.shift,
             "gate_batch_norm": self.gate_batch_norm,

@@ -61,7 +61,7 @@ import functools
 
 import keras
 
-from sparta_tf import activations, layers
+from sparta_tf import activations, keras_private, layers
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
@@ -105,13 +105,18 @@ def _conv(x, width, kernel_size, stride, name):
 
 
 def _batch_norm(**kwargs):
-    # PyTorch's BatchNorm2d defaults, as in the references. Synchronized on TensorFlow,
-    # so that the statistics under MirroredStrategy are those of the global batch;
-    # Keras has `synchronized` on that backend only (elsewhere it raises), and it adds
-    # no weights, so a model has the same parameters on every backend.
-    return keras.layers.BatchNormalization(
-        momentum=0.9, epsilon=1e-5, synchronized=keras.backend.backend() == "tensorflow",
-        **kwargs)
+    # PyTorch's BatchNorm2d defaults, as in the references; `build(synchronized=True)`
+    # synchronizes them over the replicas of a TensorFlow strategy.
+    return keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, **kwargs)
+
+
+def unsynchronize(model):
+    """Sets `synchronized` to False on every BatchNormalization of `model`, as a file of it
+    should say: Keras refuses `synchronized=True` on a backend other than TensorFlow, and the
+    layer's weights are the same either way."""
+    for layer in keras_private.nested_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = False
 
 
 def _bn(x, name):
@@ -197,7 +202,7 @@ NAMES = tuple(_ARCHITECTURES)
 
 def build(name, num_classes, activation="relu", width_multiplier=1.0,
           sparta_sharing="layer", input_shape=(32, 32, 3), activation_kwargs=None,
-          mean=CIFAR10_MEAN, std=CIFAR10_STD, denoise="none"):
+          mean=CIFAR10_MEAN, std=CIFAR10_STD, denoise="none", synchronized=False):
     """Builds network `name` with activation `activation`, named `{name}_{act}`.
 
     Args:
@@ -214,6 +219,9 @@ def build(name, num_classes, activation="relu", width_multiplier=1.0,
             normalisation that the model starts with.
         denoise: one of `DENOISE`: a feature-denoising block after every
             stage ("nonlocal" or "mean"), or none.
+        synchronized: batch norm synchronized over the replicas of a TensorFlow
+            strategy (TensorFlow only; a model saved after training says False,
+            `unsynchronize`, so that its file loads on every backend).
 
     Returns:
         A `keras.Model` from pixels in [0, 1] to float32 logits of shape
@@ -225,6 +233,9 @@ def build(name, num_classes, activation="relu", width_multiplier=1.0,
     """
     if name not in _ARCHITECTURES:
         raise ValueError(f"Unknown model {name!r}; valid names: {', '.join(NAMES)}.")
+    if synchronized and keras.backend.backend() != "tensorflow":
+        raise ValueError("synchronized batch norm is TensorFlow's (MirroredStrategy); on "
+                         f"{keras.backend.backend()} one program computes the global batch's.")
     if denoise not in DENOISE:
         raise ValueError(f"Unknown denoise {denoise!r}; valid values: {', '.join(DENOISE)}.")
     arch = _ARCHITECTURES[name]
@@ -254,4 +265,110 @@ def build(name, num_classes, activation="relu", width_multiplier=1.0,
 
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     outputs = keras.layers.Dense(num_classes, dtype="float32", name="logits")(x)
-    return keras.Model(inputs, outputs, name=f"{name}_{acts.name}")
+    model = keras.Model(inputs, outputs, name=f"{name}_{acts.name}")
+    for layer in model.layers:  # read when the layer runs, so set before any training
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = synchronized
+    return model
+
+
+CAPPED = ("refuse", "keep", "replace")
+
+
+def _relu_kind(layer):
+    """What ReLU `layer` is: "relu" (an Activation or ReLU layer), "capped" (one with a
+    maximum, ReLU6), "inner" or "inner_capped" (a layer such as Conv2D or Dense built with
+    `activation="relu"` or "relu6"), or None (none: a leaky or shifted ReLU is none)."""
+    if isinstance(layer, keras.layers.ReLU):
+        if layer.negative_slope or layer.threshold:
+            return None
+        return "relu" if layer.max_value is None else "capped"
+    function = getattr(layer, "activation", None)
+    if not callable(function) or isinstance(layer, keras.Model):
+        return None
+    kind = {"relu": "relu", "relu6": "capped"}.get(keras.activations.serialize(function))
+    if kind is None or isinstance(layer, keras.layers.Activation):
+        return kind
+    return "inner" if kind == "relu" else "inner_capped"
+
+
+def replace_activations(model, activation="sparta", capped="refuse", **options):
+    """A copy of the Keras `model` in which each ReLU is `activation`, every other layer
+    keeping its weights (a pretrained model stays pretrained):
+
+        net = keras.applications.ResNet50V2(weights=None, input_shape=(32, 32, 3), classes=10)
+        net = sparta_tf.models.replace_activations(net, "sparta", kernel_size=3)
+
+    Each ReLU is an `Activation("relu")` layer, a `ReLU` layer without a negative slope or a
+    threshold, or a layer built with `activation="relu"` (Conv2D, Dense, ...), which becomes
+    that layer without its activation, then the new one (named `{layer}_{activation}`). A
+    replaced activation layer keeps its name. A capped ReLU (`ReLU(max_value=6)`,
+    `activation="relu6"`) is what `capped` says, never silently: "refuse" (the default)
+    raises, naming them; "keep" leaves them; "replace" replaces them too (the cap is gone).
+
+    Args:
+        model: a functional or Sequential Keras model (built). A model nested in it that
+            holds a ReLU is refused: replace its activations first.
+        activation: a name that `activations.get` knows ("sparta", "silu", ...).
+        capped: "refuse", "keep" or "replace" (see above).
+        **options: keyword arguments of the activation (`activations.get`), e.g.
+            `kernel_size=3`.
+
+    Returns: a new model with the same inputs and outputs; `model` is left as it was.
+
+    Raises:
+        ValueError: capped ReLUs and `capped="refuse"`; an unknown `capped` or
+            `activation`; a nested model that holds a ReLU; a model that is neither
+            functional nor Sequential, or not built.
+    """
+    if capped not in CAPPED:
+        raise ValueError(f"capped must be one of {CAPPED}; got {capped!r}.")
+    make = activations.get(activation, **options)
+    if not isinstance(model, keras.Model) or not model.built or not model.inputs:
+        raise ValueError("replace_activations takes a built functional or Sequential model "
+                         f"(from keras.Input); got {type(model).__name__}.")
+    for layer in model.layers:
+        if isinstance(layer, keras.Model) and any(
+                _relu_kind(inner) for inner in keras_private.nested_layers(layer)):
+            raise ValueError(f"The nested model {layer.name!r} holds ReLUs: replace its "
+                             "activations first (replace_activations on it), then nest it.")
+    kinds = {id(layer): _relu_kind(layer) for layer in model.layers}
+    found = [layer.name for layer in model.layers
+             if kinds[id(layer)] in ("capped", "inner_capped")]
+    if found and capped == "refuse":
+        raise ValueError(
+            f"{len(found)} capped ReLU(s) (ReLU6): {', '.join(found[:5])}"
+            f"{', ...' if len(found) > 5 else ''}. Say what becomes of them: capped='keep' "
+            "leaves them, capped='replace' replaces them too (the cap is gone).")
+    replaced = {"relu", "inner"} | ({"capped", "inner_capped"} if capped == "replace" else set())
+    copies, after = [], {}  # (old, new) of the layers whose weights are copied; new: act
+
+    def clone(layer):
+        kind = kinds.get(id(layer)) if kinds.get(id(layer)) in replaced else None
+        if kind in ("relu", "capped"):
+            return make(name=layer.name)
+        config = layer.get_config()
+        if kind is not None:  # "inner": the layer without its activation, then the new one
+            config["activation"] = "linear"
+        new = layer.__class__.from_config(config)
+        if kind is not None:
+            after[id(new)] = make(name=f"{layer.name}_{activation}")
+        copies.append((layer, new))
+        return new
+
+    def call(layer, *args, **kwargs):
+        out = layer(*args, **kwargs)
+        return after[id(layer)](out) if id(layer) in after else out
+
+    if isinstance(model, keras.Sequential):  # (clone_model calls no call_function there)
+        stack = [keras.Input(batch_shape=model.inputs[0].shape)]
+        for layer in model.layers:
+            stack.append(clone(layer))
+            if id(stack[-1]) in after:
+                stack.append(after[id(stack[-1])])
+        new_model = keras.Sequential(stack, name=model.name)
+    else:
+        new_model = keras.models.clone_model(model, clone_function=clone, call_function=call)
+    for old, new in copies:
+        new.set_weights(old.get_weights())
+    return new_model

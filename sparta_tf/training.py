@@ -22,7 +22,8 @@ import zipfile
 
 import keras
 
-from sparta_tf import adversarial, callbacks, checkpoints, data, model_dir, protocol, transfer
+from sparta_tf import (adversarial, callbacks, checkpoints, data, model_dir, models, protocol,
+                       transfer)
 from sparta_tf.config import (  # noqa: F401  (the names users know from here)
     LR_SCHEDULES, OBJECTIVES, STRATEGIES, ConfigMismatchError, NonFiniteLossError, SetupError,
     WRITTEN_BY, TrainConfig, WriteError, learning_rate, stalled, writing)
@@ -63,7 +64,7 @@ def run(config, overwrite=False, verbose="auto"):
         config, sources, ds, steps = prepare(config)
         with devices.scope():  # built first: a transfer that does not fit writes nothing
             model = adversarial.build(config, ds.num_classes, ds.x_train.shape[1:], steps,
-                                      sources)
+                                      sources, synchronized=devices.synchronized)
         devices.prepare(model)
         with holding(config, overwrite, devices.chief):
             prepare_model_dir(config, overwrite, devices.chief)
@@ -306,6 +307,7 @@ def save_model(config, net, ds):
         WriteError: either file could not be written; the old one is left as it was.
     """
     path = os.path.join(config.model_dir, model_dir.MODEL)
+    models.unsynchronize(net)  # so that the file loads on every backend
     with writing(path, Exception), model_dir.atomic_path(path) as tmp:  # Keras wraps errors
         net.save(tmp)
     path = os.path.join(config.model_dir, model_dir.CLASS_NAMES)

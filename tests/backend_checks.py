@@ -44,6 +44,7 @@ from conftest import np_depthwise, np_sigmoid  # pylint: disable=wrong-import-po
 TINY_SHAPE = (7, 7, 3)
 TINY_KERAS, TINY_WEIGHTS = "tiny.keras", "tiny.weights.h5"
 RESNET_WEIGHTS, RESNET_KERAS = "resnet.weights.h5", "resnet.keras"
+RESNET_SYNCHRONIZED = "resnet_synchronized.keras"  # as sparta-tf 0.1 and multi-GPU runs wrote
 LOGITS = "logits.npz"
 
 
@@ -220,8 +221,9 @@ def check_forward_matches_numpy():
             expected = np_sparta(x, k, b)
             args = [_tensor(a, dtype) for a in (x, k, b)]
             for fn in (layers.sparta_forward, layers.sparta_exact):
-                err = _max_diff(ops.convert_to_numpy(fn(*args)), expected)
-                assert err <= tol, f"{fn.__name__} {shape} k={kernel_size}: {err:.3g}"
+                for form in layers.FORMS:
+                    err = _max_diff(ops.convert_to_numpy(fn(*args, form=form)), expected)
+                    assert err <= tol, f"{fn.__name__} {form} {shape} k={kernel_size}: {err:.3g}"
             layer = layers.Sparta(kernel_size, dtype=dtype)
             layer.build(shape)
             layer.kernel.assign(k)
@@ -244,16 +246,18 @@ def _check_against_autodiff(dtype, tol, cases):
         g = np.random.default_rng(1).normal(size=shape)
         args = [_tensor(a, dtype) for a in (x, k, b)]
         upstream = _tensor(g, dtype)
-        exact = vjp(lambda *a: layers.sparta_exact(*a, normalize=normalize), args,
-                    upstream, jit=shape == SHAPES[1])  # one shape also under jax.jit
+        # Autodiff of the depthwise form against the exact gradient in each form.
         auto = vjp(lambda *a: layers.sparta_forward(*a, normalize=normalize), args,
                    upstream)
-        bound = tol * (10 if normalize else 1)
-        assert _max_diff(exact[0], auto[0]) <= bound, "forward"
-        for name, g1, g2 in zip(("dX", "dK", "db"), exact[1], auto[1]):
-            err = _max_diff(g1, g2)
-            assert err <= bound, (f"{name} {dtype} normalize={normalize} {shape} "
-                                  f"k={kernel_size}: {err:.3g} > {bound:g}")
+        for form in layers.FORMS:
+            exact = vjp(lambda *a: layers.sparta_exact(*a, normalize=normalize, form=form),
+                        args, upstream, jit=shape == SHAPES[1])  # one shape under jax.jit
+            bound = tol * (10 if normalize else 1)
+            assert _max_diff(exact[0], auto[0]) <= bound, f"forward, {form}"
+            for name, g1, g2 in zip(("dX", "dK", "db"), exact[1], auto[1]):
+                err = _max_diff(g1, g2)
+                assert err <= bound, (f"{name} {form} {dtype} normalize={normalize} {shape} "
+                                      f"k={kernel_size}: {err:.3g} > {bound:g}")
     return {}
 
 
@@ -272,12 +276,14 @@ def check_custom_gradient_matches_the_formulas_in_numpy():
     for shape, kernel_size in CASES:
         x, k, b = _params(shape, kernel_size, seed=3 + sum(shape) + kernel_size)
         g = np.random.default_rng(2).normal(size=shape)
-        _, grads = vjp(layers.sparta_exact, [_tensor(a, dtype) for a in (x, k, b)],
-                       _tensor(g, dtype))
-        for name, got, want in zip(("dX", "dK", "db"), grads, np_sparta_grads(x, k, b, g)):
-            err = _max_diff(got, want)
-            assert err <= tol * max(1.0, np.abs(want).max()), (
-                f"{name} {shape} k={kernel_size}: {err:.3g}")
+        for form in layers.FORMS:
+            _, grads = vjp(lambda *a: layers.sparta_exact(*a, form=form),
+                           [_tensor(a, dtype) for a in (x, k, b)], _tensor(g, dtype))
+            for name, got, want in zip(("dX", "dK", "db"), grads,
+                                       np_sparta_grads(x, k, b, g)):
+                err = _max_diff(got, want)
+                assert err <= tol * max(1.0, np.abs(want).max()), (
+                    f"{name} {form} {shape} k={kernel_size}: {err:.3g}")
     return {"dtype": dtype}
 
 
@@ -291,11 +297,13 @@ def check_custom_gradient_matches_finite_differences():
         params = list(_params(shape, 3, seed=7))
         g = np.random.default_rng(8).normal(size=shape)
 
+        form = layers.default_form()  # this backend's: shifted on JAX
+
         def loss(*values):
             y = layers.sparta_exact(*[_tensor(v, "float64") for v in values],
-                                    normalize=normalize)
+                                    normalize=normalize, form=form)
             return float(np.sum(ops.convert_to_numpy(y) * g))
-        _, grads = vjp(lambda *a: layers.sparta_exact(*a, normalize=normalize),
+        _, grads = vjp(lambda *a: layers.sparta_exact(*a, normalize=normalize, form=form),
                        [_tensor(p, "float64") for p in params], _tensor(g, "float64"))
         eps = 1e-6
         for name, i in zip(("dX", "dK", "db"), range(3)):
@@ -391,12 +399,15 @@ def check_loads_what_tensorflow_saved(tf_dir):
     net = resnet()
     net.load_weights(os.path.join(tf_dir, RESNET_WEIGHTS))
     errors["resnet.weights.h5"] = _max_diff(logits(net, saved["resnet_x"]), saved["resnet"])
+    # `models.build`'s file: Keras's own loader reads it (after `import sparta_tf`).
+    loaded = keras.models.load_model(os.path.join(tf_dir, RESNET_KERAS))
+    errors["resnet.keras"] = _max_diff(logits(loaded, saved["resnet_x"]), saved["resnet"])
     # Saved on TensorFlow with synchronized batch norm, which only TensorFlow builds: the
     # library's loader (`transfer.load`) reads it as plain batch norm elsewhere.
-    with zipfile.ZipFile(os.path.join(tf_dir, RESNET_KERAS)) as saved_file:
+    with zipfile.ZipFile(os.path.join(tf_dir, RESNET_SYNCHRONIZED)) as saved_file:
         assert '"synchronized": true' in saved_file.read("config.json").decode()
-    loaded = transfer.load(os.path.join(tf_dir, RESNET_KERAS))
-    errors["resnet.keras"] = _max_diff(logits(loaded, saved["resnet_x"]), saved["resnet"])
+    loaded = transfer.load(os.path.join(tf_dir, RESNET_SYNCHRONIZED))
+    errors[RESNET_SYNCHRONIZED] = _max_diff(logits(loaded, saved["resnet_x"]), saved["resnet"])
     for name, err in errors.items():
         assert err < 1e-5, f"{name}: logits differ from TensorFlow's by {err:.3g}"
     return errors

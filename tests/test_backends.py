@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, shared_once, without_tensorflow
-from sparta_tf import layers
+from sparta_tf import layers, models
 
 _CHECKS_PATH = os.path.join(ROOT, "tests", "backend_checks.py")
 _spec = importlib.util.spec_from_file_location("backend_checks", _CHECKS_PATH)
@@ -45,7 +45,11 @@ def tf_dir(tmp_path_factory):
             tiny.save_weights(folder / checks.TINY_WEIGHTS)
             net = checks.set_weights(checks.resnet(), seed=1)
             net.save_weights(folder / checks.RESNET_WEIGHTS)
-            net.save(folder / checks.RESNET_KERAS)  # its batch norm synchronized (TF only)
+            net.save(folder / checks.RESNET_KERAS)
+            synchronized = models.build("resnet18", 10, "sparta", width_multiplier=0.0625,
+                                        synchronized=True)
+            synchronized.set_weights(net.get_weights())
+            synchronized.save(folder / checks.RESNET_SYNCHRONIZED)
             tiny_x = checks.pixels((2,) + checks.TINY_SHAPE, 2)
             resnet_x = checks.pixels((2, 32, 32, 3), 3)
             np.savez(folder / checks.LOGITS, tiny=checks.logits(tiny, tiny_x), tiny_x=tiny_x,

@@ -31,15 +31,19 @@ def _grads(fn, x, k, b, upstream):
     return tape.gradient(loss, [x, k, b])
 
 
+@pytest.mark.parametrize("form", ["depthwise", "shifted"])
 @pytest.mark.parametrize("dtype,tol", [(tf.float32, 1e-5), (tf.float64, 1e-12)])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("kernel_size", [1, 3, 5])
-def test_custom_gradient_matches_autodiff(shape, kernel_size, dtype, tol):
+def test_custom_gradient_matches_autodiff(shape, kernel_size, dtype, tol, form):
+    """The exact gradient in each form of DW_k against autodiff of the depthwise form."""
     x, k, b = _params(shape, kernel_size, dtype, seed=sum(shape) + kernel_size)
     upstream = tf.constant(np.random.default_rng(1).normal(size=shape), dtype)
-    np.testing.assert_allclose(layers.sparta_exact(x, k, b), layers.sparta_forward(x, k, b),
-                               atol=tol)
-    exact = _grads(layers.sparta_exact, x, k, b, upstream)
+    exact_fn = functools.partial(layers.sparta_exact, form=form)
+    np.testing.assert_allclose(exact_fn(x, k, b), layers.sparta_forward(x, k, b), atol=tol)
+    expected = np_sigmoid(np_depthwise(x.numpy(), k.numpy()) + b.numpy()) * x.numpy()
+    np.testing.assert_allclose(exact_fn(x, k, b), expected, atol=tol)  # and NumPy's
+    exact = _grads(exact_fn, x, k, b, upstream)
     auto = _grads(layers.sparta_forward, x, k, b, upstream)
     for name, g1, g2 in zip(("dX", "dK", "db"), exact, auto):
         err = float(tf.reduce_max(tf.abs(g1 - g2)))
@@ -62,12 +66,13 @@ def test_custom_gradient_matches_autodiff_with_normalised_gate_input(shape, dtyp
 
 # Not normalised at H = W = 1: there the gate input is x / sqrt(x^2 + 1e-6), too
 # steep near 0 for finite differences (autodiff checks it above).
+@pytest.mark.parametrize("form", ["depthwise", "shifted"])
 @pytest.mark.parametrize("shape,normalize", [
     ((1, 3, 5, 2), False), ((2, 1, 1, 3), False), ((1, 5, 3, 1), False),
     ((1, 3, 5, 2), True), ((2, 4, 3, 3), True)])
-def test_custom_gradient_matches_finite_differences(shape, normalize):
+def test_custom_gradient_matches_finite_differences(shape, normalize, form):
     x, k, b = _params(shape, 3, tf.float64, seed=7)
-    exact = functools.partial(layers.sparta_exact, normalize=normalize)
+    exact = functools.partial(layers.sparta_exact, normalize=normalize, form=form)
     theoretical, numerical = tf.test.compute_gradient(exact, [x, k, b])
     for name, t, n in zip(("dX", "dK", "db"), theoretical, numerical):
         err = np.max(np.abs(t - n))

@@ -26,6 +26,7 @@ class Devices:
     """
 
     chief, worker, workers = True, 0, 1
+    synchronized = False  # one program over all devices: batch statistics of the global batch
 
     def __init__(self, name, batch_size):
         if name == "multi_worker":

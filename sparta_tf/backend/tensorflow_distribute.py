@@ -23,6 +23,7 @@ class Devices:
 
     Attributes:
         count: the replicas that train (devices, over every worker).
+        synchronized: whether the network's batch norm must be synchronized over them.
         chief, worker, workers: whether this process writes the run's files, its index and
             the number of workers.
     """
@@ -38,6 +39,9 @@ class Devices:
         else:
             self.strategy = tf.distribute.MultiWorkerMirroredStrategy()
         self.count = self.strategy.num_replicas_in_sync
+        # Batch norm over the global batch: synchronized over the replicas where there are
+        # several (on JAX one program over all devices computes it so by itself).
+        self.synchronized = self.count > 1
         self.chief, self.worker, self.workers = _worker_of(self.strategy)
         if batch_size % self.count:
             raise SetupError(f"--batch_size={batch_size} does not split evenly over the "
