@@ -14,7 +14,7 @@ taken within a round. Writes `benchmark.json` and `BENCHMARKS.md` (the machine n
 - `standard/<activation>/w<width>`: the standard step, for the AT efficiency
   `(K + 1) t(standard) / t(PGD-K AT)`: 1 if an attack step cost as much as a training
   step; an attack step needs no weight gradients, so about 1.33 is the ideal at K = 3;
-- `jit/<activation>/w<first width>`: the AT step compiled with XLA;
+- `jit/<activation>/w<first width>`: the AT step compiled with XLA (`--nojit`: not);
 - `eager_cleverhans/<activation>/w<first width>`: an eager loop that attacks each batch with
   cleverhans's `projected_gradient_descent` and then takes an eager gradient step: what the
   compiled step replaces;
@@ -46,6 +46,7 @@ flags.DEFINE_list("widths", ["0.25", "1.0"], "ResNet-18 width multipliers.")
 common.define_step_flags()
 flags.DEFINE_string("mixed_precision", "float32", "Keras dtype policy.")
 flags.DEFINE_bool("end_to_end", True, "Also time sparta-train's own loop.")
+flags.DEFINE_bool("jit", True, "Also time the step compiled with XLA (`jit/...`).")
 flags.DEFINE_string("output_dir", None, "Where to write benchmark.json and BENCHMARKS.md.")
 flags.DEFINE_string("memory_of", None, "Internal: measure this configuration's memory.")
 flags.DEFINE_bool("end_to_end_only", False, "Internal: measure the end-to-end figures.")
@@ -90,8 +91,9 @@ def _configurations():
                 _model(activation, width, "standard"))
     width = float(FLAGS.widths[0])
     for activation in ("relu", "sparta"):
-        configs[f"jit/{activation}/w{width:g}"] = common.compiled_step(
-            _model(activation, width, jit=True), jit=True)
+        if FLAGS.jit:
+            configs[f"jit/{activation}/w{width:g}"] = common.compiled_step(
+                _model(activation, width, jit=True), jit=True)
         configs[f"eager_cleverhans/{activation}/w{width:g}"] = _eager_cleverhans_step(
             _model(activation, width))
     return configs
@@ -226,8 +228,9 @@ def main(argv):
     for activation in ("relu", "sparta"):
         ratios[f"eager cleverhans loop / compiled, {activation}, {first}"] = _ratios(
             seconds, f"eager_cleverhans/{activation}/{first}", f"at/{activation}/{first}")
-        ratios[f"XLA / no XLA, {activation}, {first}"] = _ratios(
-            seconds, f"jit/{activation}/{first}", f"at/{activation}/{first}")
+        if FLAGS.jit:
+            ratios[f"XLA / no XLA, {activation}, {first}"] = _ratios(
+                seconds, f"jit/{activation}/{first}", f"at/{activation}/{first}")
     report = {"machine": common.machine(), "command": " ".join(["python", *sys.argv]),
               "batch_size": FLAGS.batch_size, "pgd_steps": k, "rounds": FLAGS.rounds,
               "steps": FLAGS.steps, "mixed_precision": FLAGS.mixed_precision,

@@ -150,8 +150,9 @@ def test_sparta_train_on_jax_without_tensorflow_resumes_after_a_kill(tmp_path):
     assert accuracies[killed] == pytest.approx(accuracies[tmp_path / "a"], abs=0.051)
     for row, want in zip(metrics_rows(killed), metrics_rows(tmp_path / "a")):
         assert set(row) == set(want)
-        for name in set(want) - {"img/s"}:
-            assert row[name] == pytest.approx(want[name], rel=1e-3), name
+        for name in set(want) - {"img/s"}:  # an accuracy: one image of 96 may flip
+            assert row[name] == pytest.approx(want[name], rel=1e-3,
+                                              abs=0.025 if name.endswith("acc") else 0), name
     assert [r.get("metrics_from_step") for r in metrics_rows(old)] == [3, None]
 
     # TensorBoard's logs: each epoch's row, as scalars.

@@ -232,16 +232,33 @@ def test_get_config_round_trip():
     assert isinstance(clone.kernel_regularizer, keras.regularizers.L2)
 
 
+@pytest.mark.parametrize("form", ["depthwise", "shifted"])
 @pytest.mark.parametrize("policy", ["float32", "mixed_float16", "mixed_bfloat16"])
-def test_mixed_precision(policy):
+def test_mixed_precision(policy, form):
+    """Each form of DW_k under each policy: the compute dtype, float32 weights, finite
+    gradients, Swish at the start, and (from random weights) the other form's output and
+    gradients to the policy's precision."""
     keras.config.set_dtype_policy(policy)
     try:
-        layer = layers.Sparta()
-        x = tf.random.uniform([2, 4, 4, 3])
+        layer = layers.Sparta(gate_form=form)
+        x = tf.random.uniform([2, 4, 4, 3], seed=1)
         with tf.GradientTape() as tape:
             y = layer(x)
             loss = tf.reduce_sum(tf.cast(y, "float32"))
         grads = tape.gradient(loss, layer.trainable_variables)
+        rng = np.random.default_rng(0)
+        layer.kernel.assign(rng.normal(size=layer.kernel.shape))
+        layer.bias.assign(rng.normal(size=layer.bias.shape))
+        other = layers.Sparta(gate_form="shifted" if form == "depthwise" else "depthwise")
+        other(x)
+        other.set_weights(layer.get_weights())
+        found = []
+        for each in (layer, other):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                out = tf.cast(each(x), "float32")
+                total = tf.reduce_sum(out * x)
+            found.append([out, *tape.gradient(total, [x, *each.trainable_variables])])
     finally:
         keras.config.set_dtype_policy("float32")
     assert y.dtype == keras.mixed_precision.Policy(policy).compute_dtype
@@ -249,6 +266,9 @@ def test_mixed_precision(policy):
     assert all(g is not None and np.isfinite(g.numpy()).all() for g in grads)
     tol = 1e-6 if policy == "float32" else 2e-2
     np.testing.assert_allclose(tf.cast(y, "float32"), x * tf.sigmoid(x), atol=tol)
+    for a, b in zip(*found):  # the output, dX, dK, db
+        scale = max(1.0, float(tf.reduce_max(tf.abs(b))))
+        np.testing.assert_allclose(a, b, atol=(1e-5 if policy == "float32" else 3e-2) * scale)
 
 
 def test_frelu_is_max_of_x_and_bn_dw():

@@ -106,8 +106,10 @@ _MIRRORED = textwrap.dedent("""
 
     def train(strategy, objective, init):
         with strategy.scope():
+            # Synchronized batch norm where several replicas train, as training.run builds it.
             net = models.build("resnet18", 10, "sparta", width_multiplier=0.0625,
-                               input_shape=(16, 16, 3))
+                               input_shape=(16, 16, 3),
+                               synchronized=strategy.num_replicas_in_sync > 1)
             net.set_weights(init)
             # No random start: the replicas would draw other noise than one device.
             model = adversarial.AdversarialModel(
