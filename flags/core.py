@@ -177,10 +177,12 @@ def define_training():
     flags.DEFINE_enum("mixed_precision", _D.mixed_precision,
                       ["float32", "mixed_float16", "mixed_bfloat16"], "Keras dtype policy.")
     flags.DEFINE_enum("strategy", _D.strategy, config.STRATEGIES,
-                      "mirrored: the devices of one machine; multi_worker: the machines of "
+                      "mirrored: every device of this machine (TensorFlow's MirroredStrategy, "
+                      "JAX's DataParallel); multi_worker (TensorFlow only): the machines of "
                       "the TF_CONFIG cluster (run the same command on each; BUILD.md).")
     flags.DEFINE_bool("jit_compile", _D.jit_compile,
-                      "Compile the train step with XLA (slower on CPU for Sparta).")
+                      "TensorFlow: compile the train step with XLA (slower on CPU for Sparta). "
+                      "On JAX the step is always compiled.")
     flags.DEFINE_integer("checkpoint_every", _D.checkpoint_every,
                          "Also checkpoint every N steps (0: only at epoch ends).",
                          lower_bound=0, upper_bound=MAX_EXAMPLES)

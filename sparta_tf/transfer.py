@@ -115,8 +115,9 @@ def _check_json_sizes(file):
 def _load_keras_file(file):
     """`keras.models.load_model(file, safe_mode=True)`, on any backend.
 
-    sparta-train on TensorFlow builds its batch norm `synchronized=True` (the replicas of a
-    MirroredStrategy share their statistics), which Keras refuses on other backends. There,
+    sparta-tf 0.1 on TensorFlow saved its batch norm `synchronized=True` (now only a model
+    built for several replicas has it, and sparta-train saves it plain), which Keras refuses
+    on other backends. There,
     a file that asks for it is loaded from a copy whose batch norm is plain: on one device
     the two are the same layer with the same weights.
     """

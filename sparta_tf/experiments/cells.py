@@ -139,7 +139,7 @@ def stalled(config, num_classes):
             try:
                 row = json.loads(line)
                 rows.append({"loss": float(row["loss"]), "epoch": int(row["epoch"])})
-            except (ValueError, TypeError, KeyError):  # damaged (`training.log_epoch` drops it)
+            except (ValueError, TypeError, KeyError):  # damaged (`callbacks.log_epoch` drops it)
                 pass
     return bool(rows) and training.stalled(rows[-1]["loss"], num_classes, rows[-1]["epoch"],
                                            config.objective)
