@@ -56,8 +56,10 @@ class Progress(keras.callbacks.Callback):
 
     def start(self, epoch, skip=0, sums=None):
         """The next `fit` trains epoch `epoch` (0-based) from step `skip`, its metrics
-        going on from `sums` (the metrics' values in the checkpoint, or None)."""
-        self.epoch, self.skip, self.sums = epoch, skip, sums
+        going on from `sums` (the metrics' values in the checkpoint, or None). At step 0
+        they start from zero: a checkpoint at an epoch's start holds the sums of the epoch
+        before it."""
+        self.epoch, self.skip, self.sums = epoch, skip, sums if skip else None
 
     def on_epoch_begin(self, epoch, logs=None):
         self.started, self.seen = time.perf_counter(), 0

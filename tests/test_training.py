@@ -211,13 +211,16 @@ def test_a_config_written_before_a_field_existed_takes_its_default(tmp_path):
 
 
 def test_run_resumes_with_more_epochs(tmp_path):
+    """A finished run given more epochs resumes from its epoch-end checkpoint, and its rows
+    are an uninterrupted run's: epoch 2's metrics start from zero, not from the sums of
+    epoch 1 that the checkpoint at (epoch 1, step 0) holds (once added to them)."""
     first = training.run(_tiny_config(tmp_path / "run", epochs=1), verbose=0)
     assert set(first) >= {"clean_acc", "pgd2_acc"}
-    rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
-    assert [r["epoch"] for r in rows] == [1]
+    assert [r["epoch"] for r in metrics_rows(tmp_path / "run")] == [1]
     training.run(_tiny_config(tmp_path / "run", epochs=2), verbose=0)
-    rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
-    assert [r["epoch"] for r in rows] == [1, 2]
+    training.run(_tiny_config(tmp_path / "straight", epochs=2), verbose=0)
+    assert [r["epoch"] for r in metrics_rows(tmp_path / "run")] == [1, 2]
+    assert_same_rows(metrics_rows(tmp_path / "run"), metrics_rows(tmp_path / "straight"))
     for name in ("config.json", "results.json", "model.keras", "logs", "checkpoints"):
         assert os.path.exists(tmp_path / "run" / name), name
 
