@@ -32,7 +32,7 @@ def main(argv):
     from sparta_tf import adversarial, training
     from sparta_tf.experiments import arms
 
-    base = training.TrainConfig(width_multiplier=FLAGS.width_multiplier,
+    base = training.TrainConfig(model=FLAGS.model, width_multiplier=FLAGS.width_multiplier,
                                 pgd_steps=FLAGS.pgd_steps, batch_size=FLAGS.batch_size)
     steps, params = {}, {}
     for arm in FLAGS.arms:  # each arm's network as sparta-compare builds it
@@ -52,7 +52,7 @@ def main(argv):
                      "time_vs_ref_min": float(ratios.min()),
                      "time_vs_ref_max": float(ratios.max())}
     result = {"device": common.machine(),
-              "reference": ref, "width_multiplier": FLAGS.width_multiplier,
+              "reference": ref, "model": FLAGS.model, "width_multiplier": FLAGS.width_multiplier,
               "batch_size": FLAGS.batch_size, "pgd_steps": FLAGS.pgd_steps,
               "rounds": FLAGS.rounds, "steps_per_round": FLAGS.steps, "arms": rows}
     text = json.dumps(result, indent=2)

@@ -126,7 +126,8 @@ def _measure_end_to_end(width, batches=16):
     from sparta_tf import training
     with tempfile.TemporaryDirectory() as model_dir:
         config = training.TrainConfig(
-            model_dir=model_dir, width_multiplier=width, batch_size=FLAGS.batch_size,
+            model_dir=model_dir, model=FLAGS.model, width_multiplier=width,
+            batch_size=FLAGS.batch_size,
             max_train=min(FLAGS.batch_size * batches, 5000),  # the bundled sample's 5,000
             max_test=10, epochs=3, eval_pgd_steps=0,
             pgd_steps=FLAGS.pgd_steps, checkpoint_every=0, mixed_precision=FLAGS.mixed_precision)
@@ -174,7 +175,7 @@ def _measure_memory(name):
 
 def _markdown(report):
     lines = [f"# The adversarial-training step: {report['machine']}", "",
-             f"Command: `{report['command']}`. ResNet-18, batch {report['batch_size']}, "
+             f"Command: `{report['command']}`. {report['model']}, batch {report['batch_size']}, "
              f"PGD-{report['pgd_steps']} AT, {report['mixed_precision']}; {report['rounds']} "
              f"interleaved rounds of {report['steps']} steps; median (min to max) over rounds.",
              "", "| configuration | s/step | img/s |", "| --- | ---: | ---: |"]
@@ -231,7 +232,8 @@ def main(argv):
         if FLAGS.jit:
             ratios[f"XLA / no XLA, {activation}, {first}"] = _ratios(
                 seconds, f"jit/{activation}/{first}", f"at/{activation}/{first}")
-    report = {"machine": common.machine(), "command": " ".join(["python", *sys.argv]),
+    report = {"machine": common.machine(), "model": FLAGS.model,
+              "command": " ".join(["python", *sys.argv]),
               "batch_size": FLAGS.batch_size, "pgd_steps": k, "rounds": FLAGS.rounds,
               "steps": FLAGS.steps, "mixed_precision": FLAGS.mixed_precision,
               "seconds_per_step": {n: common.spread(s) for n, s in seconds.items()},

@@ -134,7 +134,7 @@ def main(argv):
             ratios[f"{activation} / {FLAGS.activations[0]}, {backend}"] = common.spread(
                 [r[f"{backend}/{activation}"] / r[f"{backend}/{FLAGS.activations[0]}"]
                  for r in rounds])
-    report = {"machine": common.machine(), "batch_size": FLAGS.batch_size,
+    report = {"machine": common.machine(), "model": FLAGS.model, "batch_size": FLAGS.batch_size,
               "pgd_steps": FLAGS.pgd_steps, "width": FLAGS.width, "rounds": FLAGS.rounds,
               "steps": FLAGS.steps, "seconds_per_step": seconds, "ratios": ratios}
     common.write(report, _markdown(report), FLAGS.output_dir, "backends.json", "BACKENDS.md")
@@ -142,7 +142,7 @@ def main(argv):
 
 def _markdown(report):
     lines = [f"# The PGD-{report['pgd_steps']} AT step: TensorFlow against JAX", "",
-             f"Machine: {report['machine']}. ResNet-18 at width {report['width']}, batch "
+             f"Machine: {report['machine']}. {report['model']} at width {report['width']}, batch "
              f"{report['batch_size']}, float32; {report['rounds']} interleaved rounds of "
              f"{report['steps']} steps each (`benchmarks/backends.py`).", "",
              "| step | img/s (median) | s/step median [min, max] |", "|---|---|---|"]

@@ -19,6 +19,9 @@ os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 def define_step_flags(rounds=True, steps_help="Timed steps per configuration and round."):
     """The flags of every benchmark that times (`rounds`) or traces the compiled AT step."""
+    flags.DEFINE_string("model", "resnet18", "The network (`sparta_tf.models.NAMES`); the "
+                        "figures of docs/BENCHMARKS.md are ResNet-18's (the tests time "
+                        "resnet10).")
     flags.DEFINE_integer("batch_size", 128, "Batch size.")
     flags.DEFINE_integer("pgd_steps", 3, "K, the PGD steps of the AT step.")
     flags.DEFINE_integer("steps", 3, steps_help)
@@ -42,7 +45,7 @@ def tf_batch(batch_size):
 
 
 def at_model(activation, width, pgd_steps, objective="pgd", jit=False):
-    """The `AdversarialModel` of a ResNet-18 (10 classes, 32x32 input) with `activation` at
+    """The `AdversarialModel` of `--model` (10 classes, 32x32 input) with `activation` at
     `width`, trained with `objective` (PGD-`pgd_steps` at 8/255 for `pgd`), compiled with SGD
     (lr 0.1, momentum 0.9), its optimizer built. `sparta_autodiff` is Sparta differentiated
     by autodiff, not through its exact custom gradient; `sparta_depthwise` and
@@ -54,7 +57,7 @@ def at_model(activation, width, pgd_steps, objective="pgd", jit=False):
         activation, kwargs = "sparta", {"use_custom_gradient": False}
     elif activation in ("sparta_depthwise", "sparta_shifted"):  # a form of the gate's DW_k
         activation, kwargs = "sparta", {"gate_form": activation.split("_")[1]}
-    net = models.build("resnet18", 10, activation, width, activation_kwargs=kwargs)
+    net = models.build(flags.FLAGS.model, 10, activation, width, activation_kwargs=kwargs)
     attack = attacks.PGD(8 / 255, pgd_steps) if objective == "pgd" else None
     model = adversarial.AdversarialModel(net, objective, attack)
     model.compile(keras.optimizers.SGD(0.1, momentum=0.9), jit_compile=jit)

@@ -21,7 +21,12 @@ round. Memory: XLA's buffer plan of each compiled step (arguments + outputs - do
 temporaries), and the device's peak bytes in use after its warm-up (`memory_stats`, where
 the device reports it; it only grows, so it is the most of this and the steps before).
 
-Part 3, the pilot: PGD-AT (K steps, eps 8/255, one-cycle lr up to `--lr`) of each arm in
+Part 3, the gate alone (`benchmarks/gate_forms.py`): Sparta's forward and backward in each
+form of DW_k against ReLU and SiLU, at ResNet-18's four shapes at `--width` and
+`--batch_size`, in each dtype, interleaved, after the forms are held to each other and to
+NumPy on the device: which form this device should run.
+
+Part 4, the pilot: PGD-AT (K steps, eps 8/255, one-cycle lr up to `--lr`) of each arm in
 turn, ReLU, Sparta, SiLU by default, each one `training.run` on JAX (the run of
 `KERAS_BACKEND=jax sparta-train`) in OUT/pilot/<arm>, evaluated clean and under
 PGD-`--eval_pgd_steps` on every test image, then under standard AutoAttack
@@ -278,6 +283,19 @@ def _ratios(rounds):
 
 # Part 3 ----------------------------------------------------------------------------------
 
+def gate_part(report, write):
+    import gate_forms
+    start = time.monotonic()
+    part = {"agreement": gate_forms.agreement(gate_forms.shapes(FLAGS.width, FLAGS.batch_size))}
+    part["timings"] = gate_forms.measure(FLAGS.width, FLAGS.batch_size, FLAGS.dtypes,
+                                         FLAGS.rounds, FLAGS.steps)
+    part["seconds"] = time.monotonic() - start
+    report["gate"] = part
+    write()
+
+
+# Part 4 ----------------------------------------------------------------------------------
+
 def fit_pilot(arms, per_image, overhead, n_train, left, min_epochs, max_epochs):
     """(arms, epochs): the most epochs, up to `max_epochs`, for which every arm's
     `SAFETY * (overhead + epochs * n_train * per_image)` together fit in `left` seconds;
@@ -450,6 +468,23 @@ def markdown(report):
         for name, r in step["ratios"].items():
             lines.append(f"| {name} | {r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}] |")
         lines.append("")
+    gate = report.get("gate")
+    if gate and "failed" in gate:
+        lines += ["## The gate alone, by form of DW_k", "", f"Failed: {gate['failed']}.", ""]
+    elif gate:
+        lines += ["## The gate alone, by form of DW_k", "",
+                  f"Forward and backward at ResNet-18's shapes (width {FLAGS.width}, batch "
+                  f"{FLAGS.batch_size}); time ratios within a round, median [min, max]; "
+                  f"{gate['seconds']:.0f} s.", "", "| dtype/shape | ratio | median [min, max] |",
+                  "|---|---|---|"]
+        for key, entry in gate["timings"].items():
+            for name, r in entry["ratios"].items():
+                lines.append(f"| {key} | {name} | {r['median']:.2f} [{r['min']:.2f}, "
+                             f"{r['max']:.2f}] |")
+        lines += ["", "| forms held to each other | largest difference (relative) |",
+                  "|---|---|"]
+        lines += [f"| {name} | {diff:.1e} |" for name, diff in gate["agreement"].items()]
+        lines.append("")
     pilot = report.get("pilot")
     if pilot:
         plan = pilot["plan"]
@@ -509,6 +544,11 @@ def main(argv):
     write()
     print(json.dumps(report["machine"]), flush=True)
     step_part(report, write)
+    try:  # the pilot runs even if this part fails
+        gate_part(report, write)
+    except Exception as e:
+        report["gate"] = {"failed": _error(e)}
+        write()
     pilot_part(report, write)
     write()
     print(markdown(report), flush=True)

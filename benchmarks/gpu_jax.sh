@@ -33,7 +33,7 @@ if [ "${TINY:-0}" = 1 ]; then
   # Seconds of work on a CPU; compiling is nearly all the time, and XLA's costlier LLVM
   # passes a third of that (these flags lower them; the CPU only). The budget is large:
   # TINY checks the path, not the time.
-  ARGS=(--width=0.0625 --batch_size=16 --dtypes=bfloat16 --activations=relu,sparta
+  ARGS=(--model=resnet10 --width=0.0625 --batch_size=16 --dtypes=bfloat16 --activations=relu,sparta
         --rounds=2 --steps=1 --pilot_arms=relu,sparta --pilot_max_train=64
         --pilot_max_test=32 --pilot_max_epochs=1 --pilot_min_epochs=1 --eval_pgd_steps=2
         --autoattack_examples=16 --autoattack_iterations=2 --autoattack_queries=3

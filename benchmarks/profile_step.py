@@ -74,7 +74,7 @@ def _markdown(report):
     ops = sorted({op for p in per.values() for op in p},
                  key=lambda op: -max(p.get(op, 0) for p in per.values()))
     lines = [f"# Where the AT step's time goes, by op type: {report['machine']}", "",
-             f"Command: `{report['command']}`. ResNet-18 x{report['width']}, batch "
+             f"Command: `{report['command']}`. {report['model']} x{report['width']}, batch "
              f"{report['batch_size']}, PGD-{report['pgd_steps']} AT, milliseconds per step "
              f"summed over the ops of TensorFlow's inter-op threads (`tf.profiler`, "
              f"{report['steps']} steps).", "",
@@ -93,7 +93,8 @@ def _markdown(report):
 
 def main(argv):
     del argv
-    report = {"machine": common.machine(), "command": " ".join(["python", *sys.argv]),
+    report = {"machine": common.machine(), "model": FLAGS.model,
+              "command": " ".join(["python", *sys.argv]),
               "width": FLAGS.width_multiplier, "batch_size": FLAGS.batch_size,
               "pgd_steps": FLAGS.pgd_steps, "steps": FLAGS.steps, "top": FLAGS.top,
               "ms_per_step": {a: _profile(a) for a in FLAGS.activations}}

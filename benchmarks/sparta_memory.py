@@ -60,7 +60,7 @@ def _model(config):
     import keras
     from sparta_tf import models
     keras.utils.set_random_seed(0)
-    return models.build("resnet18", 10, "sparta", FLAGS.width,
+    return models.build(FLAGS.model, 10, "sparta", FLAGS.width,
                         activation_kwargs={"use_custom_gradient": config == "custom"})
 
 
@@ -217,8 +217,8 @@ def _markdown(report):
     lines = [f"# Sparta: custom gradient against autodiff ({report['backend']})", "",
              f"`{report['command']}`", "",
              f"Machine: {report['machine']}. Keras {report['keras']}, {report['backend']} "
-             f"{report['backend_version']}. ResNet-18 with Sparta at width {report['width']}, "
-             f"batch {report['batch_size']}, 32x32, float32; {report['rounds']} rounds of "
+             f"{report['backend_version']}. {report['model']} with Sparta at width "
+             f"{report['width']}, batch {report['batch_size']}, 32x32, float32; {report['rounds']} rounds of "
              f"{report['steps']} calls per configuration, taking turns. Figures: median "
              f"(min to max) over rounds; ratios custom / autodiff taken within a round. "
              f"Targets: memory at most {TARGETS['memory']}, time at most {TARGETS['time']}.",
@@ -266,7 +266,7 @@ def main(argv):
         "keras": keras.__version__, "machine": common.machine(),
         "command": f"KERAS_BACKEND={backend} python benchmarks/sparta_memory.py "
                    + " ".join(a for a in sys.argv[1:]),
-        "width": FLAGS.width, "batch_size": FLAGS.batch_size, "pgd_steps": FLAGS.pgd_steps,
+        "model": FLAGS.model, "width": FLAGS.width, "batch_size": FLAGS.batch_size, "pgd_steps": FLAGS.pgd_steps,
         "rounds": FLAGS.rounds, "steps": FLAGS.steps, "targets": TARGETS,
     }
     report["workloads"] = _measure()

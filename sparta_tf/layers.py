@@ -65,20 +65,19 @@ class Sparta(keras.layers.Layer):
     TensorFlow, JAX and PyTorch, which all have `custom_gradient`; on a
     backend without one (NumPy, OpenVINO: inference only) the layer falls
     back to `sparta_forward`, which gives the same numbers. PyTorch's
-    `custom_gradient` saves every input of the op, Z included, so there it
-    saves no memory.
+    `custom_gradient` saves every input of the op, Z included in the
+    depthwise form (its default there), so there it saves no memory.
 
     Cost against autodiff (`benchmarks/sparta_memory.py`: ResNet-18 at
     width 0.25, batch 128, 32x32, one forward and backward, 2-core CPU;
-    docs/BENCHMARKS.md): on TensorFlow the custom gradient holds 0.76x to
-    0.83x autodiff's peak memory in 0.97x to 1.18x its time (two runs, the
-    second on a loaded machine). On JAX (XLA on the CPU), with DW_k as a
-    depthwise convolution, it held 0.91x in 1.34x the time: XLA plans
-    autodiff's buffers tightly, and lowers the depthwise convolution slowly
-    on its CPU. There DW_k is now the shifted form (`gate_form`): the PGD-3
-    AT step of that ResNet with Sparta takes 1.11x ReLU's time on JAX's CPU,
-    against 2.45x with the depthwise form (docs/BENCHMARKS.md); the memory
-    of the shifted form was not measured.
+    docs/BENCHMARKS.md): on TensorFlow (depthwise form) the custom gradient
+    holds 0.76x to 0.83x autodiff's peak memory in 0.97x to 1.18x its time
+    (two runs, the second on a loaded machine). On JAX (XLA, shifted form)
+    it holds 0.23x autodiff's memory in 0.76x to 0.84x its time; with DW_k as
+    a depthwise convolution it held 0.91x in 1.34x the time, XLA lowering
+    that convolution slowly on its CPU. In the shifted form the PGD-3 AT
+    step of that ResNet with Sparta takes about 1.1x ReLU's time on JAX's
+    CPU, against 2.45x with the depthwise form (docs/BENCHMARKS.md).
 
     Args:
         kernel_size: odd int, the size k of the depthwise gate kernel.
@@ -108,7 +107,8 @@ class Sparta(keras.layers.Layer):
             backend's depthwise convolution), "shifted" (k x k shifted
             multiply-adds, which XLA fuses), or "auto" (the default): shifted
             on JAX, depthwise elsewhere (TensorFlow without XLA keeps its
-            native kernel). Both give the same numbers and gradients.
+            native kernel: the shifted form was 9x slower there). Both give
+            the same numbers and gradients.
         **kwargs: the usual Keras layer arguments (`name`, `dtype`,
             `trainable`, ...).
 

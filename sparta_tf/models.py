@@ -9,8 +9,10 @@ The networks follow the common CIFAR references (kuangliu/pytorch-cifar; the
 WideResNet of the TRADES/MART code): a 3x3 stem convolution with no max-pool,
 global average pooling, and a Dense layer. Convolutions have no bias.
 
-- `resnet18`, `resnet34`: basic blocks `conv3x3-BN-act, conv3x3-BN, add, act`,
-  [2, 2, 2, 2] and [3, 4, 6, 3] per stage, widths 64, 128, 256, 512.
+- `resnet10`, `resnet18`, `resnet34`: basic blocks `conv3x3-BN-act, conv3x3-BN,
+  add, act`, [1, 1, 1, 1], [2, 2, 2, 2] and [3, 4, 6, 3] per stage, widths 64,
+  128, 256, 512 (ResNet-10: half of ResNet-18's layers to compile and run, for
+  quick trials and the tests).
 - `resnet50`: bottleneck blocks `conv1x1-BN-act, conv3x3-BN-act, conv1x1-BN,
   add, act`, output width 4 x the inner width, [3, 4, 6, 3] per stage.
 - `preact_resnet18`: pre-activation blocks `BN-act-conv3x3, BN-act-conv3x3,
@@ -28,7 +30,7 @@ Activation names. Every activation layer is named after the canonical
 activation name (`activations.canonical_name`) and its place, so that the
 activations of two models can be listed and matched:
 
-- `{act}_stem`: after the stem convolution and BN (ResNet-18/34/50 only);
+- `{act}_stem`: after the stem convolution and BN (ResNet-10/18/34/50 only);
 - `{act}_s{stage}b{block}_{i}`: inside block `block` (from 0) of stage
   `stage` (from 1), `i` = 1, 2, ... in order, and `out` for the one after the
   residual add (post-activation blocks only);
@@ -146,7 +148,7 @@ def _shortcut(x, width, stride, prefix):
 
 
 def _basic_block(x, width, stride, act, prefix):
-    """`conv3x3-BN-act, conv3x3-BN`, add the shortcut, act (ResNet-18/34)."""
+    """`conv3x3-BN-act, conv3x3-BN`, add the shortcut, act (ResNet-10/18/34)."""
     shortcut = _shortcut(x, width, stride, prefix)
     y = act(_bn(_conv(x, width, 3, stride, f"{prefix}_conv1"), f"{prefix}_bn1"),
             f"{prefix}_1")
@@ -188,6 +190,7 @@ _Architecture = collections.namedtuple(
 _RESNET_WIDTHS = (64, 128, 256, 512)
 
 _ARCHITECTURES = {
+    "resnet10": _Architecture(_basic_block, (1, 1, 1, 1), _RESNET_WIDTHS, 64, True, False),
     "resnet18": _Architecture(_basic_block, (2, 2, 2, 2), _RESNET_WIDTHS, 64, True, False),
     "resnet34": _Architecture(_basic_block, (3, 4, 6, 3), _RESNET_WIDTHS, 64, True, False),
     "resnet50": _Architecture(_bottleneck_block, (3, 4, 6, 3), _RESNET_WIDTHS, 64, True,

@@ -23,7 +23,8 @@ def _run(script, *args, folder):
 def test_at_step_writes_every_figure(tmp_path):
     # --nojit: XLA's compilation of the two steps was a third of this test's time on 2
     # cores; the XLA timing is the same code path as the others, with `jit_compile=True`.
-    out = _run("at_step.py", "--activations=relu,sparta", "--widths=0.0625", "--batch_size=8",
+    out = _run("at_step.py", "--model=resnet10",
+               "--activations=relu,sparta", "--widths=0.0625", "--batch_size=8",
                "--rounds=2", "--steps=1", "--nojit", f"--output_dir={tmp_path}",
                folder=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -61,7 +62,8 @@ def test_autoattack_time_times_keras_against_art(tmp_path):
 
 
 def test_profile_step_sums_op_time_by_type(tmp_path):
-    out = _run("profile_step.py", "--activations=relu,sparta", "--width_multiplier=0.0625",
+    out = _run("profile_step.py", "--model=resnet10",
+               "--activations=relu,sparta", "--width_multiplier=0.0625",
                "--batch_size=8", "--steps=1", f"--output_dir={tmp_path}", folder=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "profile.json").read_text())
@@ -73,7 +75,8 @@ def test_profile_step_sums_op_time_by_type(tmp_path):
 
 def test_arm_overhead_times_every_arm_against_the_first(tmp_path):
     output = tmp_path / "overhead.json"
-    out = _run("arm_overhead.py", "--arms=relu,relu_mean", "--width_multiplier=0.0625",
+    out = _run("arm_overhead.py", "--model=resnet10",
+               "--arms=relu,relu_mean", "--width_multiplier=0.0625",
                "--batch_size=4", "--rounds=2", "--steps=1", f"--output={output}", folder=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(output.read_text())
@@ -84,7 +87,8 @@ def test_arm_overhead_times_every_arm_against_the_first(tmp_path):
 
 
 def test_sparta_memory_measures_the_custom_gradient_against_autodiff(tmp_path):
-    out = _run("sparta_memory.py", "--width=0.0625", "--batch_size=8", "--rounds=2",
+    out = _run("sparta_memory.py", "--model=resnet10",
+               "--width=0.0625", "--batch_size=8", "--rounds=2",
                "--steps=1", "--workloads=step", f"--output_dir={tmp_path}", folder=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "tensorflow.json").read_text())
@@ -99,7 +103,8 @@ def test_sparta_memory_measures_the_custom_gradient_against_autodiff(tmp_path):
 
 @needs_jax
 def test_backends_times_tensorflow_against_jax(tmp_path):
-    out = _run("backends.py", "--width=0.0625", "--batch_size=8", "--rounds=2", "--steps=1",
+    out = _run("backends.py", "--model=resnet10",
+               "--width=0.0625", "--batch_size=8", "--rounds=2", "--steps=1",
                f"--output_dir={tmp_path}", folder=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "backends.json").read_text())
@@ -109,6 +114,30 @@ def test_backends_times_tensorflow_against_jax(tmp_path):
     assert set(report["ratios"]) == {"jax / tensorflow, relu", "jax / tensorflow, sparta",
                                      "sparta / relu, tensorflow", "sparta / relu, jax"}
     assert "TensorFlow against JAX" in (tmp_path / "BACKENDS.md").read_text()
+
+
+def _check_gate_report(gate, dtype, batch_size):
+    """A report of benchmarks/gate_forms.py at width 0.0625: every form agrees with the
+    others and with NumPy within issue 41's bounds, and every shape and ratio is timed."""
+    assert len(gate["agreement"]) == 4 + 4  # shifted vs depthwise at 4 shapes; NumPy x 4
+    for name, diff in gate["agreement"].items():
+        assert diff <= (1e-12 if "float64" in name else 1e-5), (name, diff)
+    assert set(gate["timings"]) == {f"{dtype}/{batch_size}x{s}x{s}x{c}" for s, c in (
+        (32, 4), (16, 8), (8, 16), (4, 32))}
+    for entry in gate["timings"].values():
+        assert set(entry["seconds"]) == {"relu", "silu", "sparta/depthwise", "sparta/shifted"}
+        assert set(entry["ratios"]) == {f"sparta/{form} / {ref}" for form in (
+            "depthwise", "shifted") for ref in ("relu", "silu")}
+        assert all(0 < r["min"] <= r["median"] <= r["max"] for r in entry["ratios"].values())
+
+
+def test_gate_forms_times_each_form_and_holds_them_to_numpy(tmp_path):
+    out = _run("gate_forms.py", "--width=0.0625", "--batch_size=2", "--rounds=1", "--steps=1",
+               f"--output_dir={tmp_path}", folder=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    _check_gate_report(json.loads((tmp_path / "gate_tensorflow.json").read_text()), "float32",
+                       2)
+    assert "| forms held to each other |" in (tmp_path / "GATE_TENSORFLOW.md").read_text()
 
 
 def _tiny_cifar(folder):
@@ -155,6 +184,9 @@ def test_gpu_jax_tiny_runs_every_part_without_tensorflow(tmp_path):
         "sparta / relu, AT, bfloat16", "sparta custom gradient / autodiff, AT, bfloat16",
         "AT efficiency (K+1) t(standard) / t(AT), relu, bfloat16",
         "AT efficiency (K+1) t(standard) / t(AT), sparta, bfloat16"}
+
+    gate = report["gate"]  # each form of the gate alone, held to the others first
+    _check_gate_report(gate, "bfloat16", 16)
 
     pilot = report["pilot"]
     assert pilot["plan"]["arms"] == ["relu", "sparta"] and pilot["plan"]["epochs"] == 1

@@ -17,8 +17,9 @@ from sparta_tf.experiments import arms, cache
 from sparta_tf.experiments.cells import EvalSettings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(dataset="bundled", max_train=64, max_test=20, width_multiplier=0.0625, epochs=1,
-            batch_size=32, pgd_steps=1, eval_pgd_steps=1, checkpoint_every=0)
+TINY = dict(dataset="bundled", model="resnet10", max_train=64, max_test=20,
+            width_multiplier=0.0625, epochs=1, batch_size=32, pgd_steps=1, eval_pgd_steps=1,
+            checkpoint_every=0)
 SETTINGS = EvalSettings(pgd_steps=1, autoattack=False, eps_curve=(0.0, 8 / 255))
 WITH_AUTOATTACK = dataclasses.replace(SETTINGS, autoattack=True, square_examples=4)
 RESULTS = {"clean": 0.5, "pgd": 0.3, "autoattack": 0.2, "eps_curve": [[0.0, 0.5]],

@@ -27,8 +27,9 @@ from sparta_tf.experiments.grid import run_cell, run_grid
 from sparta_tf.experiments.report import after_table, paired_table, square_check, table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(dataset="bundled", max_train=64, max_test=20, width_multiplier=0.0625, epochs=1,
-            batch_size=32, pgd_steps=1, eval_pgd_steps=1, checkpoint_every=0)
+TINY = dict(dataset="bundled", model="resnet10", max_train=64, max_test=20,
+            width_multiplier=0.0625, epochs=1, batch_size=32, pgd_steps=1, eval_pgd_steps=1,
+            checkpoint_every=0)
 SETTINGS = EvalSettings(pgd_steps=1, autoattack=False, eps_curve=(0.0, 8 / 255))
 GRID = dict(activations=["relu", "sparta"], seeds=[0], objectives=["pgd", "standard"])
 # The same grid as trainer flags.

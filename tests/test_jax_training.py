@@ -70,7 +70,7 @@ def test_the_tf_and_jax_steps_agree(tmp_path):
 def _train(model_dir, env, limit=None, **popen):
     """Runs sparta-train on a tiny run (`popen`: started, not waited for); `limit`: the
     largest file it may write, in bytes (`ulimit -f`)."""
-    cmd = [sys.executable, "-m", "trainers.train", f"--model_dir={model_dir}",
+    cmd = [sys.executable, "-m", "trainers.train", f"--model_dir={model_dir}", "--model=resnet10",
            "--max_train=96", "--max_test=20", "--width_multiplier=0.0625", "--epochs=2",
            "--batch_size=16", "--pgd_steps=1", "--eval_pgd_steps=2", "--checkpoint_every=2"]
     if popen:
@@ -171,10 +171,10 @@ def test_sparta_train_on_jax_without_tensorflow_resumes_after_a_kill(tmp_path):
 
     # TensorFlow's apps read it: resuming it on TensorFlow is refused (another backend) ...
     on_tf = subprocess.run(
-        [sys.executable, "-m", "trainers.train", f"--model_dir={killed}", "--max_train=96",
-         "--max_test=20", "--width_multiplier=0.0625", "--epochs=2", "--batch_size=16",
-         "--pgd_steps=1", "--eval_pgd_steps=2"], cwd=ROOT, capture_output=True, text=True,
-        timeout=300)
+        [sys.executable, "-m", "trainers.train", f"--model_dir={killed}", "--model=resnet10",
+         "--max_train=96", "--max_test=20", "--width_multiplier=0.0625", "--epochs=2",
+         "--batch_size=16", "--pgd_steps=1", "--eval_pgd_steps=2"], cwd=ROOT,
+        capture_output=True, text=True, timeout=300)
     assert on_tf.returncode != 0 and "backend: 'jax' in model_dir" in on_tf.stderr
     # ... and sparta-evaluate evaluates it.
     evaluated = subprocess.run(

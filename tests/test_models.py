@@ -12,6 +12,7 @@ TINY = 0.0625  # ResNet widths 4, 8, 16, 32; WRN stem 1, widths 10, 20, 40
 
 # The activations of each network, one name per place (see the models docstring).
 _ACTIVATION_COUNTS = {
+    "resnet10": 1 + 4 * 2,
     "resnet18": 1 + 8 * 2,
     "resnet34": 1 + 16 * 2,
     "resnet50": 1 + 16 * 3,
@@ -40,7 +41,7 @@ def _call_inputs(model, layer_name):
 
 def test_names():
     assert models.NAMES == (
-        "resnet18", "resnet34", "resnet50", "preact_resnet18", "wrn34_10")
+        "resnet10", "resnet18", "resnet34", "resnet50", "preact_resnet18", "wrn34_10")
 
 
 @pytest.mark.parametrize("name", models.NAMES)

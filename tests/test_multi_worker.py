@@ -44,7 +44,7 @@ def _start(model_dir, ports, logs):
         log = open(logs / f"worker{index}_{time.monotonic_ns()}.log", "w")
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "trainers.train", "--strategy=multi_worker",
-             f"--model_dir={model_dir}", "--max_train=64", "--max_test=8",
+             f"--model_dir={model_dir}", "--model=resnet10", "--max_train=64", "--max_test=8",
              "--width_multiplier=0.0625", "--epochs=2", "--batch_size=32", "--pgd_steps=1",
              "--eval_pgd_steps=0", "--checkpoint_every=1"],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True))

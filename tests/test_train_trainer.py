@@ -8,7 +8,8 @@ import sys
 from conftest import run_app_cases, run_apps, without_tensorflow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--max_train=256", "--max_test=20", "--width_multiplier=0.0625", "--epochs=1"]
+TINY = ["--model=resnet10", "--max_train=256", "--max_test=20", "--width_multiplier=0.0625",
+        "--epochs=1"]
 
 
 def _train(*args):

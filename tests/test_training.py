@@ -24,15 +24,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tiny_config(model_dir, **overrides):
-    values = dict(model_dir=str(model_dir), max_train=160, max_test=20, width_multiplier=0.0625,
-                  epochs=1, batch_size=32, pgd_steps=1, eval_pgd_steps=2, checkpoint_every=2)
+    values = dict(model_dir=str(model_dir), model="resnet10", max_train=160, max_test=20,
+                  width_multiplier=0.0625, epochs=1, batch_size=32, pgd_steps=1, eval_pgd_steps=2,
+                  checkpoint_every=2)
     values.update(overrides)
     return training.TrainConfig(**values)
 
 
 @pytest.mark.parametrize("objective", training.OBJECTIVES)
 def test_objectives_train_and_report_metrics(objective):
-    net = models.build("resnet18", 10, "sparta", width_multiplier=0.0625)
+    net = models.build("resnet10", 10, "sparta", width_multiplier=0.0625)
     attack = None if objective == "standard" else attacks.PGD(8 / 255, 2)
     model = adversarial.AdversarialModel(net, objective, attack, weight_decay=5e-4)
     model.compile(keras.optimizers.SGD(0.05, momentum=0.9))
@@ -58,7 +59,7 @@ def test_the_step_trains_on_the_images_of_its_objective(objective, trained_on):
 
 
 def test_sparta_weight_decay_switch():
-    net = models.build("resnet18", 10, "sparta", width_multiplier=0.0625)
+    net = models.build("resnet10", 10, "sparta", width_multiplier=0.0625)
     with_decay = adversarial.AdversarialModel(net, "standard", weight_decay=1e-3)
     without = adversarial.AdversarialModel(net, "standard", weight_decay=1e-3, decay_sparta=False)
     sparta_vars = [v for v in net.trainable_variables if "sparta" in v.path]
@@ -107,7 +108,7 @@ _MIRRORED = textwrap.dedent("""
     def train(strategy, objective, init):
         with strategy.scope():
             # Synchronized batch norm where several replicas train, as training.run builds it.
-            net = models.build("resnet18", 10, "sparta", width_multiplier=0.0625,
+            net = models.build("resnet10", 10, "sparta", width_multiplier=0.0625,
                                input_shape=(16, 16, 3),
                                synchronized=strategy.num_replicas_in_sync > 1)
             net.set_weights(init)
@@ -122,7 +123,7 @@ _MIRRORED = textwrap.dedent("""
     result = {}
     for objective in sys.argv[1:]:
         keras.utils.set_random_seed(0)
-        init = models.build("resnet18", 10, "sparta", width_multiplier=0.0625,
+        init = models.build("resnet10", 10, "sparta", width_multiplier=0.0625,
                             input_shape=(16, 16, 3)).get_weights()
         one, n1 = train(tf.distribute.OneDeviceStrategy("/cpu:0"), objective, init)
         two, n2 = train(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), objective, init)
@@ -447,8 +448,9 @@ def test_a_model_or_results_that_cannot_be_written_is_one_write_error(tmp_path):
 
 def _train_cmd(model_dir):
     return [sys.executable, "-m", "trainers.train", f"--model_dir={model_dir}",
-            "--max_train=320", "--max_test=20", "--width_multiplier=0.0625", "--epochs=3",
-            "--batch_size=16", "--pgd_steps=1", "--eval_pgd_steps=1", "--checkpoint_every=4"]
+            "--model=resnet10", "--max_train=320", "--max_test=20", "--width_multiplier=0.0625",
+            "--epochs=3", "--batch_size=16", "--pgd_steps=1", "--eval_pgd_steps=1",
+            "--checkpoint_every=4"]
 
 
 def _final_weights(model_dir):
