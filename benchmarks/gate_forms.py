@@ -186,17 +186,20 @@ def markdown(report):
              f"Machine: {report['machine']}. Forward and the gradients to x, kernel and bias "
              f"of each activation, compiled; ResNet-18's shapes at width {report['width']}, "
              f"batch {report['batch_size']}; {report['rounds']} interleaved rounds of "
-             f"{report['steps']} calls (`benchmarks/gate_forms.py`).", "",
-             "| dtype/shape | ratio | median [min, max] |", "|---|---|---|"]
-    for key, entry in report["timings"].items():
+             f"{report['steps']} calls (`benchmarks/gate_forms.py`).", ""]
+    return "\n".join(lines + tables(report["timings"], report["agreement"])) + "\n"
+
+
+def tables(timings, agreement):
+    """The Markdown lines of `measure`'s ratios and of `agreement`."""
+    lines = ["| dtype/shape | ratio | median [min, max] |", "|---|---|---|"]
+    for key, entry in timings.items():
         for name, r in entry["ratios"].items():
             lines.append(f"| {key} | {name} | {r['median']:.2f} [{r['min']:.2f}, "
                          f"{r['max']:.2f}] |")
     lines += ["", "| forms held to each other | largest difference (relative, `_gap`) |",
               "|---|---|"]
-    for name, diff in report["agreement"].items():
-        lines.append(f"| {name} | {diff:.1e} |")
-    return "\n".join(lines) + "\n"
+    return lines + [f"| {name} | {diff:.1e} |" for name, diff in agreement.items()]
 
 
 def main(argv):

@@ -55,6 +55,8 @@ import time
 
 from absl import app, flags
 
+import gate_forms  # benchmarks/gate_forms.py: part 3
+
 START = time.monotonic()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # sparta_tf from this checkout: the GPU machine has it uninstalled
@@ -284,7 +286,6 @@ def _ratios(rounds):
 # Part 3 ----------------------------------------------------------------------------------
 
 def gate_part(report, write):
-    import gate_forms
     start = time.monotonic()
     part = {"agreement": gate_forms.agreement(gate_forms.shapes(FLAGS.width, FLAGS.batch_size))}
     part["timings"] = gate_forms.measure(FLAGS.width, FLAGS.batch_size, FLAGS.dtypes,
@@ -475,16 +476,8 @@ def markdown(report):
         lines += ["## The gate alone, by form of DW_k", "",
                   f"Forward and backward at ResNet-18's shapes (width {FLAGS.width}, batch "
                   f"{FLAGS.batch_size}); time ratios within a round, median [min, max]; "
-                  f"{gate['seconds']:.0f} s.", "", "| dtype/shape | ratio | median [min, max] |",
-                  "|---|---|---|"]
-        for key, entry in gate["timings"].items():
-            for name, r in entry["ratios"].items():
-                lines.append(f"| {key} | {name} | {r['median']:.2f} [{r['min']:.2f}, "
-                             f"{r['max']:.2f}] |")
-        lines += ["", "| forms held to each other | largest difference (relative) |",
-                  "|---|---|"]
-        lines += [f"| {name} | {diff:.1e} |" for name, diff in gate["agreement"].items()]
-        lines.append("")
+                  f"{gate['seconds']:.0f} s.", ""]
+        lines += gate_forms.tables(gate["timings"], gate["agreement"]) + [""]
     pilot = report.get("pilot")
     if pilot:
         plan = pilot["plan"]

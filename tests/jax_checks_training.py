@@ -34,7 +34,7 @@ LR = 1.0  # plain SGD: the step's change of each weight is its gradient
 
 def _models(objective):
     from sparta_tf import adversarial, attacks, models  # pylint: disable=import-outside-toplevel
-    net = models.build("resnet18", 10, "sparta", width_multiplier=0.0625, input_shape=SHAPE)
+    net = models.build("resnet10", 10, "sparta", width_multiplier=0.0625, input_shape=SHAPE)
     attack = attacks.PGD(8 / 255, 3, random_start=False)
     model = adversarial.AdversarialModel(net, objective, attack, weight_decay=5e-4)
     model.compile(keras.optimizers.SGD(LR))

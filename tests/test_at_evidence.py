@@ -21,7 +21,7 @@ def test_pgd_at_beats_standard_training_under_pgd(tmp_path):
         config = training.TrainConfig(
             model_dir=str(tmp_path / objective), dataset=os.path.abspath(ARCHIVE),
             data_dir=str(tmp_path / "cache"), max_train=2000, max_test=500,
-            model="resnet18", activation="sparta", width_multiplier=0.125, epochs=4,
+            model="resnet10", activation="sparta", width_multiplier=0.125, epochs=4,
             batch_size=64, lr=0.05, lr_schedule="cosine", objective=objective,
             eps=8 / 255, pgd_steps=2, eval_pgd_steps=10, checkpoint_every=0)
         results[objective] = training.run(config, verbose=0)

@@ -26,7 +26,7 @@ SAVED_MODEL_CLI = os.path.join(os.path.dirname(sys.executable), "saved_model_cli
 
 def _model(seed=0):
     keras.utils.set_random_seed(seed)
-    return models.build("resnet18", 10, "sparta", 0.0625)
+    return models.build("resnet10", 10, "sparta", 0.0625)
 
 
 def _bundled_jpeg():
@@ -307,8 +307,8 @@ def _app(name, *args):
 
 
 def test_trainer_exports_a_new_version_only_when_it_trained(tmp_path):
-    tiny = ["--max_train=64", "--max_test=8", "--width_multiplier=0.0625", "--batch_size=32",
-            "--pgd_steps=1", "--eval_pgd_steps=0", f"--model_dir={tmp_path}"]
+    tiny = ["--model=resnet10", "--max_train=64", "--max_test=8", "--width_multiplier=0.0625",
+            "--batch_size=32", "--pgd_steps=1", "--eval_pgd_steps=0", f"--model_dir={tmp_path}"]
     for epochs, expected in ((1, [1]), (1, [1]), (2, [1, 2])):  # the rerun trains nothing
         out = _app("train", *tiny, f"--epochs={epochs}")
         assert out.returncode == 0, out.stderr[-3000:]

@@ -114,7 +114,7 @@ def test_sparta_train_on_jax_without_tensorflow_resumes_after_a_kill(tmp_path):
     assert not (killed / "results.json").exists(), "the run ended before it was killed"
     assert os.listdir(killed / "checkpoints") == ["ckpt-1"], "killed after step 2's save"
 
-    # A checkpoint's weights are ~400 KB, config.json 1 KB: the next save fails.
+    # A checkpoint's weights are ~170 KB, config.json 1 KB: the next save fails.
     limited = _train(killed, two, limit=100_000)
     last = limited.stderr.strip().splitlines()[-1]
     assert limited.returncode == 1 and "Traceback" not in limited.stderr, limited.stderr[-3000:]

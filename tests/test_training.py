@@ -347,9 +347,9 @@ _RESUMED = dict(epochs=2, checkpoint_every=2)  # 5 steps an epoch: saves at step
 
 def _app_cmd(folder):
     """The sparta-train command of `_tiny_config(folder, **_RESUMED)`."""
-    return [sys.executable, "-m", "trainers.train", f"--model_dir={folder}", "--max_train=160",
-            "--max_test=20", "--width_multiplier=0.0625", "--epochs=2", "--batch_size=32",
-            "--pgd_steps=1", "--eval_pgd_steps=2", "--checkpoint_every=2"]
+    return [sys.executable, "-m", "trainers.train", f"--model_dir={folder}", "--model=resnet10",
+            "--max_train=160", "--max_test=20", "--width_multiplier=0.0625", "--epochs=2",
+            "--batch_size=32", "--pgd_steps=1", "--eval_pgd_steps=2", "--checkpoint_every=2"]
 
 
 def _failing_second_save(monkeypatch, error):
@@ -387,7 +387,7 @@ def test_a_failed_checkpoint_stops_the_run_in_one_line_and_it_resumes_to_the_sam
     monkeypatch.undo()
     assert not (run_dir / "metrics.jsonl").exists()  # epoch 1 did not end
 
-    # A checkpoint is ~400 KB, config.json 1 KB: the first save fails.
+    # A checkpoint is ~170 KB, config.json 1 KB: the first save fails.
     limited = subprocess.run(
         _app_cmd(run_dir), cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
         capture_output=True, text=True, timeout=600,

@@ -125,7 +125,7 @@ def test_fingerprint_changes_with_any_value(tmp_path):
 def _config(model_dir, sparta_from, **overrides):
     values = dict(model_dir=str(model_dir), max_train=64, max_test=8, width_multiplier=TINY,
                   epochs=1, batch_size=32, pgd_steps=1, eval_pgd_steps=0, checkpoint_every=1,
-                  model="resnet34", sparta_sharing="stage", sparta_from=sparta_from,
+                  model="resnet18", sparta_sharing="stage", sparta_from=sparta_from,
                   weight_decay=5e-2)
     values.update(overrides)
     return training.TrainConfig(**values)
@@ -187,10 +187,10 @@ def test_frozen_sparta_gets_no_weight_decay_and_a_changed_source_is_refused(tmp_
 
 def test_svhn_cropped_target_through_tfds(tmp_path, monkeypatch):
     """The paper's cross-dataset target, read through TFDS (mocked: no network here)."""
-    _, path = _source(tmp_path)
+    _, path = _source(tmp_path, model="resnet10")
     monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
     with tfds.testing.mock_data(num_examples=64):
-        results = training.run(_config(tmp_path / "svhn", path, model="resnet18",
+        results = training.run(_config(tmp_path / "svhn", path, model="resnet10",
                                        dataset="svhn_cropped", data_dir=str(tmp_path)),
                                verbose=0)
     assert results["train_examples"] == 64 and 0 <= results["clean_acc"] <= 1
@@ -253,11 +253,13 @@ def test_transfer_trainer_needs_a_source():
 
 
 def test_transfer_trainer_compares_relu_fresh_and_transferred_sparta(tmp_path):
-    _, path = _source(tmp_path)
+    """A trained Sparta into a deeper network, stage to stage: ResNet-10 to ResNet-18 here, as
+    ResNet-18 to ResNet-34 in the paper, with fewer layers to train."""
+    _, path = _source(tmp_path, model="resnet10")
     flags = ["--dataset=bundled", "--max_train=64", "--max_test=8", "--width_multiplier=0.0625",
              "--epochs=1", "--batch_size=32", "--pgd_steps=1", "--eval_pgd_steps=1",
              "--checkpoint_every=0", "--autoattack=none", "--noplots", "--seeds=0",
-             "--eps_curve=0,8/255", "--model=resnet34", "--sparta_sharing=stage",
+             "--eps_curve=0,8/255", "--model=resnet18", "--sparta_sharing=stage",
              f"--sparta_from={path}", f"--model_dir={tmp_path / 'cmp'}"]
     out = _run("transfer", *flags)
     assert out.returncode == 0, out.stderr[-3000:]
