@@ -6,8 +6,9 @@ JAX with TensorFlow unimportable):
 FOLDER holds `trained.keras` (a model_dir's model.keras, trained on TensorFlow) and
 `images.npz` (images and TensorFlow's logits of them). After `import sparta_tf` alone, the
 script loads that file with plain `keras.models.load_model`, and puts Sparta into
-keras.applications' MobileNetV2 and ResNet50V2 (`models.replace_activations`), saves and
-loads them; it writes what it found to FOLDER/jax.json.
+keras.applications' MobileNetV2 (`models.replace_activations`; ResNet50V2 too where
+`check` is called from TensorFlow's test), saves and loads it; it writes what it found to
+FOLDER/jax.json.
 """
 
 import json
@@ -41,7 +42,10 @@ def round_trip(model, folder, x):
     return float(np.max(np.abs(np.asarray(model(x)) - np.asarray(loaded(x)))))
 
 
-def check(folder):
+APPLICATIONS = ("mobilenet_v2", "resnet50_v2")
+
+
+def check(folder, applications=APPLICATIONS):
     images = np.load(os.path.join(folder, "images.npz"))
     x = images["x"]
     trained = keras.models.load_model(os.path.join(folder, "trained.keras"))
@@ -52,6 +56,8 @@ def check(folder):
                 weights=None, input_shape=(32, 32, 3), classes=10, alpha=0.35), "replace"),
             ("resnet50_v2", lambda: keras.applications.ResNet50V2(
                 weights=None, input_shape=(32, 32, 3), classes=10), "refuse")):
+        if name not in applications:
+            continue
         net = build()
         new = sparta_tf.models.replace_activations(net, "sparta", capped=capped)
         found[name] = {"before": counts(net), "after": counts(new),
@@ -61,7 +67,10 @@ def check(folder):
 
 
 if __name__ == "__main__":
-    result = check(sys.argv[1])
+    # On JAX MobileNetV2 only: the replacement is the same graph rewrite on every backend
+    # (ResNet50V2's is checked on TensorFlow), and ResNet50V2's eager passes on JAX cost a
+    # minute of the suite.
+    result = check(sys.argv[1], ("mobilenet_v2",))
     with open(os.path.join(sys.argv[1], f"{keras.backend.backend()}.json"), "w") as f:
         json.dump(result, f)
     print("tensorflow imported:", "tensorflow" in sys.modules)

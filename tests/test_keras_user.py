@@ -93,14 +93,16 @@ def test_on_jax_import_sparta_tf_loads_every_file_with_keras_own_loader(trained,
                          timeout=900, env=jax_without_tensorflow(tmp_path / "blocked"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "tensorflow imported: False" in out.stdout
-    _assert_found(json.loads((trained / "jax.json").read_text()))
+    _assert_found(json.loads((trained / "jax.json").read_text()), ("mobilenet_v2",))
 
 
-def _assert_found(found):
+def _assert_found(found, applications=keras_user_checks.APPLICATIONS):
     assert found["trained_logits_diff"] < 1e-4  # the model_dir's file: TensorFlow's logits
     assert found["mobilenet_v2"]["before"] == [35, 0]  # 35 ReLU6, replaced by choice
-    assert found["resnet50_v2"]["before"] == [49, 0]
-    for name in ("mobilenet_v2", "resnet50_v2"):
+    assert set(found) == {"trained_logits_diff", *applications}
+    if "resnet50_v2" in applications:
+        assert found["resnet50_v2"]["before"] == [49, 0]
+    for name in applications:
         assert found[name]["after"] == [0, found[name]["before"][0]], name
         assert found[name]["same_other_weights"], name
         assert found[name]["round_trip_diff"] < 1e-5, name
