@@ -14,7 +14,9 @@ taken within a round. Writes `benchmark.json` and `BENCHMARKS.md` (the machine n
 - `standard/<activation>/w<width>`: the standard step, for the AT efficiency
   `(K + 1) t(standard) / t(PGD-K AT)`: 1 if an attack step cost as much as a training
   step; an attack step needs no weight gradients, so about 1.33 is the ideal at K = 3;
-- `jit/<activation>/w<first width>`: the AT step compiled with XLA (`--nojit`: not);
+- `jit/<activation>/w<first width>`: the AT step compiled with XLA (`--nojit`: not), for
+  relu, sparta (under XLA its "auto" gate is the shifted form) and `sparta_depthwise` (the
+  depthwise form forced, as "auto" was under XLA before issue 41);
 - `eager_cleverhans/<activation>/w<first width>`: an eager loop that attacks each batch with
   cleverhans's `projected_gradient_descent` and then takes an eager gradient step: what the
   compiled step replaces;
@@ -90,10 +92,10 @@ def _configurations():
             configs[f"standard/{activation}/w{width:g}"] = common.compiled_step(
                 _model(activation, width, "standard"))
     width = float(FLAGS.widths[0])
+    for activation in ("relu", "sparta", "sparta_depthwise") if FLAGS.jit else ():
+        configs[f"jit/{activation}/w{width:g}"] = common.compiled_step(
+            _model(activation, width, jit=True), jit=True)
     for activation in ("relu", "sparta"):
-        if FLAGS.jit:
-            configs[f"jit/{activation}/w{width:g}"] = common.compiled_step(
-                _model(activation, width, jit=True), jit=True)
         configs[f"eager_cleverhans/{activation}/w{width:g}"] = _eager_cleverhans_step(
             _model(activation, width))
     return configs
@@ -232,6 +234,11 @@ def main(argv):
         if FLAGS.jit:
             ratios[f"XLA / no XLA, {activation}, {first}"] = _ratios(
                 seconds, f"jit/{activation}/{first}", f"at/{activation}/{first}")
+    if FLAGS.jit:
+        ratios[f"XLA: sparta / relu, {first}"] = _ratios(
+            seconds, f"jit/sparta/{first}", f"jit/relu/{first}")
+        ratios[f"XLA: sparta (shifted) / sparta_depthwise, {first}"] = _ratios(
+            seconds, f"jit/sparta/{first}", f"jit/sparta_depthwise/{first}")
     report = {"machine": common.machine(), "model": FLAGS.model,
               "command": " ".join(["python", *sys.argv]),
               "batch_size": FLAGS.batch_size, "pgd_steps": k, "rounds": FLAGS.rounds,

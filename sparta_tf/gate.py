@@ -15,9 +15,12 @@ exact gradient written out (it keeps X and recomputes the gate in the backward).
   that XLA fuses into few passes over X, where its CPU lowering of a depthwise convolution
   computes far more than the k x k taps per output (issue 41).
 
-`default_form()` picks "shifted" on JAX (XLA compiles everything there) and "depthwise"
-elsewhere (TensorFlow's own depthwise kernel without XLA; PyTorch's). Everything is
-`keras.ops`; this module imports no backend and nothing of `sparta_tf`.
+`default_form()` picks "shifted" wherever XLA compiles the gate: always on JAX, and on
+TensorFlow inside a function compiled with XLA (`jit_compile`, as Keras's
+`compile(jit_compile=True)` makes, and its "auto" on a GPU); elsewhere "depthwise"
+(TensorFlow's own depthwise kernel without XLA; PyTorch's). It is read when the gate is
+traced. Everything is `keras.ops`; this module imports no backend (TensorFlow's XLA probe
+imports it only on that backend) and nothing of `sparta_tf`.
 """
 
 import keras
@@ -27,8 +30,24 @@ FORMS = ("depthwise", "shifted")
 
 
 def default_form():
-    """The form of `DW_k` for this Keras backend (see the module docstring)."""
-    return "shifted" if keras.backend.backend() == "jax" else "depthwise"
+    """The form of `DW_k` for this Keras backend, here (see the module docstring)."""
+    backend = keras.backend.backend()
+    xla = backend == "jax" or (backend == "tensorflow" and _tracing_for_tf_xla())
+    return "shifted" if xla else "depthwise"
+
+
+def _tracing_for_tf_xla():
+    """Whether TensorFlow is tracing a function that XLA will compile (`jit_compile=True`).
+
+    `tf.__internal__.get_enclosing_xla_context` is the check tf.function itself makes when
+    one XLA function calls another; TensorFlow has no public one. Where it is missing (an
+    older or newer TensorFlow) this says False, and the gate keeps the depthwise form: the
+    same numbers, at the speed of before. `test_layers` holds it to a traced graph's ops.
+    """
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    probe = getattr(tf.__internal__, "get_enclosing_xla_context", None)
+    return probe is not None and probe() is not None
 
 
 def normalized(x, epsilon=1e-6):

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 import backend_checks
 from conftest import np_depthwise, np_sigmoid, spy_on_sparta_paths
-from sparta_tf import layers
+from sparta_tf import gate, layers
 
 # Shapes with odd H and W, H = W = 1, and batch 1.
 SHAPES = [(1, 1, 1, 3), (1, 5, 7, 4), (2, 9, 9, 2), (3, 4, 6, 5)]
@@ -122,6 +122,37 @@ def test_use_custom_gradient_chooses_the_exact_gradient_or_autodiff(custom, path
     assert calls == [path]
     layers.Sparta.from_config(layer.get_config())(x)  # and a saved layer keeps its path
     assert calls == [path, path]
+
+
+@pytest.mark.parametrize("jit_compile,form", [(False, "depthwise"), (True, "shifted")])
+def test_auto_form_on_tensorflow_follows_xla(jit_compile, form):
+    """gate_form="auto" on TensorFlow: TensorFlow's depthwise kernels in a plain tf.function,
+    the shifted form (no depthwise op in the traced graph) where XLA compiles the step, as
+    Keras's compile(jit_compile=...) makes it; the same numbers either way."""
+    layer = layers.Sparta()
+    x = tf.random.uniform([2, 6, 6, 3], seed=2)
+    layer(x)
+    layer.kernel.assign(np.random.default_rng(0).normal(size=layer.kernel.shape))
+
+    def grads(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            total = tf.reduce_sum(layer(x) * x)
+        return tape.gradient(total, [x, *layer.trainable_variables])
+
+    step = tf.function(grads, jit_compile=jit_compile)
+    ops_ = {op.type for op in step.get_concrete_function(x).graph.get_operations()}
+    assert ("DepthwiseConv2dNative" in ops_) == (form == "depthwise"), sorted(ops_)
+    for a, b in zip(step(x), tf.function(grads)(x)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    model = keras.Sequential([keras.Input((6, 6, 3)), layers.Sparta(),
+                              keras.layers.GlobalAveragePooling2D()])
+    seen = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(layers, "default_form", lambda: seen.append(gate.default_form()) or seen[-1])
+        model.compile("sgd", "mse", jit_compile=jit_compile)
+        model.fit(x, tf.zeros([2, 3]), verbose=0)
+    assert set(seen) == {form}
 
 
 def test_starts_as_swish():
