@@ -12,8 +12,8 @@ is `RESULT {json}`. The exit status is 1 if a check failed.
 - the custom gradient against autodiff of `sparta_forward` (float32, and float64 where the
   backend has it: JAX with x64 enabled here, PyTorch), against SPARTA.md's formulas in NumPy,
   and against central finite differences (float64);
-- ResNet-18 at width 0.0625 with Sparta: its parameter count, forward, and backward, with
-  the custom gradient and without (the same input gradient);
+- ResNet-10 (one block a stage) at width 0.0625 with Sparta: its parameter count, forward,
+  and backward, with the custom gradient and without (the same input gradient);
 - with `--tf_dir`: the tiny model and the ResNet that `test_backends.py` saved on
   TensorFlow load here and give TensorFlow's logits; with `--out_dir`: this backend saves
   its own, for TensorFlow to load.
@@ -65,7 +65,7 @@ def tiny_model():
 
 
 def resnet(use_custom_gradient=True):
-    return models.build("resnet18", 10, "sparta", width_multiplier=0.0625,
+    return models.build("resnet10", 10, "sparta", width_multiplier=0.0625,
                         input_shape=(32, 32, 3),
                         activation_kwargs={"use_custom_gradient": use_custom_gradient})
 
@@ -348,7 +348,7 @@ def check_custom_gradient_keeps_less_memory():
     return temp
 
 
-def check_resnet18_forward_and_backward():
+def check_resnet_forward_and_backward():
     x = pixels((2, 32, 32, 3))
     y = np.array([1, 4], np.int32)
     custom = set_weights(resnet(True))

@@ -46,7 +46,7 @@ def tf_dir(tmp_path_factory):
             net = checks.set_weights(checks.resnet(), seed=1)
             net.save_weights(folder / checks.RESNET_WEIGHTS)
             net.save(folder / checks.RESNET_KERAS)
-            synchronized = models.build("resnet18", 10, "sparta", width_multiplier=0.0625,
+            synchronized = models.build("resnet10", 10, "sparta", width_multiplier=0.0625,
                                         synchronized=True)
             synchronized.set_weights(net.get_weights())
             synchronized.save(folder / checks.RESNET_SYNCHRONIZED)
@@ -99,7 +99,7 @@ def test_the_run_exits_0_and_every_check_ran(run, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_parameter_count_is_tensorflows(run, backend):
     _, results, _ = run(backend)
-    assert results["resnet18_forward_and_backward"]["params"] == checks.resnet().count_params()
+    assert results["resnet_forward_and_backward"]["params"] == checks.resnet().count_params()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
