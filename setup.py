@@ -40,7 +40,7 @@ setup(
         "jax": ["jax>=0.4.30", "tensorboard"],
         # Everything: both backends, and what the tests and benchmarks use (cleverhans is
         # the benchmarks' eager reference loop and a cross-check of the tests).
-        "test": TENSORFLOW + ["jax>=0.4.30", "pytest", "pytest-xdist>=3.2", "cleverhans"],
+        "test": TENSORFLOW + ["jax>=0.4.30", "pytest", "pytest-xdist", "cleverhans"],
         "and-cuda": ["tensorflow[and-cuda]>=2.16", *TENSORFLOW[1:]],
     },
     entry_points={"console_scripts": [
