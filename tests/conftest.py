@@ -20,13 +20,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_jax = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="needs jax")
 
 
-def pytest_collection_modifyitems(items):
-    """The tests marked `long` first, each group in its usual order. xdist hands out the
-    first tests round robin, so the long ones start at once on every worker and the short
-    ones fill the end of the run, instead of a three-minute test starting last."""
-    items.sort(key=lambda item: item.get_closest_marker("long") is None)
-
-
 def without_tensorflow(folder, backend="jax"):
     """The environment of a subprocess on Keras's `backend` (on the CPU) in which
     `import tensorflow` and `import tensorflow_datasets` raise ImportError, as on a machine

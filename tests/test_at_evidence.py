@@ -14,7 +14,6 @@ ARCHIVE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
                        "cifar10-jpeg.tar.gz")
 
 
-@pytest.mark.long
 @pytest.mark.skipif(not os.path.exists(ARCHIVE), reason="no ../shared/data/cifar10-jpeg.tar.gz")
 def test_pgd_at_beats_standard_training_under_pgd(tmp_path):
     results = {}

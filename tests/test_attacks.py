@@ -448,7 +448,6 @@ def test_loss_is_float32_for_float16_logits(loss):
 _JAX_CHECKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jax_checks_attacks.py")
 
 
-@pytest.mark.long
 @needs_jax
 def test_pgd_on_jax(tmp_path):
     # The reference on TensorFlow (on the CPU, as the JAX side: no TF32 on a GPU).

@@ -9,7 +9,6 @@ import sys
 import tarfile
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from conftest import ROOT, fast_jax, jax_without_tensorflow, needs_jax
@@ -21,7 +20,6 @@ def _run(script, *args, folder):
                           env=dict(os.environ, **fast_jax(folder)))
 
 
-@pytest.mark.long
 def test_at_step_writes_every_figure(tmp_path):
     # --nojit: XLA's compilation of the two steps was a third of this test's time on 2
     # cores; the XLA timing is the same code path as the others, with `jit_compile=True`.
@@ -103,7 +101,6 @@ def test_sparta_memory_measures_the_custom_gradient_against_autodiff(tmp_path):
     assert "| forward and backward |" in (tmp_path / "tensorflow.md").read_text()
 
 
-@pytest.mark.long
 @needs_jax
 def test_backends_times_tensorflow_against_jax(tmp_path):
     out = _run("backends.py", "--model=resnet10",
@@ -159,7 +156,6 @@ def _tiny_cifar(folder):
     return str(archive)
 
 
-@pytest.mark.long
 @needs_jax
 def test_gpu_jax_tiny_runs_every_part_without_tensorflow(tmp_path):
     """TINY=1 is the GPU run's whole path on the CPU, with TensorFlow unimportable as on the

@@ -300,7 +300,6 @@ def test_plots_of_a_stage_shared_sparta(tmp_path):
     assert list(change) == ["s1", "s2", "s3", "s4"]  # one point per shared layer
 
 
-@pytest.mark.long
 def test_evaluate_with_autoattack():
     keras.utils.set_random_seed(0)
     model = models.build("resnet18", 10, "sparta", 0.0625, input_shape=(16, 16, 3))

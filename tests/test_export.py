@@ -306,7 +306,6 @@ def _app(name, *args):
                           capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.long
 def test_trainer_exports_a_new_version_only_when_it_trained(tmp_path):
     tiny = ["--model=resnet10", "--max_train=64", "--max_test=8", "--width_multiplier=0.0625",
             "--batch_size=32", "--pgd_steps=1", "--eval_pgd_steps=0", f"--model_dir={tmp_path}"]

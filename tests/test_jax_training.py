@@ -28,7 +28,6 @@ def _checks():
     return module
 
 
-@pytest.mark.long
 @needs_jax
 def test_the_tf_and_jax_steps_agree(tmp_path):
     """The same weights and batch, PGD without a random start: the two backends' AT steps
@@ -85,7 +84,6 @@ def _weights(model_dir):
     return transfer.load(model_dir).get_weights()
 
 
-@pytest.mark.long
 @needs_jax
 def test_sparta_train_on_jax_without_tensorflow_resumes_after_a_kill(tmp_path):
     """Run a trains on one device. Run b, on two host devices, is killed after its first

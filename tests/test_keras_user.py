@@ -108,7 +108,6 @@ def _assert_found(found, applications=keras_user_checks.APPLICATIONS):
         assert found[name]["round_trip_diff"] < 1e-5, name
 
 
-@pytest.mark.long
 def test_the_readme_snippet_trains_your_own_model_adversarially(tmp_path):
     """The README's "Your own model, adversarially trained" code, run as written."""
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:

@@ -17,7 +17,6 @@ import time
 
 import keras
 import numpy as np
-import pytest
 
 from sparta_tf import layers  # noqa: F401  (registers Sparta for loading)
 
@@ -64,7 +63,6 @@ def _weights(model_dir):
     return keras.models.load_model(os.path.join(model_dir, "model.keras")).get_weights()
 
 
-@pytest.mark.long
 def test_two_workers_killed_and_restarted_end_as_an_uninterrupted_job(tmp_path):
     straight = tmp_path / "straight"
     codes, outs = _wait(_start(straight, _free_ports(2), tmp_path))

@@ -136,7 +136,6 @@ _MIRRORED = textwrap.dedent("""
 """)
 
 
-@pytest.mark.long
 def test_mirrored_strategy_matches_one_device():
     out = subprocess.run([sys.executable, "-c", _MIRRORED, "standard", "pgd"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -489,7 +488,6 @@ def _run_and_kill(model_dir, env, delay, during_save):
     return met
 
 
-@pytest.mark.long
 def test_killed_at_random_points_the_same_command_ends_with_the_same_weights(tmp_path):
     """Killed with SIGKILL at random times and while saving (checkpoints, metrics, the model,
     results), then rerun: the run ends with the weights of an uninterrupted run.

@@ -252,7 +252,6 @@ def test_transfer_trainer_needs_a_source():
     assert out.returncode != 0 and "needs --sparta_from" in out.stderr
 
 
-@pytest.mark.long
 def test_transfer_trainer_compares_relu_fresh_and_transferred_sparta(tmp_path):
     """A trained Sparta into a deeper network, stage to stage: ResNet-10 to ResNet-18 here, as
     ResNet-18 to ResNet-34 in the paper, with fewer layers to train."""
